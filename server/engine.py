@@ -1,0 +1,358 @@
+"""The engine: the one object that owns torch — tokenizer, base model, adapter slots — and runs every model call.
+
+Every forward and every change to the model's modules runs on one worker thread (`_call`): PEFT-style shared
+per-call state is not thread-safe, and a single serializing point also makes batching decisions simple.
+Reading and checking adapter files happens in the caller's thread, so a broken adapter never reaches the model
+("validate, load, only then evict").
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, TypeVar
+
+import torch
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from .adapter_format import AdapterWeights, Task, read_adapter
+from .base_model import BaseInfo, load_base
+from .errors import AdapterInvalid, InvalidInput, LoraswapError
+from .lora import BASE_SLOT, LoraContext, MultiLoraLinear, fit_problems, resolve_module_path, wrap_linear_layers
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class AdapterLocation:
+    """Where the registry keeps one version of an adapter."""
+
+    name: str
+    version: int
+    folder: Path
+    sha256: str = ""
+
+
+class AdapterSource(Protocol):
+    def locate(self, name: str) -> AdapterLocation: ...
+
+
+@dataclass
+class Slot:
+    index: int
+    location: AdapterLocation
+    task: Task
+    labels: list[str] | None
+    head_weight: torch.Tensor | None  # [labels, hidden]
+    head_bias: torch.Tensor | None
+    in_use: int = 0
+    pinned: bool = False
+    load_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    chat: bool = True
+
+
+@dataclass
+class ClassificationResult:
+    label: str
+    score: float
+    scores: dict[str, float]
+
+
+@dataclass
+class GenerationResult:
+    generated_text: str
+    finish_reason: str  # "stop" (eos or a stop string) or "length"
+    tokens: int
+    token_ids: list[int] = field(default_factory=list)
+    prompt_tokens: int = 0
+
+
+class SlotsBusy(LoraswapError):
+    """Every adapter slot is in use by a running request."""
+
+
+class Engine:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        info: BaseInfo,
+        *,
+        max_loaded_adapters: int = 8,
+        max_rank: int | None = None,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.info = info
+        self.device = model.device
+        self.dtype = model.dtype
+        self.context = LoraContext()
+        self.layers: dict[str, MultiLoraLinear] = wrap_linear_layers(model, self.context)
+        self.body = getattr(model, model.base_model_prefix)  # the transformer without its LM head
+        self.max_rank = max_rank
+        # torch's CPU slow path: F.linear on a non-contiguous 3-D input with a frozen weight copies it per row
+        model.get_output_embeddings().register_forward_pre_hook(lambda _m, args: (args[0].contiguous(),))
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self._capacity = max_loaded_adapters
+        self._slots: OrderedDict[tuple[str, int], Slot] = OrderedDict()  # LRU order: oldest first
+        self._free = list(range(max_loaded_adapters, 0, -1))  # slot 0 is the base
+        self._lock = threading.Lock()  # guards _slots/_free/_loading
+        self._loading: dict[tuple[str, int], threading.Event] = {}
+        self.evictions = 0
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Engine:
+        if settings.num_threads:
+            torch.set_num_threads(settings.num_threads)
+        model, tokenizer, info = load_base(settings.base_model, settings.cache_dir, settings.dtype, settings.device)
+        return cls(model, tokenizer, info, max_loaded_adapters=settings.max_loaded_adapters)
+
+    def close(self) -> None:
+        self._worker.shutdown(wait=True, cancel_futures=True)
+
+    def _call(self, fn: Callable[[], T]) -> T:
+        """Run fn on the engine thread: the one serializing point for every model call."""
+        return self._worker.submit(fn).result()
+
+    # ---- adapter slots ---------------------------------------------------------------------------------------
+
+    def loaded(self) -> list[AdapterLocation]:
+        with self._lock:
+            return [slot.location for slot in self._slots.values()]
+
+    def is_loaded(self, name: str) -> bool:
+        with self._lock:
+            return any(key[0] == name for key in self._slots)
+
+    def check_adapter(self, folder: Path) -> AdapterWeights:
+        """Read an adapter and check that it fits this base; raise AdapterInvalid with every problem."""
+        adapter = read_adapter(folder, max_rank=self.max_rank)
+        problems = fit_problems(adapter, self.layers, self.info.hidden_size)
+        if problems:
+            raise AdapterInvalid(problems)
+        return adapter
+
+    def acquire(self, location: AdapterLocation) -> Slot:
+        """Return the slot serving this adapter version, loading it on first use; the caller must release() it.
+
+        Concurrent first requests for one adapter load it once: later callers wait for the first one's load.
+        """
+        key = (location.name, location.version)
+        while True:
+            with self._lock:
+                slot = self._slots.get(key)
+                if slot is not None:
+                    self._slots.move_to_end(key)
+                    slot.in_use += 1
+                    return slot
+                pending = self._loading.get(key)
+                if pending is None:
+                    pending = self._loading[key] = threading.Event()
+                    break
+            pending.wait()
+        try:
+            slot = self._load(location)
+            with self._lock:
+                slot.in_use += 1
+            return slot
+        finally:
+            with self._lock:
+                del self._loading[key]
+            pending.set()
+
+    def release(self, slot: Slot) -> None:
+        with self._lock:
+            slot.in_use -= 1
+
+    def _load(self, location: AdapterLocation) -> Slot:
+        started = time.perf_counter()
+        adapter = self.check_adapter(location.folder)  # a broken adapter fails here and evicts nothing
+        with self._lock:
+            index = self._take_free_index()
+        slot = Slot(index, location, adapter.task, adapter.labels, None, None)
+        if adapter.head_weight is not None:
+            slot.head_weight = adapter.head_weight.to(self.device, self.dtype)
+            slot.head_bias = None if adapter.head_bias is None else adapter.head_bias.to(self.device, self.dtype)
+        try:
+            self._call(lambda: self._install(index, adapter))
+        except BaseException:
+            with self._lock:
+                self._free.append(index)
+            raise
+        slot.load_ms = (time.perf_counter() - started) * 1000
+        with self._lock:
+            self._slots[(location.name, location.version)] = slot
+        log.info("loaded adapter %s v%d (%s, sha256 %s) into slot %d in %.1f ms", location.name,
+                 location.version, adapter.task, adapter.sha256[:12], index, slot.load_ms)
+        return slot
+
+    def _take_free_index(self) -> int:
+        """A free slot index, evicting the least recently used idle adapter if needed (caller holds _lock)."""
+        if not self._free:
+            victim = next((k for k, s in self._slots.items() if s.in_use == 0 and not s.pinned), None)
+            if victim is None:
+                raise SlotsBusy(f"all {self._capacity} adapter slots are in use or pinned; retry shortly")
+            slot = self._slots.pop(victim)
+            self._call(lambda: self._uninstall(slot.index))
+            self._free.append(slot.index)
+            self.evictions += 1
+            log.info("evicted adapter %s v%d from slot %d", victim[0], victim[1], slot.index)
+        return self._free.pop()
+
+    def unload(self, name: str) -> None:
+        """Drop every loaded version of an adapter (waits for nothing: in-flight users keep their tensors)."""
+        with self._lock:
+            keys = [k for k in self._slots if k[0] == name]
+            slots = [self._slots.pop(k) for k in keys]
+        for slot in slots:
+            self._call(lambda s=slot: self._uninstall(s.index))
+            with self._lock:
+                self._free.append(slot.index)
+            log.info("unloaded adapter %s v%d", slot.location.name, slot.location.version)
+
+    def _install(self, index: int, adapter: AdapterWeights) -> None:
+        for module, pair in adapter.modules.items():
+            self.layers[resolve_module_path(module, self.layers)].set_slot(index, pair.A, pair.B, pair.scale)
+
+    def _uninstall(self, index: int) -> None:
+        for layer in self.layers.values():
+            layer.clear_slot(index)
+
+    # ---- inference -------------------------------------------------------------------------------------------
+
+    def _check_lengths(self, lengths: list[int], extra: int, field: str) -> None:
+        limit = self.info.max_context
+        for i, length in enumerate(lengths):
+            if length == 0:
+                raise InvalidInput(f"{field}[{i}]", "input is empty")
+            if length + extra > limit:
+                more = f" + {extra} new tokens" if extra else ""
+                raise InvalidInput(
+                    f"{field}[{i}]", f"input has {length} tokens{more}, over the model's context of {limit}"
+                )
+
+    def encode_for_classification(self, texts: list[str]) -> list[list[int]]:
+        ids = [self.tokenizer(text)["input_ids"] for text in texts]
+        self._check_lengths([len(x) for x in ids], 0, "inputs")
+        return ids
+
+    def encode_for_generation(self, prompts: list[str], params: GenerationParams) -> list[list[int]]:
+        if params.chat and self.tokenizer.chat_template:
+            texts = [
+                self.tokenizer.apply_chat_template(
+                    [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
+                )
+                for p in prompts
+            ]
+            ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+        else:
+            ids = [self.tokenizer(p)["input_ids"] for p in prompts]
+        self._check_lengths([len(x) for x in ids], params.max_new_tokens, "inputs")
+        return ids
+
+    def _pad(self, rows: list[list[int]], side: str) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            span = slice(0, len(row)) if side == "right" else slice(width - len(row), width)
+            ids[i, span] = torch.tensor(row, dtype=torch.long)
+            mask[i, span] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    @torch.inference_mode()
+    def _classify_rows(self, rows: list[list[int]], slots: list[Slot]) -> list[ClassificationResult]:
+        ids, mask = self._pad(rows, "right")
+        self.context.set_rows([s.index for s in slots], self.device)
+        hidden = self.body(input_ids=ids, attention_mask=mask).last_hidden_state  # [batch, tokens, hidden]
+        # pool the rightmost non-pad token, as LlamaForSequenceClassification does (it looks at ids, not mask)
+        non_pad = (ids != self.tokenizer.pad_token_id).long()
+        last = (torch.arange(ids.shape[1], device=ids.device) * non_pad).argmax(-1)
+        pooled = hidden[torch.arange(len(rows), device=ids.device), last]  # [batch, hidden]
+        results = []
+        for row, slot in enumerate(slots):
+            logits = torch.nn.functional.linear(pooled[row], slot.head_weight, slot.head_bias)
+            probs = logits.float().softmax(-1).tolist()
+            best = max(range(len(probs)), key=probs.__getitem__)
+            results.append(ClassificationResult(slot.labels[best], probs[best], dict(zip(slot.labels, probs))))
+        return results
+
+    @torch.inference_mode()
+    def _generate_rows(
+        self, rows: list[list[int]], slot_indices: list[int], params: GenerationParams
+    ) -> list[GenerationResult]:
+        ids, mask = self._pad(rows, "left")
+        self.context.set_rows(slot_indices, self.device)
+        eos = self.tokenizer.eos_token_id
+        config = GenerationConfig(
+            max_new_tokens=params.max_new_tokens,
+            do_sample=params.temperature > 0,
+            temperature=params.temperature if params.temperature > 0 else None,
+            top_p=params.top_p if params.temperature > 0 else None,
+            top_k=0 if params.temperature > 0 else None,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=eos,
+            stop_strings=list(params.stop) or None,
+        )
+        if params.seed is not None:
+            torch.manual_seed(params.seed)
+        out = self.model.generate(
+            input_ids=ids, attention_mask=mask, generation_config=config, tokenizer=self.tokenizer
+        )
+        results = []
+        for row, prompt in zip(out[:, ids.shape[1]:].tolist(), rows):
+            if eos in row:
+                row, finish = row[: row.index(eos)], "stop"
+            else:
+                finish = "length"
+            text = self.tokenizer.decode(row, skip_special_tokens=True)
+            cut = min((text.find(s) for s in params.stop if s in text), default=-1)
+            if cut >= 0:
+                text, finish = text[:cut], "stop"
+            results.append(GenerationResult(text, finish, len(row), row, len(prompt)))
+        return results
+
+    def classify(self, texts: list[str], slot: Slot) -> list[ClassificationResult]:
+        if slot.task != "classification":
+            raise InvalidInput("adapter", f"{slot.location.name!r} is a {slot.task} adapter, not classification")
+        rows = self.encode_for_classification(texts)
+        return self._call(lambda: self._classify_rows(rows, [slot] * len(rows)))
+
+    def generate(self, prompts: list[str], slot: Slot | None, params: GenerationParams) -> list[GenerationResult]:
+        if slot is not None and slot.task != "generation":
+            raise InvalidInput("adapter", f"{slot.location.name!r} is a {slot.task} adapter, not generation")
+        rows = self.encode_for_generation(prompts, params)
+        index = BASE_SLOT if slot is None else slot.index
+        return self._call(lambda: self._generate_rows(rows, [index] * len(rows), params))
+
+    def predict(
+        self, location: AdapterLocation | None, texts: list[str], params: GenerationParams
+    ) -> tuple[Task, list[ClassificationResult] | list[GenerationResult]]:
+        """Serve texts with one adapter version (None: the base generates); loads the adapter if needed."""
+        if location is None:
+            return "generation", self.generate(texts, None, params)
+        slot = self.acquire(location)
+        try:
+            if slot.task == "classification":
+                return "classification", self.classify(texts, slot)
+            return "generation", self.generate(texts, slot, params)
+        finally:
+            self.release(slot)

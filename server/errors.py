@@ -1,0 +1,51 @@
+"""Domain errors raised by the core; the HTTP edge maps each class to one status (server/api.py)."""
+
+from __future__ import annotations
+
+
+class LoraswapError(Exception):
+    """Base class: the message is safe to show to the client."""
+
+
+class AdapterNotFound(LoraswapError):
+    def __init__(self, name: str, available: list[str]):
+        shown = ", ".join(available[:50]) + (" ..." if len(available) > 50 else "")
+        super().__init__(f"adapter {name!r} not found; available: [{shown}]")
+        self.name = name
+        self.available = available
+
+
+class AdapterInvalid(LoraswapError):
+    """Every problem found with an adapter, reported at once."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("invalid adapter: " + "; ".join(problems))
+        self.problems = problems
+
+
+class AdapterExists(LoraswapError):
+    pass
+
+
+class InvalidInput(LoraswapError):
+    """A request that is well-formed JSON but cannot be served (too long, wrong task ...)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+class PayloadTooLarge(LoraswapError):
+    pass
+
+
+class Unauthorized(LoraswapError):
+    pass
+
+
+class Forbidden(LoraswapError):
+    pass
+
+
+class NotReady(LoraswapError):
+    pass

@@ -1,0 +1,49 @@
+"""HTTP request/response models (pydantic lives only at the edges)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class Parameters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_new_tokens: int | None = Field(None, ge=1, description="Tokens to generate (generation adapters).")
+    temperature: float = Field(0.0, ge=0.0, le=5.0, description="0 = greedy.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stop: list[str] = Field(default_factory=list, max_length=8, description="Stop strings (not included).")
+    chat: bool = Field(True, description="Wrap each input in the base's chat template.")
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _one_stop(cls, value):
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("stop")
+    @classmethod
+    def _non_empty_stop(cls, value: list[str]) -> list[str]:
+        if any(not s for s in value):
+            raise ValueError("stop strings must not be empty")
+        return value
+
+
+class PredictRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    inputs: str | list[str] = Field(..., description="One text or a list of texts.")
+    parameters: Parameters = Field(default_factory=Parameters)
+
+    @field_validator("inputs")
+    @classmethod
+    def _non_empty(cls, value: str | list[str]) -> str | list[str]:
+        texts = [value] if isinstance(value, str) else value
+        if not texts:
+            raise ValueError("inputs must hold at least one text")
+        for i, text in enumerate(texts):
+            if not text.strip():
+                raise ValueError(f"inputs[{i}] is empty")
+        return value
+
+    def texts(self) -> list[str]:
+        return [self.inputs] if isinstance(self.inputs, str) else list(self.inputs)

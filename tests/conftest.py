@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from server.base_model import embedded_gguf_path  # noqa: E402
+from tests.helpers import make_adapter, make_tiny_base  # noqa: E402
+
+LABELS = ["negative", "neutral", "positive"]
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    gguf = embedded_gguf_path()
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    return tok
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory, tokenizer) -> Path:
+    return make_tiny_base(tmp_path_factory.mktemp("tiny-base"), tokenizer)
+
+
+@pytest.fixture(scope="session")
+def adapter_store(tmp_path_factory, tiny_base) -> Path:
+    """A store with generation and classification adapters of different ranks and targets."""
+    root = tmp_path_factory.mktemp("adapters")
+    make_adapter(tiny_base, root / "gen-a", r=4, seed=1)
+    make_adapter(tiny_base, root / "gen-b", r=16, seed=2, targets=("q_proj", "k_proj", "v_proj", "o_proj"))
+    make_adapter(tiny_base, root / "gen-mlp", r=8, seed=3, targets=("gate_proj", "up_proj", "down_proj", "o_proj"))
+    make_adapter(tiny_base, root / "sentiment", task="SEQ_CLS", r=4, seed=4, labels=LABELS)
+    make_adapter(tiny_base, root / "topic", task="SEQ_CLS", r=16, seed=5, labels=["a", "b"],
+                 targets=("q_proj", "v_proj", "up_proj"))
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_settings(tiny_base, adapter_store, tmp_path_factory):
+    from server.settings import Settings
+
+    return Settings(
+        base_model=tiny_base,
+        adapters_dir=adapter_store,
+        dtype="float32",
+        cache_dir=tmp_path_factory.mktemp("cache"),
+        max_loaded_adapters=6,
+    )
+
+
+@pytest.fixture(scope="session")
+def engine(tiny_settings):
+    from server.engine import Engine
+
+    engine = Engine.from_settings(tiny_settings)
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="session")
+def client(tiny_settings, engine):
+    from fastapi.testclient import TestClient
+
+    from server.api import create_app
+
+    with TestClient(create_app(tiny_settings, engine=engine)) as client:
+        yield client

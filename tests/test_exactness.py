@@ -1,0 +1,107 @@
+"""The engine's answers equal plain PEFT's on the same base and inputs (float32)."""
+
+from __future__ import annotations
+
+import torch
+
+from server.engine import AdapterLocation, GenerationParams
+from tests.conftest import LABELS
+from tests.helpers import peft_reference_greedy, peft_reference_probs
+
+TEXTS = ["a stirring , funny and finally transporting film", "one long string of cliches .", "ok"]
+
+
+def location(store, name):
+    return AdapterLocation(name, 1, store / name)
+
+
+def test_classification_matches_peft(engine, tiny_base, adapter_store, tokenizer):
+    task, results = engine.predict(location(adapter_store, "sentiment"), TEXTS, GenerationParams())
+    assert task == "classification"
+    ours = torch.tensor([[r.scores[label] for label in LABELS] for r in results])
+    reference = peft_reference_probs(tiny_base, adapter_store / "sentiment", tokenizer, TEXTS, len(LABELS))
+    assert torch.allclose(ours, reference, atol=1e-5), (ours - reference).abs().max()
+    for result, row in zip(results, reference):
+        assert result.label == LABELS[int(row.argmax())]
+        assert abs(result.score - float(row.max())) < 1e-5
+
+
+def test_classification_lora_changes_the_answer(engine, tiny_base, adapter_store, tokenizer):
+    """The LoRA weights matter: zeroing them (head only) gives different probabilities."""
+    slot = engine.acquire(location(adapter_store, "sentiment"))
+    try:
+        with_lora = torch.tensor([list(r.scores.values()) for r in engine.classify(TEXTS, slot)])
+        saved = {path: layer.pairs.pop(slot.index) for path, layer in engine.layers.items() if slot.index in layer.pairs}
+        try:
+            head_only = torch.tensor([list(r.scores.values()) for r in engine.classify(TEXTS, slot)])
+        finally:
+            for path, pair in saved.items():
+                engine.layers[path].pairs[slot.index] = pair
+    finally:
+        engine.release(slot)
+    assert (with_lora - head_only).abs().max() > 1e-3
+
+
+def test_generation_matches_peft_greedy(engine, tiny_base, adapter_store):
+    params = GenerationParams(max_new_tokens=12)
+    prompts = ["What is the capital of France?", "Write a haiku"]
+    for name in ("gen-a", "gen-b", "gen-mlp"):
+        _, results = engine.predict(location(adapter_store, name), prompts, params)
+        for prompt, result in zip(prompts, results):
+            ids = engine.encode_for_generation([prompt], params)[0]
+            reference = peft_reference_greedy(tiny_base, adapter_store / name, ids, 12)
+            assert result.token_ids == reference, name
+            base = peft_reference_greedy(tiny_base, None, ids, 12)
+            assert reference != base, f"{name} does not change the output"
+
+
+def test_base_generation_matches_transformers(engine, tiny_base):
+    params = GenerationParams(max_new_tokens=10)
+    _, [result] = engine.predict(None, ["Hello there"], params)
+    ids = engine.encode_for_generation(["Hello there"], params)[0]
+    assert result.token_ids == peft_reference_greedy(tiny_base, None, ids, 10)
+    assert result.tokens == len(result.token_ids)
+
+
+def test_mixed_batch_rows_equal_separate_runs(engine, adapter_store):
+    """One forward with rows of different adapters (ranks 4, 16, 8, base) equals one run per adapter."""
+    names = ["gen-a", "gen-b", "gen-mlp"]
+    slots = [engine.acquire(location(adapter_store, n)) for n in names]
+    try:
+        params = GenerationParams(max_new_tokens=8)
+        prompts = ["first prompt", "a somewhat longer second prompt here", "third", "fourth for the base"]
+        rows = engine.encode_for_generation(prompts, params)
+        indices = [s.index for s in slots] + [0]
+        mixed = engine._call(lambda: engine._generate_rows(rows, indices, params))
+        for row, index, result in zip(rows, indices, mixed):
+            alone = engine._call(lambda: engine._generate_rows([row], [index], params))[0]
+            assert result.token_ids == alone.token_ids
+
+        cls = [engine.acquire(location(adapter_store, n)) for n in ("sentiment", "topic")]
+        try:
+            texts = ["good", "a much longer text about nothing in particular", "bad"]
+            cls_rows = engine.encode_for_classification(texts)
+            assignment = [cls[0], cls[1], cls[0]]
+            mixed_cls = engine._call(lambda: engine._classify_rows(cls_rows, assignment))
+            for row, slot, result in zip(cls_rows, assignment, mixed_cls):
+                alone = engine._call(lambda: engine._classify_rows([row], [slot]))[0]
+                assert result.label == alone.label
+                for label, p in alone.scores.items():
+                    assert abs(result.scores[label] - p) < 1e-5
+        finally:
+            for s in cls:
+                engine.release(s)
+    finally:
+        for s in slots:
+            engine.release(s)
+
+
+def test_classification_labels_default_without_metadata(engine, tiny_base, tmp_path, tokenizer):
+    from tests.helpers import make_adapter
+
+    folder = make_adapter(tiny_base, tmp_path / "plain", task="SEQ_CLS", labels=["x", "y"], write_labels=False)
+    _, results = engine.predict(AdapterLocation("plain", 1, folder), ["hi"], GenerationParams())
+    assert set(results[0].scores) == {"LABEL_0", "LABEL_1"}
+    reference = peft_reference_probs(tiny_base, folder, tokenizer, ["hi"], 2)[0]
+    assert abs(results[0].scores["LABEL_1"] - float(reference[1])) < 1e-5
+    engine.unload("plain")
