@@ -1,7 +1,8 @@
 """The engine: the one object that owns torch — tokenizer, base model, adapter slots — and runs every model call.
 
-Every forward and every change to the model's modules runs on one worker thread (`_call`): PEFT-style shared
-per-call state is not thread-safe, and a single serializing point also makes batching decisions simple.
+Every forward and every change to the model's modules runs on one worker thread (server/scheduler.py), which
+batches queued requests across adapters: PEFT-style shared per-call state is not thread-safe, and a single
+serializing point makes batching and merge decisions simple.
 Reading and checking adapter files happens in the caller's thread, so a broken adapter never reaches the model
 ("validate, load, only then evict").
 """
@@ -11,20 +12,20 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, TypeVar
 
 import torch
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria
 
 from .adapter_format import AdapterWeights, Task, read_adapter
 from .base_model import BaseInfo, load_base
 from .errors import AdapterInvalid, InvalidInput, LoraswapError
 from .lora import BASE_SLOT, LoraContext, MultiLoraLinear, fit_problems, resolve_module_path, wrap_linear_layers
+from .scheduler import Job, Scheduler
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -88,6 +89,61 @@ class SlotsBusy(LoraswapError):
     """Every adapter slot is in use by a running request."""
 
 
+class MergePolicy:
+    """dLoRA-style: merge an adapter into the base weights while it dominates recent traffic.
+
+    Counts the slot of each recent request (0 = base). Merge the top adapter when its share of a full window
+    reaches `merge_share`; keep it merged while its share stays at or above `unmerge_share` (hysteresis).
+    """
+
+    def __init__(self, window: int = 32, merge_share: float = 0.9, unmerge_share: float = 0.6):
+        self.recent: deque[int] = deque(maxlen=window)
+        self.merge_share = merge_share
+        self.unmerge_share = unmerge_share
+
+    def observe(self, slot_index: int) -> None:
+        self.recent.append(slot_index)
+
+    def forget(self, slot_index: int) -> None:
+        """A slot was emptied: its history belongs to an adapter that is gone."""
+        kept = [s for s in self.recent if s != slot_index]
+        self.recent.clear()
+        self.recent.extend(kept)
+
+    def choose(self, merged: int | None) -> int | None:
+        """The slot that should be merged now, or None."""
+        if len(self.recent) < (self.recent.maxlen or 0):
+            return merged
+        counts = Counter(self.recent)
+        if merged is not None and counts[merged] >= self.unmerge_share * len(self.recent):
+            return merged
+        top, count = counts.most_common(1)[0]
+        if top != BASE_SLOT and count >= self.merge_share * len(self.recent):
+            return top
+        return None
+
+
+class RowBudget(StoppingCriteria):
+    """Per-row max_new_tokens, so requests with different budgets share one generate call."""
+
+    def __init__(self, budgets: list[int], prompt_width: int, device: torch.device):
+        self.budgets = torch.tensor(budgets, device=device)
+        self.prompt_width = prompt_width
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        return (input_ids.shape[1] - self.prompt_width) >= self.budgets
+
+
+@dataclass
+class _Work:
+    """One request's rows inside the scheduler."""
+
+    rows: list[list[int]]
+    slots: list[Slot] | None = None  # classification
+    slot_index: int = BASE_SLOT  # generation
+    params: GenerationParams | None = None
+
+
 class Engine:
     def __init__(
         self,
@@ -97,6 +153,9 @@ class Engine:
         *,
         max_loaded_adapters: int = 8,
         max_rank: int | None = None,
+        max_batch_size: int = 16,
+        max_wait_ms: float = 2.0,
+        merge_policy: MergePolicy | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -104,12 +163,17 @@ class Engine:
         self.device = model.device
         self.dtype = model.dtype
         self.context = LoraContext()
-        self.layers: dict[str, MultiLoraLinear] = wrap_linear_layers(model, self.context)
+        self.layers: dict[str, MultiLoraLinear] = wrap_linear_layers(model, self.context, max_loaded_adapters + 1)
         self.body = getattr(model, model.base_model_prefix)  # the transformer without its LM head
         self.max_rank = max_rank
         # torch's CPU slow path: F.linear on a non-contiguous 3-D input with a frozen weight copies it per row
         model.get_output_embeddings().register_forward_pre_hook(lambda _m, args: (args[0].contiguous(),))
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self.merge_policy = merge_policy  # None: never merge automatically
+        self._merged: int | None = None  # slot index folded into the base weights (worker thread only)
+        self.batch_sizes: Counter[int] = Counter()  # rows per forward, for metrics and benchmarks
+        self._scheduler = Scheduler(
+            self._run_batch, max_batch_rows=max_batch_size, max_wait_s=max_wait_ms / 1000, on_batch=self._on_batch
+        )
         self._capacity = max_loaded_adapters
         self._slots: OrderedDict[tuple[str, int], Slot] = OrderedDict()  # LRU order: oldest first
         self._free = list(range(max_loaded_adapters, 0, -1))  # slot 0 is the base
@@ -122,14 +186,34 @@ class Engine:
         if settings.num_threads:
             torch.set_num_threads(settings.num_threads)
         model, tokenizer, info = load_base(settings.base_model, settings.cache_dir, settings.dtype, settings.device)
-        return cls(model, tokenizer, info, max_loaded_adapters=settings.max_loaded_adapters)
+        policy = (
+            MergePolicy(settings.merge_window, settings.merge_share, settings.unmerge_share)
+            if settings.auto_merge
+            else None
+        )
+        return cls(
+            model,
+            tokenizer,
+            info,
+            max_loaded_adapters=settings.max_loaded_adapters,
+            max_rank=settings.max_rank,
+            max_batch_size=settings.max_batch_size,
+            max_wait_ms=settings.max_wait_ms,
+            merge_policy=policy,
+        )
 
     def close(self) -> None:
-        self._worker.shutdown(wait=True, cancel_futures=True)
+        self._scheduler.close()
 
     def _call(self, fn: Callable[[], T]) -> T:
         """Run fn on the engine thread: the one serializing point for every model call."""
-        return self._worker.submit(fn).result()
+        return self._scheduler.call(fn)
+
+    def queue_depth(self) -> int:
+        return self._scheduler.depth()
+
+    def _on_batch(self, _key, _jobs: int, rows: int) -> None:
+        self.batch_sizes[rows] += 1
 
     # ---- adapter slots ---------------------------------------------------------------------------------------
 
@@ -168,10 +252,7 @@ class Engine:
                     break
             pending.wait()
         try:
-            slot = self._load(location)
-            with self._lock:
-                slot.in_use += 1
-            return slot
+            return self._load(location)
         finally:
             with self._lock:
                 del self._loading[key]
@@ -184,9 +265,8 @@ class Engine:
     def _load(self, location: AdapterLocation) -> Slot:
         started = time.perf_counter()
         adapter = self.check_adapter(location.folder)  # a broken adapter fails here and evicts nothing
-        with self._lock:
-            index = self._take_free_index()
-        slot = Slot(index, location, adapter.task, adapter.labels, None, None)
+        index = self._take_free_index()
+        slot = Slot(index, location, adapter.task, adapter.labels, None, None, in_use=1)
         if adapter.head_weight is not None:
             slot.head_weight = adapter.head_weight.to(self.device, self.dtype)
             slot.head_bias = None if adapter.head_bias is None else adapter.head_bias.to(self.device, self.dtype)
@@ -204,17 +284,18 @@ class Engine:
         return slot
 
     def _take_free_index(self) -> int:
-        """A free slot index, evicting the least recently used idle adapter if needed (caller holds _lock)."""
-        if not self._free:
+        """A free slot index, evicting the least recently used idle, unpinned adapter if none is free."""
+        with self._lock:
+            if self._free:
+                return self._free.pop()
             victim = next((k for k, s in self._slots.items() if s.in_use == 0 and not s.pinned), None)
             if victim is None:
                 raise SlotsBusy(f"all {self._capacity} adapter slots are in use or pinned; retry shortly")
             slot = self._slots.pop(victim)
-            self._call(lambda: self._uninstall(slot.index))
-            self._free.append(slot.index)
             self.evictions += 1
-            log.info("evicted adapter %s v%d from slot %d", victim[0], victim[1], slot.index)
-        return self._free.pop()
+        self._call(lambda: self._uninstall(slot.index))
+        log.info("evicted adapter %s v%d from slot %d", victim[0], victim[1], slot.index)
+        return slot.index
 
     def unload(self, name: str) -> None:
         """Drop every loaded version of an adapter (waits for nothing: in-flight users keep their tensors)."""
@@ -232,8 +313,55 @@ class Engine:
             self.layers[resolve_module_path(module, self.layers)].set_slot(index, pair.A, pair.B, pair.scale)
 
     def _uninstall(self, index: int) -> None:
+        if self._merged == index:
+            self._unmerge()
+        if self.merge_policy is not None:
+            self.merge_policy.forget(index)
         for layer in self.layers.values():
             layer.clear_slot(index)
+
+    # ---- merging (worker thread only) ---------------------------------------------------------------------------
+
+    def merged_adapter(self) -> str | None:
+        merged = self._merged
+        with self._lock:
+            return next((s.location.name for s in self._slots.values() if s.index == merged), None)
+
+    def merge(self, slot: Slot) -> None:
+        """Fold one loaded adapter into the base weights; its requests then run at exactly base cost."""
+        self._call(lambda: self._merge(slot.index))
+
+    def unmerge(self) -> None:
+        self._call(self._unmerge)
+
+    def _merge(self, index: int) -> None:
+        if self._merged == index:
+            return
+        self._unmerge()
+        for layer in self.layers.values():
+            layer.merge(index)
+        self._merged = index
+        log.info("merged slot %d into the base weights", index)
+
+    def _unmerge(self) -> None:
+        if self._merged is None:
+            return
+        for layer in self.layers.values():
+            layer.unmerge()
+        log.info("unmerged slot %d", self._merged)
+        self._merged = None
+
+    def _prepare_merge_state(self, batch_slots: set[int]) -> None:
+        """Before a forward: mixed batches never run merged; follow the policy when the batch allows it."""
+        want = self._merged if self.merge_policy is None else self.merge_policy.choose(self._merged)
+        if self._merged is not None and (batch_slots != {self._merged} or want != self._merged):
+            self._unmerge()
+        if want is not None and want != BASE_SLOT and self._merged is None and batch_slots == {want}:
+            self._merge(want)
+
+    def _effective(self, indices: list[int]) -> list[int]:
+        """Rows of the merged adapter run as base rows: its weights are already in the base."""
+        return [BASE_SLOT if i == self._merged else i for i in indices]
 
     # ---- inference -------------------------------------------------------------------------------------------
 
@@ -278,10 +406,10 @@ class Engine:
             mask[i, span] = 1
         return ids.to(self.device), mask.to(self.device)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def _classify_rows(self, rows: list[list[int]], slots: list[Slot]) -> list[ClassificationResult]:
         ids, mask = self._pad(rows, "right")
-        self.context.set_rows([s.index for s in slots], self.device)
+        self.context.set_rows(self._effective([s.index for s in slots]), self.device)
         hidden = self.body(input_ids=ids, attention_mask=mask).last_hidden_state  # [batch, tokens, hidden]
         # pool the rightmost non-pad token, as LlamaForSequenceClassification does (it looks at ids, not mask)
         non_pad = (ids != self.tokenizer.pad_token_id).long()
@@ -295,30 +423,35 @@ class Engine:
             results.append(ClassificationResult(slot.labels[best], probs[best], dict(zip(slot.labels, probs))))
         return results
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def _generate_rows(
-        self, rows: list[list[int]], slot_indices: list[int], params: GenerationParams
+        self, rows: list[list[int]], slot_indices: list[int], params: GenerationParams, budgets: list[int]
     ) -> list[GenerationResult]:
+        """One generate call for rows of any adapters sharing sampling settings; budgets: max_new_tokens per row."""
         ids, mask = self._pad(rows, "left")
-        self.context.set_rows(slot_indices, self.device)
+        self.context.set_rows(self._effective(slot_indices), self.device)
         eos = self.tokenizer.eos_token_id
+        sampling = params.temperature > 0
         config = GenerationConfig(
-            max_new_tokens=params.max_new_tokens,
-            do_sample=params.temperature > 0,
-            temperature=params.temperature if params.temperature > 0 else None,
-            top_p=params.top_p if params.temperature > 0 else None,
-            top_k=0 if params.temperature > 0 else None,
+            max_new_tokens=max(budgets),
+            do_sample=sampling,
+            temperature=params.temperature if sampling else None,
+            top_p=params.top_p if sampling else None,
+            top_k=0 if sampling else None,
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=eos,
             stop_strings=list(params.stop) or None,
         )
         if params.seed is not None:
             torch.manual_seed(params.seed)
+        stopping = [RowBudget(budgets, ids.shape[1], ids.device)] if len(set(budgets)) > 1 else None
         out = self.model.generate(
-            input_ids=ids, attention_mask=mask, generation_config=config, tokenizer=self.tokenizer
+            input_ids=ids, attention_mask=mask, generation_config=config, tokenizer=self.tokenizer,
+            stopping_criteria=stopping,
         )
         results = []
-        for row, prompt in zip(out[:, ids.shape[1]:].tolist(), rows):
+        for row, prompt, budget in zip(out[:, ids.shape[1]:].tolist(), rows, budgets):
+            row = row[:budget]
             if eos in row:
                 row, finish = row[: row.index(eos)], "stop"
             else:
@@ -330,18 +463,46 @@ class Engine:
             results.append(GenerationResult(text, finish, len(row), row, len(prompt)))
         return results
 
+    def _run_batch(self, jobs: list[Job]) -> list[list]:
+        """Scheduler callback (worker thread): one forward for every job's rows; results split back per job."""
+        works: list[_Work] = [job.payload for job in jobs]
+        if works[0].slots is not None:
+            indices = [slot.index for w in works for slot in w.slots]
+        else:
+            indices = [w.slot_index for w in works for _ in w.rows]
+        if self.merge_policy is not None:
+            for work in works:
+                self.merge_policy.observe(work.slots[0].index if work.slots is not None else work.slot_index)
+        self._prepare_merge_state(set(indices))
+        rows = [row for w in works for row in w.rows]
+        if works[0].slots is not None:
+            flat = self._classify_rows(rows, [slot for w in works for slot in w.slots])
+        else:
+            budgets = [w.params.max_new_tokens for w in works for _ in w.rows]
+            flat = self._generate_rows(rows, indices, works[0].params, budgets)
+        results, start = [], 0
+        for work in works:
+            results.append(flat[start : start + len(work.rows)])
+            start += len(work.rows)
+        return results
+
     def classify(self, texts: list[str], slot: Slot) -> list[ClassificationResult]:
         if slot.task != "classification":
             raise InvalidInput("adapter", f"{slot.location.name!r} is a {slot.task} adapter, not classification")
         rows = self.encode_for_classification(texts)
-        return self._call(lambda: self._classify_rows(rows, [slot] * len(rows)))
+        work = _Work(rows, slots=[slot] * len(rows))
+        return self._scheduler.submit("classify", len(rows), work).result()
 
     def generate(self, prompts: list[str], slot: Slot | None, params: GenerationParams) -> list[GenerationResult]:
         if slot is not None and slot.task != "generation":
             raise InvalidInput("adapter", f"{slot.location.name!r} is a {slot.task} adapter, not generation")
         rows = self.encode_for_generation(prompts, params)
-        index = BASE_SLOT if slot is None else slot.index
-        return self._call(lambda: self._generate_rows(rows, [index] * len(rows), params))
+        work = _Work(rows, slot_index=BASE_SLOT if slot is None else slot.index, params=params)
+        # seeded sampling runs alone so that its random stream does not depend on other requests
+        key = None if params.seed is not None else ("generate", params.temperature, params.top_p, params.stop)
+        if key is None:
+            return self._call(lambda: self._run_batch([Job(None, len(rows), work)])[0])
+        return self._scheduler.submit(key, len(rows), work).result()
 
     def predict(
         self, location: AdapterLocation | None, texts: list[str], params: GenerationParams

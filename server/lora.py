@@ -36,14 +36,20 @@ class LoraContext:
 
 
 class MultiLoraLinear(nn.Module):
-    """A frozen nn.Linear plus LoRA pairs per slot: y = W x + B_s (A_s x) * scale_s for the row's slot s."""
+    """A frozen nn.Linear plus LoRA pairs per slot: y = W x + B_s (A_s x) * scale_s for the row's slot s.
 
-    def __init__(self, base: nn.Linear, context: LoraContext):
+    Pairs are kept twice: unpadded per slot (rows all on one adapter: two small matmuls) and stacked by slot with
+    ranks zero-padded to the largest (mixed rows: one gather + two batched matmuls). Zero padding adds exactly 0.
+    """
+
+    def __init__(self, base: nn.Linear, context: LoraContext, n_slots: int):
         super().__init__()
         self.base = base
         self.context = context
+        self.n_slots = n_slots
         self.pairs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # slot -> (A [r, in], B*scale [out, r])
         self._stacked: tuple[torch.Tensor, torch.Tensor] | None = None  # ([slots, r_max, in], [slots, out, r_max])
+        self._pristine: torch.Tensor | None = None  # the base weight while an adapter is merged into it
 
     @property
     def in_features(self) -> int:
@@ -59,28 +65,48 @@ class MultiLoraLinear(nn.Module):
 
     def set_slot(self, slot: int, A: torch.Tensor, B: torch.Tensor, scale: float) -> None:
         dtype, device = self.base.weight.dtype, self.base.weight.device
-        self.pairs[slot] = (
-            A.to(device=device, dtype=dtype).contiguous(),
-            (B.to(device=device, dtype=torch.float32) * scale).to(dtype).contiguous(),
-        )
-        self._stacked = None
-
-    def clear_slot(self, slot: int) -> None:
-        if self.pairs.pop(slot, None) is not None:
+        A = A.to(device=device, dtype=dtype).contiguous()
+        B = (B.to(device=device, dtype=torch.float32) * scale).to(dtype).contiguous()
+        self.pairs[slot] = (A, B)
+        if self._stacked is not None and A.shape[0] <= self._stacked[0].shape[1]:
+            A_all, B_all = self._stacked  # update in place: loading never rebuilds the whole stack
+            A_all[slot].zero_()[: A.shape[0]] = A
+            B_all[slot].zero_()[:, : B.shape[1]] = B
+        else:
             self._stacked = None
 
-    def _stack(self, n_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pairs stacked by slot, ranks zero-padded to the largest (zero rows/cols add exactly nothing)."""
-        if self._stacked is None or self._stacked[0].shape[0] < n_slots:
+    def clear_slot(self, slot: int) -> None:
+        if self.pairs.pop(slot, None) is not None and self._stacked is not None:
+            self._stacked[0][slot].zero_()
+            self._stacked[1][slot].zero_()
+
+    def _stack(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._stacked is None:
             r_max = max(A.shape[0] for A, _ in self.pairs.values())
             weight = self.base.weight
-            A_all = weight.new_zeros(n_slots, r_max, self.in_features)
-            B_all = weight.new_zeros(n_slots, self.out_features, r_max)
+            A_all = weight.new_zeros(self.n_slots, r_max, self.in_features)
+            B_all = weight.new_zeros(self.n_slots, self.out_features, r_max)
             for slot, (A, B) in self.pairs.items():
                 A_all[slot, : A.shape[0]] = A
                 B_all[slot, :, : B.shape[1]] = B
             self._stacked = (A_all, B_all)
         return self._stacked
+
+    def merge(self, slot: int) -> None:
+        """Fold a slot's pair into the base weight (in float32), keeping the pristine weight to restore."""
+        pair = self.pairs.get(slot)
+        if pair is None:
+            return
+        weight = self.base.weight
+        self._pristine = weight.detach().clone()
+        A, B = pair
+        weight.data.copy_((self._pristine.float() + B.float() @ A.float()).to(weight.dtype))
+
+    def unmerge(self) -> None:
+        """Restore the pristine base weight: a copy, not a subtraction, so no drift accumulates."""
+        if self._pristine is not None:
+            self.base.weight.data.copy_(self._pristine)
+            self._pristine = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
@@ -93,22 +119,22 @@ class MultiLoraLinear(nn.Module):
                 return out
             A, B = pair
             return out + nn.functional.linear(nn.functional.linear(x, A), B)
-        # mixed batch: gather each row's pair and apply with two batched matmuls (Punica BGMV, per sequence)
+        # mixed batch: gather each row's pair and apply with two batched matmuls (Punica's BGMV, per sequence)
         slots = ctx.row_slots
-        A_all, B_all = self._stack(int(slots.max()) + 1)
+        A_all, B_all = self._stack()
         rows = x.reshape(slots.shape[0], -1, self.in_features)  # [batch, tokens, in]
         low = torch.bmm(rows, A_all[slots].transpose(1, 2))  # [batch, tokens, r_max]
         delta = torch.bmm(low, B_all[slots].transpose(1, 2))  # [batch, tokens, out]
         return out + delta.view(out.shape)
 
 
-def wrap_linear_layers(model: nn.Module, context: LoraContext) -> dict[str, MultiLoraLinear]:
+def wrap_linear_layers(model: nn.Module, context: LoraContext, n_slots: int) -> dict[str, MultiLoraLinear]:
     """Replace every nn.Linear inside the decoder layers with a MultiLoraLinear; return them by module path."""
     wrapped: dict[str, MultiLoraLinear] = {}
     for path, module in list(model.named_modules()):
         if isinstance(module, nn.Linear) and ".layers." in f".{path}":
             parent_path, _, child = path.rpartition(".")
-            layer = MultiLoraLinear(module, context)
+            layer = MultiLoraLinear(module, context, n_slots)
             setattr(model.get_submodule(parent_path), child, layer)
             wrapped[path] = layer
     return wrapped

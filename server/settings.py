@@ -35,3 +35,8 @@ class Settings(BaseSettings):
     default_max_new_tokens: int = Field(64, ge=1)
     max_batch_size: int = Field(16, ge=1, description="Most rows the scheduler puts in one forward.")
     max_wait_ms: float = Field(2.0, ge=0, description="How long the scheduler waits to fill a batch.")
+    max_rank: int = Field(64, ge=1, description="Largest LoRA rank accepted.")
+    auto_merge: bool = Field(True, description="Merge an adapter into the base while it dominates traffic.")
+    merge_window: int = Field(32, ge=1, description="Recent requests the merge policy looks at.")
+    merge_share: float = Field(0.9, gt=0, le=1, description="Share of the window that triggers a merge.")
+    unmerge_share: float = Field(0.6, gt=0, le=1, description="Below this share the merged adapter is unmerged.")

@@ -72,9 +72,9 @@ def test_mixed_batch_rows_equal_separate_runs(engine, adapter_store):
         prompts = ["first prompt", "a somewhat longer second prompt here", "third", "fourth for the base"]
         rows = engine.encode_for_generation(prompts, params)
         indices = [s.index for s in slots] + [0]
-        mixed = engine._call(lambda: engine._generate_rows(rows, indices, params))
+        mixed = engine._call(lambda: engine._generate_rows(rows, indices, params, [8] * len(rows)))
         for row, index, result in zip(rows, indices, mixed):
-            alone = engine._call(lambda: engine._generate_rows([row], [index], params))[0]
+            alone = engine._call(lambda: engine._generate_rows([row], [index], params, [8]))[0]
             assert result.token_ids == alone.token_ids
 
         cls = [engine.acquire(location(adapter_store, n)) for n in ("sentiment", "topic")]

@@ -1,0 +1,204 @@
+"""Batching scheduler, mixed-adapter batches and automatic merge: behaviour and exactness against PEFT."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from server.engine import AdapterLocation, Engine, GenerationParams, MergePolicy
+from server.lora import BASE_SLOT
+from server.scheduler import Scheduler
+from tests.conftest import LABELS
+from tests.helpers import peft_reference_greedy, peft_reference_probs
+
+
+def location(store, name):
+    return AdapterLocation(name, 1, store / name)
+
+
+# ---- the scheduler alone (stub work) -------------------------------------------------------------------------
+
+
+def test_scheduler_batches_compatible_jobs_and_keeps_others_apart():
+    seen: list[list[str]] = []
+    gate = threading.Event()
+
+    def run(jobs):
+        gate.wait()
+        seen.append([job.payload for job in jobs])
+        return [job.payload.upper() for job in jobs]
+
+    scheduler = Scheduler(run, max_batch_rows=3, max_wait_s=0.2)
+    try:
+        futures = [scheduler.submit("a", 1, "a1")]
+        time.sleep(0.05)  # the worker holds a1 and waits for company
+        futures += [scheduler.submit("b", 1, "b1"), scheduler.submit("a", 1, "a2"), scheduler.submit("a", 1, "a3"),
+                    scheduler.submit("a", 1, "a4")]
+        gate.set()
+        assert [f.result(timeout=5) for f in futures] == ["A1", "B1", "A2", "A3", "A4"]
+    finally:
+        scheduler.close()
+    assert seen == [["a1", "a2", "a3"], ["b1"], ["a4"]]
+
+
+def test_a_failing_request_does_not_fail_its_batch():
+    def run(jobs):
+        if any(job.payload == "bad" for job in jobs):
+            raise ValueError("bad row")
+        return [job.payload for job in jobs]
+
+    scheduler = Scheduler(run, max_batch_rows=8, max_wait_s=0.1)
+    try:
+        futures = [scheduler.submit("k", 1, p) for p in ("x", "bad", "y")]
+        assert futures[0].result(timeout=5) == "x" and futures[2].result(timeout=5) == "y"
+        with pytest.raises(ValueError, match="bad row"):
+            futures[1].result(timeout=5)
+        assert scheduler.call(lambda: 42) == 42
+    finally:
+        scheduler.close()
+
+
+def test_merge_policy_decisions():
+    policy = MergePolicy(window=4, merge_share=0.75, unmerge_share=0.5)
+    for slot in (1, 1, 1):
+        policy.observe(slot)
+    assert policy.choose(None) is None  # window not full yet
+    policy.observe(2)
+    assert policy.choose(None) == 1  # 3 of 4
+    policy.observe(2)
+    assert policy.choose(1) == 1  # 2 of 4: still at the unmerge share
+    policy.observe(BASE_SLOT)
+    assert policy.choose(1) is None  # 1 of 4, and nobody else dominates
+    policy.observe(2)
+    assert policy.choose(None) == 2  # 2, 2, base, 2: 3 of 4
+    for _ in range(4):
+        policy.observe(BASE_SLOT)
+    assert policy.choose(None) is None  # the base never "merges"
+    policy.forget(BASE_SLOT)
+    assert len(policy.recent) == 0
+
+
+# ---- the engine ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def batching_engine(tiny_settings):
+    engine = Engine.from_settings(tiny_settings.model_copy(update={"max_wait_ms": 100.0, "auto_merge": False}))
+    yield engine
+    engine.close()
+
+
+def test_concurrent_requests_of_many_adapters_share_forwards(batching_engine, tiny_base, adapter_store, tokenizer):
+    engine = batching_engine
+    texts = {"sentiment": "a fine and moving film", "topic": "markets fell sharply today"}
+    references = {
+        name: peft_reference_probs(tiny_base, adapter_store / name, tokenizer, [text], n)[0]
+        for (name, text), n in zip(texts.items(), (3, 2))
+    }
+    slots = {name: engine.acquire(location(adapter_store, name)) for name in texts}
+    try:
+        engine.batch_sizes.clear()
+        order = list(texts) * 4
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            results = list(pool.map(lambda n: (n, engine.classify([texts[n]], slots[n])[0]), order))
+    finally:
+        for slot in slots.values():
+            engine.release(slot)
+    assert max(engine.batch_sizes) > 1, engine.batch_sizes  # rows of both adapters went through one forward
+    assert sum(size * count for size, count in engine.batch_sizes.items()) == len(order)
+    for name, result in results:
+        probs = torch.tensor(list(result.scores.values()))
+        assert torch.allclose(probs, references[name], atol=1e-5)
+
+
+def test_generation_batch_with_different_budgets_and_adapters(batching_engine, tiny_base, adapter_store):
+    engine = batching_engine
+    requests = [("gen-a", "first question", 5), ("gen-b", "second, longer question here", 9), (None, "base", 3),
+                ("gen-mlp", "fourth", 7)]
+    slots = {n: engine.acquire(location(adapter_store, n)) for n, _, _ in requests if n}
+    try:
+        engine.batch_sizes.clear()
+
+        def run(request):
+            name, prompt, budget = request
+            return engine.generate([prompt], slots.get(name), GenerationParams(max_new_tokens=budget))[0]
+
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            results = list(pool.map(run, requests))
+    finally:
+        for slot in slots.values():
+            engine.release(slot)
+    assert max(engine.batch_sizes) > 1
+    for (name, prompt, budget), result in zip(requests, results):
+        ids = engine.encode_for_generation([prompt], GenerationParams(max_new_tokens=budget))[0]
+        adapter = adapter_store / name if name else None
+        assert result.token_ids == peft_reference_greedy(tiny_base, adapter, ids, budget), name
+        assert result.tokens <= budget
+
+
+def test_merged_unmerged_and_100_switches_stay_exact(batching_engine, tiny_base, adapter_store, tokenizer):
+    engine = batching_engine
+    text = ["the acting is wonderful", "dreadful"]
+    reference = peft_reference_probs(tiny_base, adapter_store / "sentiment", tokenizer, text, 3)
+    params = GenerationParams(max_new_tokens=8)
+    ids = engine.encode_for_generation(["Hello"], params)[0]
+    gen_reference = peft_reference_greedy(tiny_base, adapter_store / "gen-b", ids, 8)
+    base_weights = {path: layer.base.weight.detach().clone() for path, layer in engine.layers.items()}
+    sentiment = engine.acquire(location(adapter_store, "sentiment"))
+    generator = engine.acquire(location(adapter_store, "gen-b"))
+    try:
+        for cycle in range(100):
+            slot = sentiment if cycle % 2 == 0 else generator
+            engine.merge(slot)
+            assert engine.merged_adapter() == slot.location.name
+            if cycle in (0, 1, 98, 99):
+                if slot is sentiment:
+                    probs = torch.tensor([[r.scores[l] for l in LABELS] for r in engine.classify(text, slot)])
+                    assert torch.allclose(probs, reference, atol=1e-5)
+                else:
+                    assert engine.generate(["Hello"], slot, params)[0].token_ids == gen_reference
+                assert engine.merged_adapter() == slot.location.name  # its own batches keep it merged
+            engine.unmerge()
+        assert engine.merged_adapter() is None
+        for path, layer in engine.layers.items():
+            assert torch.equal(layer.base.weight, base_weights[path]), path  # restored bit for bit, no drift
+        probs = torch.tensor([[r.scores[l] for l in LABELS] for r in engine.classify(text, sentiment)])
+        assert torch.allclose(probs, reference, atol=1e-5)
+        # a batch of another adapter while one is merged unmerges first: mixed batches never run merged
+        engine.merge(sentiment)
+        assert engine.generate(["Hello"], generator, params)[0].token_ids == gen_reference
+        assert engine.merged_adapter() is None
+    finally:
+        engine.release(sentiment)
+        engine.release(generator)
+
+
+def test_auto_merge_follows_the_traffic(tiny_settings, adapter_store):
+    settings = tiny_settings.model_copy(update={"merge_window": 4, "merge_share": 0.75, "unmerge_share": 0.5})
+    engine = Engine.from_settings(settings)
+    try:
+        slot = engine.acquire(location(adapter_store, "sentiment"))
+        other = engine.acquire(location(adapter_store, "topic"))
+        try:
+            for _ in range(3):
+                unmerged = engine.classify(["hello"], slot)[0]
+            assert engine.merged_adapter() is None  # the window is not full yet
+            first = engine.classify(["hello"], slot)[0]  # 4 of 4: merged before this forward
+            assert engine.merged_adapter() == "sentiment"
+            assert first.scores == pytest.approx(unmerged.scores, abs=1e-6)
+            engine.classify(["hello"], other)
+            assert engine.merged_adapter() is None
+            assert engine.classify(["hello"], slot)[0].scores == pytest.approx(first.scores, abs=1e-6)
+            for _ in range(3):
+                engine.classify(["x"], other)
+            engine.classify(["x"], slot)
+            assert engine.merged_adapter() is None  # sentiment is 1 of the last 4: stays unmerged
+        finally:
+            engine.release(slot)
+            engine.release(other)
+    finally:
+        engine.close()
