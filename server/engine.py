@@ -85,6 +85,16 @@ class GenerationResult:
     prompt_tokens: int = 0
 
 
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, chat: bool = True) -> list[int]:
+    """Token ids of a generation prompt: a user message in the base's chat template when it has one."""
+    if chat and tokenizer.chat_template:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        )
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tokenizer(prompt)["input_ids"]
+
+
 class SlotsBusy(LoraswapError):
     """Every adapter slot is in use by a running request."""
 
@@ -382,16 +392,7 @@ class Engine:
         return ids
 
     def encode_for_generation(self, prompts: list[str], params: GenerationParams) -> list[list[int]]:
-        if params.chat and self.tokenizer.chat_template:
-            texts = [
-                self.tokenizer.apply_chat_template(
-                    [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
-                )
-                for p in prompts
-            ]
-            ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-        else:
-            ids = [self.tokenizer(p)["input_ids"] for p in prompts]
+        ids = [encode_prompt(self.tokenizer, p, params.chat) for p in prompts]
         self._check_lengths([len(x) for x in ids], params.max_new_tokens, "inputs")
         return ids
 

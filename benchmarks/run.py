@@ -1,0 +1,330 @@
+"""loraswap throughput benchmark: every row a ratio measured side by side in one run, on the embedded base.
+
+    .venv/bin/python benchmarks/run.py            # full run (~10 min on 2 CPU cores)
+    .venv/bin/python benchmarks/run.py --quick    # smaller streams, for a smoke check
+
+Prints a table and writes benchmarks/results/<time>.json. Synthetic adapters: random LoRA A/B (r=8 and r=16
+mixed) on q_proj/v_proj, written in PEFT's safetensors format into a temporary store.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import statistics
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import psutil  # installed with peft/accelerate; current RSS for the load/evict row
+import torch
+from safetensors.torch import save_file
+
+from server.adapter_format import CONFIG_FILE, METADATA_FILE, WEIGHTS_FILE
+from server.engine import AdapterLocation, Engine, GenerationParams, Slot, encode_prompt
+from server.lora import BASE_SLOT
+from server.settings import Settings
+
+RESULTS = Path(__file__).parent / "results"
+WORDS = ("the film was a quiet triumph of craft and feeling although the second half drags on "
+         "free entry win a prize call now to claim your reward before midnight offer ends soon").split()
+
+
+def write_adapter(folder: Path, engine: Engine, rank: int, task: str, seed: int, n_labels: int = 2) -> Path:
+    """A random PEFT-format LoRA adapter on q_proj/v_proj of every layer of the engine's base."""
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for path, layer in engine.layers.items():
+        if path.endswith(("q_proj", "v_proj")):
+            prefix = f"base_model.model.{path}"
+            tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, layer.in_features, generator=gen) * 0.02
+            tensors[f"{prefix}.lora_B.weight"] = torch.randn(layer.out_features, rank, generator=gen) * 0.02
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": 2 * rank,
+              "target_modules": ["q_proj", "v_proj"]}
+    if task == "classification":
+        tensors["base_model.model.score.weight"] = torch.randn(n_labels, engine.info.hidden_size, generator=gen)
+        config["task_type"] = "SEQ_CLS"
+        config["modules_to_save"] = ["score"]
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / WEIGHTS_FILE))
+    (folder / CONFIG_FILE).write_text(json.dumps(config))
+    (folder / METADATA_FILE).write_text(json.dumps({"labels": [f"c{i}" for i in range(n_labels)]}))
+    return folder
+
+
+def popularity(n: int, kind: str, draws: int, rng: random.Random) -> list[int]:
+    if kind == "uniform":
+        return [rng.randrange(n) for _ in range(draws)]
+    weights = [1 / (i + 1) ** 1.1 for i in range(n)]  # Zipf, s = 1.1
+    return rng.choices(range(n), weights=weights, k=draws)
+
+
+def text(rng: random.Random, words: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(words))
+
+
+def run_stream(engine: Engine, jobs: list, call, concurrency: int) -> tuple[float, list[float]]:
+    """Closed loop: `concurrency` clients send the jobs; returns wall seconds and per-request latencies."""
+    latencies: list[float] = []
+    lock = threading.Lock()
+
+    def one(job):
+        started = time.perf_counter()
+        call(job)
+        with lock:
+            latencies.append(time.perf_counter() - started)
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        list(pool.map(one, jobs))
+    return time.perf_counter() - started, latencies
+
+
+def with_slot(engine: Engine, location: AdapterLocation | None, fn):
+    if location is None:
+        return fn(None)
+    slot = engine.acquire(location)
+    try:
+        return fn(slot)
+    finally:
+        engine.release(slot)
+
+
+def matmul_gflops(dtype: torch.dtype, device: str, n: int = 1024, repeat: int = 10) -> float:
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+    a @ b
+    sync = torch.cuda.synchronize if a.is_cuda else (lambda: None)
+    sync()
+    started = time.perf_counter()
+    for _ in range(repeat):
+        a @ b
+    sync()
+    return 2 * n**3 * repeat / (time.perf_counter() - started) / 1e9
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smaller streams (smoke check)")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--base-model", type=Path, default=None, help="a local model folder instead of the embedded base")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--cycles", type=int, default=None, help="load/evict cycles (default 10000, quick 500)")
+    args = parser.parse_args()
+    quick = args.quick
+    cycles = args.cycles or (500 if quick else 10_000)
+    rng = random.Random(1234)
+    torch.manual_seed(0)
+    results: dict = {"dtype": args.dtype, "quick": quick, "threads": torch.get_num_threads()}
+    rows: list[tuple[str, str, float | None, str]] = []
+
+    store = Path(tempfile.mkdtemp(prefix="loraswap-bench-"))
+    settings = Settings(base_model=args.base_model, device=args.device, dtype=args.dtype, adapters_dir=store, max_loaded_adapters=128, max_batch_size=16,
+                        max_wait_ms=5.0, auto_merge=False)
+    engine = Engine.from_settings(settings)
+    n_cls, n_gen = 100, 20
+    cls_locs = [AdapterLocation(f"cls{i}", 1, write_adapter(store / f"cls{i}", engine, (8, 16)[i % 2],
+                                                            "classification", i)) for i in range(n_cls)]
+    gen_locs = [AdapterLocation(f"gen{i}", 1, write_adapter(store / f"gen{i}", engine, (8, 16)[i % 2],
+                                                            "generation", 1000 + i)) for i in range(n_gen)]
+    for loc in cls_locs + gen_locs:
+        with_slot(engine, loc, lambda slot: None)  # warm: everything loaded before the streams
+
+    # ---- ceiling: raw matmul speed and the base's achieved rate -----------------------------------------------
+    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+    results["matmul_gflops"] = matmul_gflops(dtype, args.device)
+    head_slot = with_slot(engine, cls_locs[0], lambda slot: slot)
+    base_slot = Slot(BASE_SLOT, AdapterLocation("base", 0, store), "classification", head_slot.labels,
+                     head_slot.head_weight, head_slot.head_bias)
+    probe = [text(rng, 48)] * 8
+    n_tokens = sum(len(r) for r in engine.encode_for_classification(probe))
+    engine.classify(probe, base_slot)
+    started = time.perf_counter()
+    for _ in range(3):
+        engine.classify(probe, base_slot)
+    elapsed = (time.perf_counter() - started) / 3
+    body_params = sum(p.numel() for p in engine.body.parameters()) - engine.body.embed_tokens.weight.numel()
+    results["base_forward_gflops"] = 2 * body_params * n_tokens / elapsed / 1e9
+
+    # ---- classification stream, 100 adapters -----------------------------------------------------------------
+    n_requests = 96 if quick else 400
+    texts = [text(rng, rng.randint(8, 40)) for _ in range(n_requests)]
+    for kind in ("uniform", "zipf"):
+        picks = popularity(n_cls, kind, n_requests, rng)
+        jobs = list(zip(texts, picks))
+        base_wall, base_lat = run_stream(engine, jobs, lambda j: engine.classify([j[0]], base_slot), 32)
+        ours_wall, ours_lat = run_stream(
+            engine, jobs, lambda j: with_slot(engine, cls_locs[j[1]], lambda s: engine.classify([j[0]], s)), 32
+        )
+        ratio = base_wall / ours_wall
+        results[f"classification_{kind}"] = {"requests": n_requests, "adapter_rps": n_requests / ours_wall,
+                                             "base_rps": n_requests / base_wall, "ratio": ratio}
+        rows.append((f"classification stream, {n_cls} adapters ({kind})", "throughput / base-only", ratio, ">= 0.90"))
+
+    # ---- generation stream, 20 adapters, 32 new tokens ---------------------------------------------------------
+    n_gen_requests = 16 if quick else 48
+    params = GenerationParams(max_new_tokens=32)
+    prompts = [text(rng, rng.randint(6, 24)) for _ in range(n_gen_requests)]
+    picks = popularity(n_gen, "zipf", n_gen_requests, rng)
+    jobs = list(zip(prompts, picks))
+    tokens = lambda outs: sum(r.tokens for out in outs for r in out)  # noqa: E731
+    base_outs, ours_outs = [], []
+    base_wall, _ = run_stream(engine, jobs, lambda j: base_outs.append(engine.generate([j[0]], None, params)), 16)
+    ours_wall, _ = run_stream(
+        engine, jobs,
+        lambda j: ours_outs.append(with_slot(engine, gen_locs[j[1]], lambda s: engine.generate([j[0]], s, params))),
+        16,
+    )
+    base_tps, ours_tps = tokens(base_outs) / base_wall, tokens(ours_outs) / ours_wall
+    rows.append((f"generation stream (32 new tokens), {n_gen} adapters", "tokens/s / base-only tokens/s",
+                 ours_tps / base_tps, ">= 0.80"))
+
+    naive_tps = naive_peft_tokens_per_s(settings, gen_locs, jobs, params)
+    rows.append(("same generation stream", "ours / naive PEFT set_adapter server", ours_tps / naive_tps, ">= 3x"))
+    results["generation"] = {"requests": n_gen_requests, "ours_tps": ours_tps, "base_tps": base_tps,
+                             "naive_peft_tps": naive_tps}
+
+    # ---- one hot adapter merged: latency against the base ------------------------------------------------------
+    hot = engine.acquire(cls_locs[1])
+    one = [text(rng, 48)]
+
+    def median_latency(slot: Slot, repeat: int = 15 if quick else 40) -> float:
+        samples = []
+        for _ in range(repeat):
+            started = time.perf_counter()
+            engine.classify(one, slot)
+            samples.append(time.perf_counter() - started)
+        return statistics.median(samples)
+
+    merged_lat, base_lat = [], []
+    for _ in range(3):  # interleaved against drift; each base batch unmerges, so merge again before each hot run
+        engine.merge(hot)
+        merged_lat.append(median_latency(hot))
+        base_lat.append(median_latency(base_slot))
+    engine.release(hot)
+    merged_ratio = statistics.median(merged_lat) / statistics.median(base_lat)
+    rows.append(("one hot adapter, merged", "latency / base latency", merged_ratio, "<= 1.02"))
+    results["merged"] = {"merged_ms": statistics.median(merged_lat) * 1000,
+                         "base_ms": statistics.median(base_lat) * 1000}
+
+    # ---- cold load r=8 -------------------------------------------------------------------------------------------
+    cold_store = store / "cold"
+    cold = [AdapterLocation(f"cold{i}", 1, write_adapter(cold_store / f"cold{i}", engine, 8, "generation", 5000 + i))
+            for i in range(20)]
+    load_ms = []
+    for loc in cold:
+        started = time.perf_counter()
+        with_slot(engine, loc, lambda slot: None)
+        load_ms.append((time.perf_counter() - started) * 1000)
+        engine.unload(loc.name)
+    rows.append(("adapter cold load (disk -> servable), r=8", "ms (median of 20)", statistics.median(load_ms),
+                 "<= 50 ms"))
+    results["cold_load_ms"] = load_ms
+
+    # ---- p50/p99 at a fixed offered load (open loop, Poisson arrivals) ----------------------------------------
+    rate = 0.7 * results["classification_zipf"]["adapter_rps"]
+    duration = 5.0 if quick else 15.0
+    latencies = open_loop(engine, cls_locs, rate, duration, rng)
+    results["open_loop"] = {"offered_rps": rate, "requests": len(latencies), "p50_ms": pct(latencies, 0.5) * 1000,
+                            "p99_ms": pct(latencies, 0.99) * 1000}
+    engine.close()
+
+    # ---- 10,000 load/evict cycles --------------------------------------------------------------------------------
+    rss_ratio = load_evict_rss(settings, cold, cycles)
+    rows.append((f"{cycles:,} load/evict cycles", "RSS after / RSS before", rss_ratio, "<= 1.05"))
+    results["load_evict"] = {"cycles": cycles, "rss_ratio": rss_ratio}
+
+    results["rows"] = [{"row": r, "measured": m, "value": v, "bar": b} for r, m, v, b in rows]
+    print_table(results, rows)
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / time.strftime("%Y%m%d-%H%M%S.json")
+    out.write_text(json.dumps(results, indent=2))
+    print(f"\nwritten {out}")
+
+
+def naive_peft_tokens_per_s(settings: Settings, locations, jobs, params: GenerationParams) -> float:
+    """The baseline: one PeftModel with every adapter loaded, `set_adapter` + generate per request, one at a time."""
+    from peft import PeftModel
+
+    from server.base_model import load_base
+
+    model, tokenizer, _ = load_base(settings.base_model, settings.cache_dir, settings.dtype, settings.device)
+    model.get_output_embeddings().register_forward_pre_hook(lambda _m, args: (args[0].contiguous(),))
+    peft_model = PeftModel.from_pretrained(model, locations[0].folder, adapter_name=locations[0].name)
+    for loc in locations[1:]:
+        peft_model.load_adapter(loc.folder, adapter_name=loc.name)
+    peft_model.eval()
+    produced, started = 0, time.perf_counter()
+    with torch.no_grad():
+        for prompt, pick in jobs:
+            peft_model.set_adapter(locations[pick].name)
+            ids = torch.tensor([encode_prompt(tokenizer, prompt, params.chat)], device=model.device)
+            out = peft_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                      max_new_tokens=params.max_new_tokens, pad_token_id=tokenizer.pad_token_id)
+            new = out[0, ids.shape[1]:].tolist()
+            produced += new.index(tokenizer.eos_token_id) if tokenizer.eos_token_id in new else len(new)
+    return produced / (time.perf_counter() - started)
+
+
+def open_loop(engine: Engine, locations, rate: float, duration: float, rng: random.Random) -> list[float]:
+    latencies: list[float] = []
+    lock = threading.Lock()
+    picks = popularity(len(locations), "zipf", int(rate * duration) + 1, rng)
+
+    def one(pick: int, prompt: str, due: float) -> None:
+        with_slot(engine, locations[pick], lambda s: engine.classify([prompt], s))
+        with lock:
+            latencies.append(time.perf_counter() - due)
+
+    with ThreadPoolExecutor(max_workers=64) as pool:
+        start = time.perf_counter()
+        due = start
+        for pick in picks:
+            due += rng.expovariate(rate)
+            delay = due - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            pool.submit(one, pick, text(rng, rng.randint(8, 40)), due)
+    return latencies
+
+
+def load_evict_rss(settings: Settings, locations, cycles: int) -> float:
+    """Load adapters through 8 slots in a loop (every load evicts one); compare RSS after warm-up and at the end."""
+    engine = Engine.from_settings(settings.model_copy(update={"max_loaded_adapters": 8}))
+    process = psutil.Process()
+    try:
+        for i in range(len(locations)):
+            with_slot(engine, locations[i], lambda slot: None)
+        before = process.memory_info().rss
+        for i in range(cycles):
+            with_slot(engine, locations[i % len(locations)], lambda slot: None)
+        after = process.memory_info().rss
+    finally:
+        engine.close()
+    return after / before
+
+
+def print_table(results: dict, rows) -> None:
+    print(f"\nloraswap benchmark — embedded SmolLM2-135M, {results['dtype']}, {results['threads']} threads")
+    print(f"matmul ceiling {results['matmul_gflops']:.1f} GFLOP/s; base forward achieves "
+          f"{results['base_forward_gflops']:.1f} GFLOP/s "
+          f"({100 * results['base_forward_gflops'] / results['matmul_gflops']:.0f} % of the ceiling)")
+    width = max(len(r[0]) for r in rows)
+    print(f"\n{'row'.ljust(width)} | {'measured':32} | {'value':>9} | bar")
+    for row, measured, value, bar in rows:
+        print(f"{row.ljust(width)} | {measured:32} | {value:9.3f} | {bar}")
+    ol = results["open_loop"]
+    print(f"\nopen loop at {ol['offered_rps']:.1f} req/s (70 % of the zipf stream's throughput): "
+          f"p50 {ol['p50_ms']:.0f} ms, p99 {ol['p99_ms']:.0f} ms over {ol['requests']} requests")
+
+
+if __name__ == "__main__":
+    main()
