@@ -13,13 +13,19 @@ from tests.helpers import make_adapter, make_tiny_base  # noqa: E402
 LABELS = ["negative", "neutral", "positive"]
 
 
+# a GPU check runs the same tests with LORASWAP_TEST_DEVICE=cuda (references stay on the CPU)
+TEST_DEVICE = os.environ.get("LORASWAP_TEST_DEVICE", "cpu")
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
+    """The embedded base's tokenizer (or a saved copy named by LORASWAP_TEST_TOKENIZER, for machines without it)."""
     from transformers import AutoTokenizer
 
+    if folder := os.environ.get("LORASWAP_TEST_TOKENIZER"):
+        return AutoTokenizer.from_pretrained(folder)
     gguf = embedded_gguf_path()
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    return tok
+    return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
 
 
 @pytest.fixture(scope="session")
@@ -48,6 +54,7 @@ def tiny_settings(tiny_base, adapter_store, tmp_path_factory):
         base_model=tiny_base,
         adapters_dir=adapter_store,
         dtype="float32",
+        device=TEST_DEVICE,
         cache_dir=tmp_path_factory.mktemp("cache"),
         max_loaded_adapters=6,
     )
