@@ -73,6 +73,7 @@ class MultiLoraLinear(nn.Module):
         """Pairs stacked by slot, ranks zero-padded to the largest (zero rows/cols add exactly nothing)."""
         if self._stacked is None or self._stacked[0].shape[0] < n_slots:
             r_max = max(A.shape[0] for A, _ in self.pairs.values())
+            n_slots = max(n_slots, max(self.pairs) + 1)  # room for every installed slot, not just this batch's
             weight = self.base.weight
             A_all = weight.new_zeros(n_slots, r_max, self.in_features)
             B_all = weight.new_zeros(n_slots, self.out_features, r_max)
