@@ -1,14 +1,16 @@
 """Safe extraction of uploaded adapter archives (.zip, .tar.gz) into a folder we own.
 
 An upload is untrusted input: every member is checked before a byte is written, links and special files are
-refused, paths may not escape the target, and the member count and uncompressed total are bounded (checked
-against the declared sizes first, then again while copying, since declared sizes can lie). The adapter may sit at
-the archive's root or inside one top-level folder; nested folders below that are refused.
+refused, paths may not escape the target, and the member count and the uncompressed total are bounded. The total
+is summed from the declared sizes, which bound what is unpacked: zipfile stops at a member's declared size and
+checks its CRC, and a tar member's data is exactly its header's size. The adapter may sit at the archive's root or
+inside one top-level folder; nested folders below that are refused.
 """
 
 from __future__ import annotations
 
 import re
+import shutil
 import stat
 import tarfile
 import zipfile
@@ -75,7 +77,7 @@ def _zip_members(zf: zipfile.ZipFile, limits: ArchiveLimits) -> Iterator[_Member
             kind = "a symbolic link"
         elif info.is_dir():
             kind = "dir"
-        elif mode and not stat.S_ISREG(mode):
+        elif stat.S_IFMT(mode) not in (0, stat.S_IFREG):  # 0: written without Unix file-type bits
             kind = "not a regular file"
         else:
             kind = "file"
@@ -122,7 +124,6 @@ def _extract(members: Iterator[_Member], target: Path, limits: ArchiveLimits) ->
         raise AdapterInvalid(["the archive holds no files"])
     # the adapter's files sit at the root or inside one top-level folder
     strip = len({p.parts[0] for p, _ in files}) == 1 and all(len(p.parts) > 1 for p, _ in files)
-    budget = limits.max_uncompressed_bytes
     for path, member in files:
         parts = path.parts[1:] if strip else path.parts
         if len(parts) != 1:
@@ -134,20 +135,10 @@ def _extract(members: Iterator[_Member], target: Path, limits: ArchiveLimits) ->
         if (target / parts[0]).exists():
             problems.append(f"file {parts[0]!r} appears twice in the archive")
             continue
-        budget = _copy_bounded(member.open(), target / parts[0], budget, limits.max_uncompressed_bytes)
+        with member.open() as source, (target / parts[0]).open("wb") as out:
+            shutil.copyfileobj(source, out)
     if problems:
         raise AdapterInvalid(problems)
-
-
-def _copy_bounded(source: BinaryIO, dest: Path, budget: int, limit: int) -> int:
-    """Copy at most `budget` bytes (what is left of the uncompressed limit); return the budget left."""
-    with source, dest.open("wb") as out:
-        while chunk := source.read(1 << 20):
-            budget -= len(chunk)
-            if budget < 0:
-                raise AdapterInvalid([f"the archive unpacks to more than the limit of {limit} bytes"])
-            out.write(chunk)
-    return budget
 
 
 def write_zip(folder: Path, dest: BinaryIO, top: str) -> None:

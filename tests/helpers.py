@@ -85,3 +85,39 @@ def peft_reference_greedy(base: Path, adapter: Path | None, prompt_ids: list[int
     new = out[0, ids.shape[1]:].tolist()
     eos = model.config.eos_token_id
     return new[: new.index(eos)] if eos in new else new
+
+
+def write_tiny_adapter(folder: Path, seed: int, r: int = 1, hidden: int = 64) -> Path:
+    """A minimal valid LoRA adapter (one q_proj pair) written directly: fast enough to make thousands."""
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(seed)
+    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+    folder.mkdir(parents=True)
+    save_file({f"{prefix}.lora_A.weight": torch.randn(r, hidden, generator=generator),
+               f"{prefix}.lora_B.weight": torch.randn(hidden, r, generator=generator)},
+              str(folder / "adapter_model.safetensors"))
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": 2 * r,
+              "target_modules": ["q_proj"], "bias": "none"}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def archive_bytes(folder: Path, kind: str, top: str | None = None) -> bytes:
+    """The files of an adapter folder as a .zip or .tar.gz, at the root or under one top-level folder."""
+    import io
+    import tarfile
+    import zipfile
+
+    buffer = io.BytesIO()
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    arcname = (lambda p: f"{top}/{p.name}") if top else (lambda p: p.name)
+    if kind == "zip":
+        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zf:
+            for p in files:
+                zf.write(p, arcname(p))
+    else:
+        with tarfile.open(fileobj=buffer, mode="w:gz") as tf:
+            for p in files:
+                tf.add(p, arcname(p))
+    return buffer.getvalue()
