@@ -59,8 +59,8 @@ class AdapterRecord:
     size_bytes: int
     sha256: str
     created: str
+    folder: Path = field(repr=False)  # where this version's files live; not shown to clients
     metrics: dict | None = None
-    folder: Path = field(default=Path(), repr=False)  # where this version's files live; not shown to clients
 
     def as_dict(self) -> dict:
         data = asdict(self)

@@ -20,6 +20,7 @@ from starlette.datastructures import FormData, UploadFile
 
 from .api import ServicesDep
 from .archive import ArchiveLimits, write_zip
+from .engine import Engine
 from .errors import Forbidden, InvalidInput, PayloadTooLarge, Unauthorized
 from .registry import AdapterRecord
 
@@ -43,19 +44,19 @@ def require_admin(svc: ServicesDep, authorization: Annotated[str | None, Header(
 AdminDep = Annotated[None, Depends(require_admin)]
 
 
-def _shown(svc: ServicesDep, record: AdapterRecord) -> dict:
-    return dict(record.as_dict(), loaded=svc.ready_engine().is_loaded(record.name))
+def _shown(engine: Engine, record: AdapterRecord) -> dict:
+    return dict(record.as_dict(), loaded=engine.is_loaded(record.name))
 
 
 @router.get("/adapters")
 def list_adapters(svc: ServicesDep) -> dict:
     engine = svc.ready_engine()
-    return {"base": engine.info.name, "adapters": [_shown(svc, r) for r in svc.registry.records()]}
+    return {"base": engine.info.name, "adapters": [_shown(engine, r) for r in svc.registry.records()]}
 
 
 @router.get("/adapters/{name}")
 def get_adapter(name: str, svc: ServicesDep) -> dict:
-    return _shown(svc, svc.registry.get(name))
+    return _shown(svc.ready_engine(), svc.registry.get(name))
 
 
 @router.post("/adapters", status_code=201)

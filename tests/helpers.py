@@ -121,3 +121,45 @@ def archive_bytes(folder: Path, kind: str, top: str | None = None) -> bytes:
             for p in files:
                 tf.add(p, arcname(p))
     return buffer.getvalue()
+
+
+ADMIN_TOKEN = "s3cret-token"
+UPLOAD_LIMITS = {"max_upload_bytes": 2 * 1024**2, "max_archive_members": 8, "max_uncompressed_bytes": 1024**2}
+
+
+def app_client(settings, engine, store: Path, **overrides):
+    """A TestClient on an app with its own writable store, the admin token and small upload limits."""
+    from fastapi.testclient import TestClient
+    from pydantic import SecretStr
+
+    from server.api import create_app
+
+    update = {"adapters_dir": store, "admin_token": SecretStr(ADMIN_TOKEN), **UPLOAD_LIMITS, **overrides}
+    return TestClient(create_app(settings.model_copy(update=update), engine=engine))
+
+
+def folder_files(folder: Path) -> list[tuple[str, tuple[str, bytes, str]]]:
+    """An adapter folder's files as multipart file parts."""
+    return [("files", (p.name, p.read_bytes(), "application/octet-stream")) for p in sorted(folder.iterdir())]
+
+
+def upload(client, name: str, files, replace: bool = False):
+    data = {"name": name, **({"replace": "true"} if replace else {})}
+    return client.post("/adapters", data=data, files=files)
+
+
+def tree(root: Path) -> dict[str, str]:
+    """Every file and link under root: content digest or link target (empty folders do not count)."""
+    import hashlib
+    import os
+
+    found = {}
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = Path(folder) / name
+            rel = str(path.relative_to(root))
+            if path.is_symlink():
+                found[rel] = "-> " + os.readlink(path)
+            elif path.is_file():
+                found[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return found

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from server.archive import ArchiveLimits
 from server.engine import AdapterLocation, Engine, GenerationParams, SlotsBusy
 from server.errors import AdapterChanged, AdapterExists, AdapterInvalid
-from server.registry import RECORD_FILE, STAGING_DIR, VERSIONS_DIR, Registry
+from server.registry import STAGING_DIR, VERSIONS_DIR, Registry
 from tests.helpers import write_tiny_adapter
 
 LIMITS = ArchiveLimits(max_members=8, max_uncompressed_bytes=1024**2)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import pickle
 import shutil
 import struct
@@ -18,59 +17,20 @@ from pathlib import Path
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from pydantic import SecretStr
 from safetensors.torch import load_file, save_file
 
-from server.api import create_app
 from tests.conftest import LABELS
-from tests.helpers import archive_bytes, make_adapter, make_tiny_base
-
-TOKEN = "s3cret-token"
-LIMITS = {"max_upload_bytes": 2 * 1024**2, "max_archive_members": 8, "max_uncompressed_bytes": 1024**2}
-
-
-def tree(root: Path) -> dict[str, str]:
-    """Every file and link under root: content digest or link target (empty folders do not count)."""
-    found = {}
-    for folder, dirs, files in os.walk(root):
-        for name in dirs + files:
-            path = Path(folder) / name
-            rel = str(path.relative_to(root))
-            if path.is_symlink():
-                found[rel] = "-> " + os.readlink(path)
-            elif path.is_file():
-                found[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return found
-
-
-def folder_files(folder: Path) -> list[tuple[str, tuple[str, bytes, str]]]:
-    return [("files", (p.name, p.read_bytes(), "application/octet-stream")) for p in sorted(folder.iterdir())]
-
-
-def upload(client: TestClient, name: str, files, replace: bool = False):
-    data = {"name": name, **({"replace": "true"} if replace else {})}
-    return client.post("/adapters", data=data, files=files)
-
-
-@pytest.fixture
-def store(tmp_path, adapter_store) -> Path:
-    root = tmp_path / "store"
-    root.mkdir()
-    shutil.copytree(adapter_store / "sentiment", root / "sentiment")  # a shipped plain PEFT folder
-    return root
-
-
-def app_client(tiny_settings, engine, store: Path, **settings) -> TestClient:
-    update = {"adapters_dir": store, "admin_token": SecretStr(TOKEN), **LIMITS, **settings}
-    return TestClient(create_app(tiny_settings.model_copy(update=update), engine=engine))
-
-
-@pytest.fixture
-def admin(tiny_settings, engine, store):
-    with app_client(tiny_settings, engine, store) as client:
-        client.headers["Authorization"] = f"Bearer {TOKEN}"
-        yield client
-
+from tests.helpers import (
+    ADMIN_TOKEN as TOKEN,
+    UPLOAD_LIMITS as LIMITS,
+    app_client,
+    archive_bytes,
+    folder_files,
+    make_adapter,
+    make_tiny_base,
+    tree,
+    upload,
+)
 
 @pytest.fixture
 def refused(admin, store):
