@@ -39,8 +39,15 @@ class _Member:
     open: Callable[[], BinaryIO]
 
 
-def is_archive(head: bytes) -> bool:
-    return head.startswith(ZIP_MAGIC) or head.startswith(GZIP_MAGIC)
+def _head(source: BinaryIO) -> bytes:
+    head = source.read(4)
+    source.seek(0)
+    return head
+
+
+def is_archive(source: BinaryIO) -> bool:
+    """Whether a (seekable) upload starts like a .zip or a gzip file."""
+    return _head(source).startswith(ZIP_MAGIC + (GZIP_MAGIC,))
 
 
 def check_file_name(name: str) -> str | None:
@@ -50,16 +57,16 @@ def check_file_name(name: str) -> str | None:
     return None
 
 
-def extract_archive(archive: Path, target: Path, limits: ArchiveLimits) -> None:
-    """Extract a .zip or .tar.gz into `target` (flat: the adapter's files); raise AdapterInvalid with every problem."""
-    with archive.open("rb") as handle:
-        head = handle.read(4)
+def extract_archive(archive: BinaryIO, target: Path, limits: ArchiveLimits) -> None:
+    """Extract a .zip or .tar.gz (a seekable file) into `target`, flat: the adapter's files. Raise AdapterInvalid
+    with every problem."""
+    head = _head(archive)
     try:
         if head.startswith(ZIP_MAGIC):
             with zipfile.ZipFile(archive) as zf:
                 _extract(_zip_members(zf, limits), target, limits)
         elif head.startswith(GZIP_MAGIC):
-            with tarfile.open(archive, mode="r:gz") as tf:
+            with tarfile.open(fileobj=archive, mode="r:gz") as tf:
                 _extract(_tar_members(tf, limits), target, limits)
         else:
             raise AdapterInvalid(["the upload is neither a .zip nor a .tar.gz archive"])

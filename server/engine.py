@@ -209,8 +209,6 @@ class Engine:
         with self._lock:
             index = self._take_free_index()
         slot = Slot(index, location, adapter.task, adapter.labels, None, None)
-        with self._lock:
-            slot.pinned = location.name in self._pinned
         if adapter.head_weight is not None:
             slot.head_weight = adapter.head_weight.to(self.device, self.dtype)
             slot.head_bias = None if adapter.head_bias is None else adapter.head_bias.to(self.device, self.dtype)
@@ -223,6 +221,7 @@ class Engine:
         slot.load_ms = (time.perf_counter() - started) * 1000
         with self._lock:
             slot.in_use = 1  # acquired before it becomes visible: nothing can evict or retire it in between
+            slot.pinned = location.name in self._pinned
             self._slots[location] = slot
         log.info("loaded adapter %s v%d (%s, sha256 %s) into slot %d in %.1f ms", location.name,
                  location.version, adapter.task, adapter.sha256[:12], index, slot.load_ms)

@@ -26,8 +26,8 @@ class AdapterInvalid(LoraswapError):
 
 
 class AdapterExists(LoraswapError):
-    def __init__(self, name: str):
-        super().__init__(f"adapter {name!r} already exists; send replace=true to upload a new version")
+    def __init__(self, name: str, message: str | None = None):
+        super().__init__(message or f"adapter {name!r} already exists; send replace=true to upload a new version")
         self.name = name
 
 

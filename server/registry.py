@@ -85,7 +85,7 @@ class Registry:
     """Names -> records and folders. Thread-safe; every read sees a fully installed adapter or none."""
 
     def __init__(self, root: Path):
-        self.root = Path(root)
+        self.root = Path(root).absolute()
         self._lock = threading.Lock()  # guards _records and every change to the store
         self._records: dict[str, AdapterRecord] = {}
 
@@ -123,7 +123,7 @@ class Registry:
             for entry in sorted(p for p in self.root.iterdir() if valid_name(p.name) and p.is_dir()):
                 if not (entry / CONFIG_FILE).is_file():
                     continue
-                folder = entry.resolve() if entry.is_symlink() else entry
+                folder = self.root / os.readlink(entry) if entry.is_symlink() else entry
                 try:
                     records[entry.name] = self._record(entry.name, folder, describe(folder))
                 except Exception as exc:
@@ -169,15 +169,8 @@ class Registry:
         if not replace and self.exists(name):
             raise AdapterExists(name)  # before unpacking anything; checked again when committing
         with self._staging() as staged:
-            if len(uploads) == 1 and is_archive(uploads[0][1].read(4)):
-                uploads[0][1].seek(0)
-                archive = staged.parent / f"{staged.name}.archive"
-                with archive.open("wb") as out:
-                    shutil.copyfileobj(uploads[0][1], out)
-                try:
-                    extract_archive(archive, staged, limits)
-                finally:
-                    archive.unlink()
+            if len(uploads) == 1 and is_archive(uploads[0][1]):
+                extract_archive(uploads[0][1], staged, limits)
             else:
                 _write_files(uploads, staged)
             adapter = check(staged)
@@ -190,13 +183,16 @@ class Registry:
             current = self._records.get(name)
             if current is not None and not replace:
                 raise AdapterExists(name)
+            entry = self.root / name
+            if current is None and os.path.lexists(entry):
+                raise AdapterExists(name, f"the store holds a {name!r} that is not a valid adapter (it was skipped "
+                                          "at start; see the log): remove it first")
             versions = self.root / VERSIONS_DIR / name
             existing = [int(p.name) for p in versions.iterdir() if p.name.isdigit()] if versions.is_dir() else []
             version = max([current.version if current else 0, *existing]) + 1
             (staged / RECORD_FILE).write_text(json.dumps({"name": name, "version": version, "created": _now()}))
             _fsync_tree(staged)
             versions.mkdir(parents=True, exist_ok=True)
-            entry = self.root / name
             if current is not None and not entry.is_symlink():
                 # a shipped plain folder becomes the previous version (restart recovery points at the newest)
                 os.rename(entry, versions / str(current.version))

@@ -30,6 +30,7 @@ from tests.helpers import (
     make_tiny_base,
     tree,
     upload,
+    write_tiny_adapter,
 )
 
 @pytest.fixture
@@ -143,6 +144,17 @@ def test_same_name_is_409_unless_replace_is_asked_for(admin, store, adapter_stor
     # a shipped plain folder is replaced the same way
     shipped = upload(admin, "sentiment", folder_files(adapter_store / "topic"), replace=True)
     assert (shipped.json()["version"], shipped.json()["labels"]) == (2, ["a", "b"])
+
+
+def test_a_name_held_by_a_skipped_folder_is_409(tiny_settings, engine, store, adapter_store):
+    write_tiny_adapter(store / "broken", seed=1, hidden=32)  # does not fit the base: skipped at start
+    with app_client(tiny_settings, engine, store) as client:
+        before = tree(store)
+        response = client.post("/adapters", data={"name": "broken", "replace": "true"},
+                               files=folder_files(adapter_store / "gen-a"), headers={"Authorization": f"Bearer {TOKEN}"})
+        assert response.status_code == 409
+        assert "'broken' that is not a valid adapter" in response.json()["detail"]
+        assert tree(store) == before
 
 
 def test_delete_unloads_and_frees_the_slot(admin, store, engine):
