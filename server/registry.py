@@ -193,6 +193,7 @@ class Registry:
             (staged / RECORD_FILE).write_text(json.dumps({"name": name, "version": version, "created": _now()}))
             _fsync_tree(staged)
             versions.mkdir(parents=True, exist_ok=True)
+            _fsync_dir(versions.parent)
             if current is not None and not entry.is_symlink():
                 # a shipped plain folder becomes the previous version (restart recovery points at the newest)
                 os.rename(entry, versions / str(current.version))
