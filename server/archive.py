@@ -114,7 +114,7 @@ def _extract(members: Iterator[_Member], target: Path, limits: ArchiveLimits) ->
     declared = 0
     for member in members:
         path = PurePosixPath(member.path.replace("\\", "/"))
-        if path.is_absolute() or member.path.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", member.path):
+        if path.is_absolute() or re.match(r"^[A-Za-z]:", member.path):  # POSIX, Windows (backslashes) or a drive
             problems.append(f"member {member.path!r} has an absolute path")
         elif ".." in path.parts:
             problems.append(f"member {member.path!r} leaves the archive folder ('..')")

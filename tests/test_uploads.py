@@ -404,6 +404,8 @@ def as_file(body: bytes, name: str = "adapter.zip"):
     "member, reason",
     [
         (("/etc/adapter_config.json", b"{}"), "has an absolute path"),
+        (("\\windows\\evil.json", b"{}"), "has an absolute path"),
+        (("C:evil.json", b"{}"), "has an absolute path"),
         (("../adapter_config.json", b"{}"), "leaves the archive folder ('..')"),
         (("a/../../x.json", b"{}"), "leaves the archive folder ('..')"),
         (_zip_symlink("link.json", "/etc/passwd"), "is a symbolic link"),
