@@ -99,6 +99,14 @@ def test_a_shipped_folder_becomes_the_previous_version_when_replaced(tmp_path, e
         engine.acquire(shipped)
 
 
+def test_a_version_deleted_before_it_loaded_is_reported_as_changed(registry, engine, adapter_store):
+    add(registry, engine, "x", adapter_store / "gen-a")
+    located = registry.locate("x")
+    registry.delete("x")
+    with pytest.raises(AdapterChanged, match="replaced or deleted while this request waited"):
+        engine.acquire(located)
+
+
 # ---- crash recovery: every state an interrupted install or delete can leave ---------------------------------------
 
 
