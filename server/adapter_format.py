@@ -179,17 +179,17 @@ def read_adapter(folder: Path, max_rank: int | None = None) -> AdapterWeights:
     if pickles:
         problems.append(f"pickled weights are never loaded ({', '.join(pickles)}); save with safetensors")
     config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
-    if not config_path.is_file():
+    config: dict = {}
+    if config_path.is_file():
+        config = _read_json(config_path, problems)
+        _check_config(config, problems)
+    else:
         problems.append(f"{CONFIG_FILE} is missing")
-    if not weights_path.is_file():
-        problems.append(f"{WEIGHTS_FILE} is missing")
-    if problems:
-        raise AdapterInvalid(problems)
-
-    config = _read_json(config_path, problems)
-    _check_config(config, problems)
     metadata = _read_json(folder / METADATA_FILE, problems) if (folder / METADATA_FILE).is_file() else {}
-    problems += check_safetensors_header(weights_path)
+    if weights_path.is_file():
+        problems += check_safetensors_header(weights_path)
+    else:
+        problems.append(f"{WEIGHTS_FILE} is missing")
     if problems:
         raise AdapterInvalid(problems)
     try:

@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 
 from .engine import Engine, GenerationParams, SlotsBusy
 from .errors import (
+    AdapterChanged,
     AdapterExists,
     AdapterInvalid,
     AdapterNotFound,
@@ -35,6 +36,7 @@ ERROR_STATUS: dict[type[LoraswapError], int] = {
     AdapterInvalid: 422,
     InvalidInput: 422,
     AdapterExists: 409,
+    AdapterChanged: 409,
     PayloadTooLarge: 413,
     Unauthorized: 401,
     Forbidden: 403,
@@ -96,11 +98,14 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 
     app = FastAPI(title="loraswap", lifespan=lifespan)
     app.state.services = services
+    from .routes_adapters import router as adapters_router  # it imports ServicesDep from here
+
+    app.include_router(adapters_router)
 
     @app.exception_handler(LoraswapError)
     async def domain_error(_request: Request, exc: LoraswapError) -> JSONResponse:
         status = next((code for cls, code in ERROR_STATUS.items() if isinstance(exc, cls)), 400)
-        return JSONResponse(status_code=status, content={"detail": str(exc)})
+        return JSONResponse(status_code=status, content={"detail": str(exc)}, headers=exc.headers)
 
     @app.get("/health")
     def health(svc: ServicesDep):
@@ -108,14 +113,6 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             status = "failed" if svc.load_error else "loading"
             return JSONResponse(status_code=503, content={"status": status, "detail": svc.load_error})
         return {"status": "ready", "base": svc.engine.info.as_dict(), "adapters": len(svc.registry.names())}
-
-    @app.get("/adapters")
-    def list_adapters(svc: ServicesDep):
-        engine = svc.ready_engine()
-        return {
-            "base": engine.info.name,
-            "adapters": [dict(r.as_dict(), loaded=engine.is_loaded(r.name)) for r in svc.registry.records()],
-        }
 
     @app.post("/predict")
     def predict(

@@ -23,7 +23,7 @@ from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerB
 
 from .adapter_format import AdapterWeights, Task, read_adapter
 from .base_model import BaseInfo, load_base
-from .errors import AdapterInvalid, InvalidInput, LoraswapError
+from .errors import AdapterChanged, AdapterInvalid, InvalidInput, LoraswapError
 from .lora import BASE_SLOT, LoraContext, MultiLoraLinear, fit_problems, resolve_module_path, wrap_linear_layers
 from .scheduler import Job, Scheduler
 from .settings import Settings
@@ -34,7 +34,8 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class AdapterLocation:
-    """Where the registry keeps one version of an adapter."""
+    """Where the registry keeps one version of an adapter; also the key of its slot (a re-created name never
+    meets a stale slot: the folder or digest differs)."""
 
     name: str
     version: int
@@ -56,6 +57,7 @@ class Slot:
     head_bias: torch.Tensor | None
     in_use: int = 0
     pinned: bool = False
+    retired: bool = False  # unloaded while in use: freed by the last release()
     load_ms: float = 0.0
 
 
@@ -166,6 +168,7 @@ class Engine:
         max_batch_size: int = 16,
         max_wait_ms: float = 2.0,
         merge_policy: MergePolicy | None = None,
+        pinned: list[str] | tuple[str, ...] = (),
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -185,10 +188,11 @@ class Engine:
             self._run_batch, max_batch_rows=max_batch_size, max_wait_s=max_wait_ms / 1000, on_batch=self._on_batch
         )
         self._capacity = max_loaded_adapters
-        self._slots: OrderedDict[tuple[str, int], Slot] = OrderedDict()  # LRU order: oldest first
+        self._slots: OrderedDict[AdapterLocation, Slot] = OrderedDict()  # LRU order: oldest first
         self._free = list(range(max_loaded_adapters, 0, -1))  # slot 0 is the base
-        self._lock = threading.Lock()  # guards _slots/_free/_loading
-        self._loading: dict[tuple[str, int], threading.Event] = {}
+        self._lock = threading.Lock()  # guards _slots/_free/_loading/_pinned
+        self._loading: dict[AdapterLocation, threading.Event] = {}
+        self._pinned: set[str] = set(pinned)
         self.evictions = 0
 
     @classmethod
@@ -210,6 +214,7 @@ class Engine:
             max_batch_size=settings.max_batch_size,
             max_wait_ms=settings.max_wait_ms,
             merge_policy=policy,
+            pinned=settings.pinned_adapters,
         )
 
     def close(self) -> None:
@@ -233,12 +238,25 @@ class Engine:
 
     def is_loaded(self, name: str) -> bool:
         with self._lock:
-            return any(key[0] == name for key in self._slots)
+            return any(key.name == name for key in self._slots)
+
+    def pin(self, name: str, pinned: bool = True) -> None:
+        """Keep an adapter's slots out of LRU eviction (applies to loaded versions and to later loads)."""
+        with self._lock:
+            (self._pinned.add if pinned else self._pinned.discard)(name)
+            for key, slot in self._slots.items():
+                if key.name == name:
+                    slot.pinned = pinned
 
     def check_adapter(self, folder: Path) -> AdapterWeights:
         """Read an adapter and check that it fits this base; raise AdapterInvalid with every problem."""
         adapter = read_adapter(folder, max_rank=self.max_rank)
         problems = fit_problems(adapter, self.layers, self.info.hidden_size)
+        trained_on = adapter.metadata.get("base_model")
+        fingerprint = trained_on.get("fingerprint") if isinstance(trained_on, dict) else None
+        if fingerprint and fingerprint != self.info.fingerprint:
+            problems.append(f"the adapter was trained on base {trained_on.get('name')!r} ({fingerprint}), not on "
+                            f"the loaded {self.info.name!r} ({self.info.fingerprint})")
         if problems:
             raise AdapterInvalid(problems)
         return adapter
@@ -248,7 +266,7 @@ class Engine:
 
         Concurrent first requests for one adapter load it once: later callers wait for the first one's load.
         """
-        key = (location.name, location.version)
+        key = location
         while True:
             with self._lock:
                 slot = self._slots.get(key)
@@ -271,12 +289,19 @@ class Engine:
     def release(self, slot: Slot) -> None:
         with self._lock:
             slot.in_use -= 1
+            free = slot.retired and slot.in_use == 0
+        if free:
+            self._free_slot(slot)
 
     def _load(self, location: AdapterLocation) -> Slot:
         started = time.perf_counter()
+        if not location.folder.is_dir():
+            raise AdapterChanged(location.name)
         adapter = self.check_adapter(location.folder)  # a broken adapter fails here and evicts nothing
+        if location.sha256 and adapter.sha256 != location.sha256:
+            raise AdapterChanged(location.name)  # its folder now holds other weights: never serve them as this
         index = self._take_free_index()
-        slot = Slot(index, location, adapter.task, adapter.labels, None, None, in_use=1)
+        slot = Slot(index, location, adapter.task, adapter.labels, None, None)
         if adapter.head_weight is not None:
             slot.head_weight = adapter.head_weight.to(self.device, self.dtype)
             slot.head_bias = None if adapter.head_bias is None else adapter.head_bias.to(self.device, self.dtype)
@@ -288,7 +313,9 @@ class Engine:
             raise
         slot.load_ms = (time.perf_counter() - started) * 1000
         with self._lock:
-            self._slots[(location.name, location.version)] = slot
+            slot.in_use = 1  # acquired before it becomes visible: nothing can evict or retire it in between
+            slot.pinned = location.name in self._pinned
+            self._slots[location] = slot
         log.info("loaded adapter %s v%d (%s, sha256 %s) into slot %d in %.1f ms", location.name,
                  location.version, adapter.task, adapter.sha256[:12], index, slot.load_ms)
         return slot
@@ -304,19 +331,26 @@ class Engine:
             slot = self._slots.pop(victim)
             self.evictions += 1
         self._call(lambda: self._uninstall(slot.index))
-        log.info("evicted adapter %s v%d from slot %d", victim[0], victim[1], slot.index)
+        log.info("evicted adapter %s v%d from slot %d", victim.name, victim.version, slot.index)
         return slot.index
 
     def unload(self, name: str) -> None:
-        """Drop every loaded version of an adapter (waits for nothing: in-flight users keep their tensors)."""
+        """Drop every loaded version of an adapter (deleted or replaced): later requests cannot acquire them, and
+        each slot's weights are freed once its last in-flight request releases it, so those finish unchanged."""
         with self._lock:
-            keys = [k for k in self._slots if k[0] == name]
-            slots = [self._slots.pop(k) for k in keys]
-        for slot in slots:
-            self._call(lambda s=slot: self._uninstall(s.index))
-            with self._lock:
-                self._free.append(slot.index)
-            log.info("unloaded adapter %s v%d", slot.location.name, slot.location.version)
+            slots = [self._slots.pop(k) for k in [k for k in self._slots if k.name == name]]
+            for slot in slots:
+                slot.retired = True
+            idle = [slot for slot in slots if slot.in_use == 0]
+        for slot in idle:
+            self._free_slot(slot)
+
+    def _free_slot(self, slot: Slot) -> None:
+        self._call(lambda: self._uninstall(slot.index))
+        slot.head_weight = slot.head_bias = None
+        with self._lock:
+            self._free.append(slot.index)
+        log.info("unloaded adapter %s v%d from slot %d", slot.location.name, slot.location.version, slot.index)
 
     def _install(self, index: int, adapter: AdapterWeights) -> None:
         for module, pair in adapter.modules.items():

@@ -6,6 +6,8 @@ from __future__ import annotations
 class LoraswapError(Exception):
     """Base class: the message is safe to show to the client."""
 
+    headers: dict[str, str] | None = None  # extra response headers at the HTTP edge
+
 
 class AdapterNotFound(LoraswapError):
     def __init__(self, name: str, available: list[str]):
@@ -24,7 +26,17 @@ class AdapterInvalid(LoraswapError):
 
 
 class AdapterExists(LoraswapError):
-    pass
+    def __init__(self, name: str, message: str | None = None):
+        super().__init__(message or f"adapter {name!r} already exists; send replace=true to upload a new version")
+        self.name = name
+
+
+class AdapterChanged(LoraswapError):
+    """The version a request located was replaced or deleted before it could be loaded."""
+
+    def __init__(self, name: str):
+        super().__init__(f"adapter {name!r} was replaced or deleted while this request waited; retry")
+        self.name = name
 
 
 class InvalidInput(LoraswapError):
@@ -40,7 +52,7 @@ class PayloadTooLarge(LoraswapError):
 
 
 class Unauthorized(LoraswapError):
-    pass
+    headers = {"WWW-Authenticate": "Bearer"}
 
 
 class Forbidden(LoraswapError):

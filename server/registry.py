@@ -1,23 +1,50 @@
-"""The adapter store on disk: one folder per adapter name under the adapters directory.
+"""The adapter store on disk: names, versions, records, atomic installs and crash recovery.
 
-Storage only: names, versions, files and records. Loading weights into memory is the engine's job.
+Storage only: loading weights into memory is the engine's job. Layout under the adapters directory:
+
+    <name>/                      a shipped adapter: a plain PEFT folder (adapter_config.json, adapter_model.safetensors,
+                                 loraswap.json), version 1 unless its record.json says otherwise
+    <name> -> .versions/<name>/<v>   an uploaded (or replaced) adapter: a relative symlink to its current version
+    .versions/<name>/<v>/        one immutable version: the PEFT files plus record.json (version, created)
+    .tmp/                        uploads being unpacked and checked; deleted folders on their way out
+
+A version folder is written in .tmp, checked, fsynced and renamed into .versions in one step, and never changed
+afterwards, so a request that located version v always loads v's weights. The highest version in
+.versions/<name> is the current one; the symlink is a derived pointer that start-up recovery repairs, so a crash at
+any point leaves either the old or the new version, never half of one. The previous version is kept until the next
+replace (or restart): a request that located it just before a replace can still load it.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
 import re
+import shutil
+import tempfile
 import threading
-from dataclasses import asdict, dataclass
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import BinaryIO
 
-from .adapter_format import CONFIG_FILE, WEIGHTS_FILE, AdapterWeights, file_sha256
+from .adapter_format import CONFIG_FILE, WEIGHTS_FILE, AdapterWeights
+from .archive import ArchiveLimits, check_file_name, extract_archive, is_archive
 from .engine import AdapterLocation
-from .errors import AdapterNotFound
+from .errors import AdapterExists, AdapterInvalid, AdapterNotFound, InvalidInput
 
-NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-RECORD_FILE = "record.json"  # the registry's own facts about the installed version
+log = logging.getLogger(__name__)
+
+NAME_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+RECORD_FILE = "record.json"  # the registry's own facts about one version
+VERSIONS_DIR = ".versions"
+STAGING_DIR = ".tmp"
+
+CheckAdapter = Callable[[Path], AdapterWeights]  # reads an adapter folder, raises AdapterInvalid (engine.check_adapter)
 
 
 @dataclass
@@ -32,19 +59,37 @@ class AdapterRecord:
     size_bytes: int
     sha256: str
     created: str
+    folder: Path = field(repr=False)  # where this version's files live; not shown to clients
     metrics: dict | None = None
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        del data["folder"]
+        return data
+
+
+def valid_name(name: str) -> bool:
+    return NAME_PATTERN.fullmatch(name) is not None and ".." not in name
+
+
+def check_name(name: str) -> None:
+    if not valid_name(name):
+        raise InvalidInput(
+            "name",
+            f"{name!r} is not a valid adapter name: 1-64 characters from a-z, 0-9, '.', '_', '-', starting with a "
+            "letter or digit, without '..' (a name, never a path)",
+        )
 
 
 class Registry:
     """Names -> records and folders. Thread-safe; every read sees a fully installed adapter or none."""
 
     def __init__(self, root: Path):
-        self.root = Path(root)
-        self._lock = threading.Lock()
+        self.root = Path(root).absolute()
+        self._lock = threading.Lock()  # guards _records and every change to the store
         self._records: dict[str, AdapterRecord] = {}
+
+    # ---- reading ---------------------------------------------------------------------------------------------
 
     def names(self) -> list[str]:
         with self._lock:
@@ -53,6 +98,10 @@ class Registry:
     def records(self) -> list[AdapterRecord]:
         with self._lock:
             return [self._records[n] for n in sorted(self._records)]
+
+    def exists(self, name: str) -> bool:
+        with self._lock:
+            return name in self._records
 
     def get(self, name: str) -> AdapterRecord:
         with self._lock:
@@ -63,31 +112,31 @@ class Registry:
 
     def locate(self, name: str) -> AdapterLocation:
         record = self.get(name)
-        return AdapterLocation(record.name, record.version, self.root / name, record.sha256)
+        return AdapterLocation(record.name, record.version, record.folder, record.sha256)
 
-    def scan(self, describe) -> list[str]:
-        """(Re)read the store; `describe(folder)` checks an adapter against the base. Returns skipped problems."""
-        skipped: list[str] = []
+    def scan(self, describe: CheckAdapter) -> list[str]:
+        """Repair what a crash left, then (re)read the store; `describe(folder)` checks an adapter against the
+        base. Returns the problems of skipped folders (one broken folder must not keep the server from starting)."""
+        skipped = self._recover()
         records: dict[str, AdapterRecord] = {}
         if self.root.is_dir():
-            for folder in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-                if not NAME_PATTERN.match(folder.name) or not (folder / CONFIG_FILE).is_file():
+            for entry in sorted(p for p in self.root.iterdir() if valid_name(p.name) and p.is_dir()):
+                if not (entry / CONFIG_FILE).is_file():
                     continue
+                folder = self.root / os.readlink(entry) if entry.is_symlink() else entry
                 try:
-                    records[folder.name] = self._record(folder, describe(folder))
-                except Exception as exc:  # one broken folder must not keep the server from starting
-                    skipped.append(f"{folder.name}: {exc}")
+                    records[entry.name] = self._record(entry.name, folder, describe(folder))
+                except Exception as exc:
+                    skipped.append(f"{entry.name}: {exc}")
         with self._lock:
             self._records = records
         return skipped
 
-    def _record(self, folder: Path, adapter: AdapterWeights) -> AdapterRecord:
-        stored = {}
-        if (folder / RECORD_FILE).is_file():
-            stored = json.loads((folder / RECORD_FILE).read_text())
-        created = stored.get("created") or _iso_mtime(folder / WEIGHTS_FILE)
+    def _record(self, name: str, folder: Path, adapter: AdapterWeights) -> AdapterRecord:
+        stored = json.loads((folder / RECORD_FILE).read_text()) if (folder / RECORD_FILE).is_file() else {}
+        created = stored.get("created") or _iso(datetime.fromtimestamp((folder / WEIGHTS_FILE).stat().st_mtime))
         return AdapterRecord(
-            name=folder.name,
+            name=name,
             version=int(stored.get("version", 1)),
             task=adapter.task,
             labels=adapter.labels,
@@ -95,11 +144,179 @@ class Registry:
             alpha=adapter.alpha,
             target_modules=adapter.target_modules,
             size_bytes=adapter.size_bytes,
-            sha256=adapter.sha256 or file_sha256(folder / WEIGHTS_FILE),
+            sha256=adapter.sha256,
             created=created,
             metrics=adapter.metadata.get("metrics"),
+            folder=folder,
         )
 
+    # ---- writing ---------------------------------------------------------------------------------------------
 
-def _iso_mtime(path: Path) -> str:
-    return datetime.fromtimestamp(path.stat().st_mtime, tz=timezone.utc).isoformat(timespec="seconds")
+    def add(
+        self,
+        name: str,
+        uploads: list[tuple[str, BinaryIO]],
+        check: CheckAdapter,
+        limits: ArchiveLimits,
+        replace: bool = False,
+    ) -> tuple[AdapterRecord, AdapterRecord | None]:
+        """Install an uploaded adapter: one archive, or its files as (file name, content) pairs.
+
+        Returns the new record and the one it replaced. Nothing becomes visible unless every check passes;
+        AdapterInvalid lists every problem, AdapterExists refuses an existing name unless `replace`.
+        """
+        check_name(name)
+        if not replace and self.exists(name):
+            raise AdapterExists(name)  # before unpacking anything; checked again when committing
+        with self._staging() as staged:
+            if len(uploads) == 1 and is_archive(uploads[0][1]):
+                extract_archive(uploads[0][1], staged, limits)
+            else:
+                _write_files(uploads, staged)
+            adapter = check(staged)
+            return self._commit(name, staged, adapter, replace)
+
+    def _commit(
+        self, name: str, staged: Path, adapter: AdapterWeights, replace: bool
+    ) -> tuple[AdapterRecord, AdapterRecord | None]:
+        with self._lock:
+            current = self._records.get(name)
+            if current is not None and not replace:
+                raise AdapterExists(name)
+            entry = self.root / name
+            if current is None and os.path.lexists(entry):
+                raise AdapterExists(name, f"the store holds a {name!r} that is not a valid adapter (it was skipped "
+                                          "at start; see the log): remove it first")
+            versions = self.root / VERSIONS_DIR / name
+            existing = [int(p.name) for p in versions.iterdir() if p.name.isdigit()] if versions.is_dir() else []
+            version = max([current.version if current else 0, *existing]) + 1
+            (staged / RECORD_FILE).write_text(json.dumps({"name": name, "version": version, "created": _now()}))
+            _fsync_tree(staged)
+            versions.mkdir(parents=True, exist_ok=True)
+            _fsync_dir(versions.parent)
+            if current is not None and not entry.is_symlink():
+                # a shipped plain folder becomes the previous version (restart recovery points at the newest)
+                os.rename(entry, versions / str(current.version))
+            os.rename(staged, versions / str(version))  # the commit point
+            _fsync_dir(versions)
+            self._point(name, version)
+            record = self._record(name, versions / str(version), adapter)
+            self._records[name] = record
+            self._collect(name, keep={version, current.version if current else version})
+        log.info("installed adapter %s v%d (%s, sha256 %s)", name, version, adapter.task, adapter.sha256[:12])
+        return record, current
+
+    def delete(self, name: str) -> AdapterRecord:
+        """Remove an adapter and all its versions from the store; returns its record."""
+        with self._lock:
+            record = self._records.get(name)
+            if record is None:
+                raise AdapterNotFound(name, sorted(self._records))
+            trash = self._staging_root() / f"deleted-{uuid.uuid4().hex}"
+            trash.mkdir()
+            versions = self.root / VERSIONS_DIR / name
+            if versions.is_dir():
+                os.rename(versions, trash / "versions")  # the commit point for uploaded adapters
+            entry = self.root / name
+            if entry.is_symlink():
+                entry.unlink()
+            else:
+                os.rename(entry, trash / "folder")  # the commit point for shipped ones
+            _fsync_dir(self.root)
+            del self._records[name]
+        shutil.rmtree(trash, ignore_errors=True)
+        log.info("deleted adapter %s v%d (sha256 %s)", name, record.version, record.sha256[:12])
+        return record
+
+    def _point(self, name: str, version: int) -> None:
+        """Swap the `<name>` symlink to `.versions/<name>/<version>` atomically (rename over the old link)."""
+        target = f"{VERSIONS_DIR}/{name}/{version}"
+        entry = self.root / name
+        if entry.is_symlink() and os.readlink(entry) == target:
+            return
+        link = self._staging_root() / f"link-{uuid.uuid4().hex}"
+        os.symlink(target, link)
+        os.replace(link, entry)
+        _fsync_dir(self.root)
+
+    def _collect(self, name: str, keep: set[int]) -> None:
+        """Delete the versions of `name` other than `keep` (nothing references them any more)."""
+        versions = self.root / VERSIONS_DIR / name
+        for folder in versions.iterdir():
+            if not (folder.name.isdigit() and int(folder.name) in keep):
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def _recover(self) -> list[str]:
+        """Start-up repair after a crash: drop staging leftovers, point every name at its newest complete version,
+        drop links whose versions were deleted, and collect old versions (no request references them yet)."""
+        problems: list[str] = []
+        with self._lock:
+            shutil.rmtree(self.root / STAGING_DIR, ignore_errors=True)
+            versions_root = self.root / VERSIONS_DIR
+            for versions in sorted(versions_root.iterdir()) if versions_root.is_dir() else []:
+                numbers = sorted(int(p.name) for p in versions.iterdir() if p.name.isdigit())
+                if not numbers:
+                    shutil.rmtree(versions)
+                    continue
+                entry = self.root / versions.name
+                if entry.exists() and not entry.is_symlink():
+                    problems.append(f"{versions.name}: a plain folder shadows its uploaded versions in {versions}")
+                    continue
+                self._point(versions.name, numbers[-1])
+                self._collect(versions.name, keep={numbers[-1]})
+            for entry in self.root.iterdir() if self.root.is_dir() else []:
+                if entry.is_symlink() and not entry.exists():
+                    entry.unlink()  # a delete that was cut short after its commit point
+        return problems
+
+    def _staging_root(self) -> Path:
+        root = self.root / STAGING_DIR
+        root.mkdir(parents=True, exist_ok=True)
+        return root
+
+    @contextmanager
+    def _staging(self) -> Iterator[Path]:
+        """A fresh folder inside the store (same file system, so the final rename is atomic), removed unless
+        it was installed."""
+        folder = Path(tempfile.mkdtemp(prefix="upload-", dir=self._staging_root()))
+        try:
+            yield folder
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _write_files(uploads: list[tuple[str, BinaryIO]], target: Path) -> None:
+    problems = [problem for file_name, _ in uploads if (problem := check_file_name(file_name))]
+    names = [file_name for file_name, _ in uploads]
+    problems += [f"file {n!r} is uploaded twice" for n in sorted({n for n in names if names.count(n) > 1})]
+    if not uploads:
+        problems.append(f"no files uploaded: send the adapter as a .zip or .tar.gz, or as {CONFIG_FILE} and "
+                        f"{WEIGHTS_FILE}")
+    if problems:
+        raise AdapterInvalid(problems)
+    for file_name, content in uploads:
+        with (target / file_name).open("wb") as out:
+            shutil.copyfileobj(content, out)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for file in folder.iterdir():
+        with file.open("rb") as handle:
+            os.fsync(handle.fileno())
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _now() -> str:
+    return _iso(datetime.now(timezone.utc))
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(timezone.utc).isoformat(timespec="seconds")

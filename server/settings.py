@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ADAPTERS = Path(__file__).resolve().parent.parent / "adapters"
@@ -35,8 +35,20 @@ class Settings(BaseSettings):
     default_max_new_tokens: int = Field(64, ge=1)
     max_batch_size: int = Field(16, ge=1, description="Most rows the scheduler puts in one forward.")
     max_wait_ms: float = Field(2.0, ge=0, description="How long the scheduler waits to fill a batch.")
-    max_rank: int = Field(64, ge=1, description="Largest LoRA rank accepted.")
     auto_merge: bool = Field(True, description="Merge an adapter into the base while it dominates traffic.")
     merge_window: int = Field(32, ge=1, description="Recent requests the merge policy looks at.")
     merge_share: float = Field(0.9, gt=0, le=1, description="Share of the window that triggers a merge.")
     unmerge_share: float = Field(0.6, gt=0, le=1, description="Below this share the merged adapter is unmerged.")
+
+    admin_token: SecretStr | None = Field(
+        None, description="Bearer token for uploading, replacing and deleting adapters; unset: those are refused."
+    )
+    max_upload_bytes: int = Field(512 * 1024**2, ge=1, description="Largest upload request body (413 beyond).")
+    max_archive_members: int = Field(32, ge=1, description="Most members in an uploaded archive.")
+    max_uncompressed_bytes: int = Field(
+        1024**3, ge=1, description="Most bytes an uploaded archive may unpack to (zip bombs)."
+    )
+    max_rank: int = Field(256, ge=1, description="Largest LoRA rank accepted.")
+    pinned_adapters: list[str] = Field(
+        default_factory=list, description="Adapters never evicted from memory once loaded."
+    )

@@ -77,3 +77,24 @@ def client(tiny_settings, engine):
 
     with TestClient(create_app(tiny_settings, engine=engine)) as client:
         yield client
+
+
+@pytest.fixture
+def store(tmp_path, adapter_store) -> Path:
+    """A writable adapter store holding one shipped plain PEFT folder."""
+    import shutil
+
+    root = tmp_path / "store"
+    root.mkdir()
+    shutil.copytree(adapter_store / "sentiment", root / "sentiment")
+    return root
+
+
+@pytest.fixture
+def admin(tiny_settings, engine, store):
+    """A client of an app on `store` that sends the admin token."""
+    from tests.helpers import ADMIN_TOKEN, app_client
+
+    with app_client(tiny_settings, engine, store) as client:
+        client.headers["Authorization"] = f"Bearer {ADMIN_TOKEN}"
+        yield client

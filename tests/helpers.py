@@ -85,3 +85,81 @@ def peft_reference_greedy(base: Path, adapter: Path | None, prompt_ids: list[int
     new = out[0, ids.shape[1]:].tolist()
     eos = model.config.eos_token_id
     return new[: new.index(eos)] if eos in new else new
+
+
+def write_tiny_adapter(folder: Path, seed: int, r: int = 1, hidden: int = 64) -> Path:
+    """A minimal valid LoRA adapter (one q_proj pair) written directly: fast enough to make thousands."""
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(seed)
+    prefix = "base_model.model.model.layers.0.self_attn.q_proj"
+    folder.mkdir(parents=True)
+    save_file({f"{prefix}.lora_A.weight": torch.randn(r, hidden, generator=generator),
+               f"{prefix}.lora_B.weight": torch.randn(hidden, r, generator=generator)},
+              str(folder / "adapter_model.safetensors"))
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": 2 * r,
+              "target_modules": ["q_proj"], "bias": "none"}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def archive_bytes(folder: Path, kind: str, top: str | None = None) -> bytes:
+    """The files of an adapter folder as a .zip or .tar.gz, at the root or under one top-level folder."""
+    import io
+    import tarfile
+    import zipfile
+
+    buffer = io.BytesIO()
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    arcname = (lambda p: f"{top}/{p.name}") if top else (lambda p: p.name)
+    if kind == "zip":
+        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as zf:
+            for p in files:
+                zf.write(p, arcname(p))
+    else:
+        with tarfile.open(fileobj=buffer, mode="w:gz") as tf:
+            for p in files:
+                tf.add(p, arcname(p))
+    return buffer.getvalue()
+
+
+ADMIN_TOKEN = "s3cret-token"
+UPLOAD_LIMITS = {"max_upload_bytes": 2 * 1024**2, "max_archive_members": 8, "max_uncompressed_bytes": 1024**2}
+
+
+def app_client(settings, engine, store: Path, **overrides):
+    """A TestClient on an app with its own writable store, the admin token and small upload limits."""
+    from fastapi.testclient import TestClient
+    from pydantic import SecretStr
+
+    from server.api import create_app
+
+    update = {"adapters_dir": store, "admin_token": SecretStr(ADMIN_TOKEN), **UPLOAD_LIMITS, **overrides}
+    return TestClient(create_app(settings.model_copy(update=update), engine=engine))
+
+
+def folder_files(folder: Path) -> list[tuple[str, tuple[str, bytes, str]]]:
+    """An adapter folder's files as multipart file parts."""
+    return [("files", (p.name, p.read_bytes(), "application/octet-stream")) for p in sorted(folder.iterdir())]
+
+
+def upload(client, name: str, files, replace: bool = False):
+    data = {"name": name, **({"replace": "true"} if replace else {})}
+    return client.post("/adapters", data=data, files=files)
+
+
+def tree(root: Path) -> dict[str, str]:
+    """Every file and link under root: content digest or link target (empty folders do not count)."""
+    import hashlib
+    import os
+
+    found = {}
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = Path(folder) / name
+            rel = str(path.relative_to(root))
+            if path.is_symlink():
+                found[rel] = "-> " + os.readlink(path)
+            elif path.is_file():
+                found[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return found

@@ -1,0 +1,123 @@
+"""HTTP routes of the adapter registry: list, show, upload (or replace), delete, download.
+
+Thin: the registry stores, the engine checks and (un)loads; domain errors become statuses in api.py's one table.
+Write routes need the admin bearer token; the upload body is bounded while it streams, before it is parsed.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Header, Request
+from fastapi.responses import FileResponse, JSONResponse
+from starlette.background import BackgroundTask
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import FormData, UploadFile
+
+from .api import ServicesDep
+from .archive import ArchiveLimits, write_zip
+from .engine import Engine
+from .errors import Forbidden, InvalidInput, PayloadTooLarge, Unauthorized
+from .registry import AdapterRecord
+
+log = logging.getLogger(__name__)
+router = APIRouter(tags=["adapters"])
+FORM_FIELDS = {"name", "replace"}
+
+
+def require_admin(svc: ServicesDep, authorization: Annotated[str | None, Header()] = None) -> None:
+    token = svc.settings.admin_token
+    if token is None:
+        raise Forbidden(
+            "adapter uploads, replacements and deletions are disabled: start the server with an admin token "
+            "(LORASWAP_ADMIN_TOKEN=... or --admin-token ...) and send it as 'Authorization: Bearer <token>'"
+        )
+    scheme, _, given = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not secrets.compare_digest(given.encode(), token.get_secret_value().encode()):
+        raise Unauthorized("a valid admin token is required: 'Authorization: Bearer <token>'")
+
+
+AdminDep = Annotated[None, Depends(require_admin)]
+
+
+def _shown(engine: Engine, record: AdapterRecord) -> dict:
+    return dict(record.as_dict(), loaded=engine.is_loaded(record.name))
+
+
+@router.get("/adapters")
+def list_adapters(svc: ServicesDep) -> dict:
+    engine = svc.ready_engine()
+    return {"base": engine.info.name, "adapters": [_shown(engine, r) for r in svc.registry.records()]}
+
+
+@router.get("/adapters/{name}")
+def get_adapter(name: str, svc: ServicesDep) -> dict:
+    return _shown(svc.ready_engine(), svc.registry.get(name))
+
+
+@router.post("/adapters", status_code=201)
+async def upload_adapter(request: Request, svc: ServicesDep, _admin: AdminDep) -> JSONResponse:
+    """Multipart: `name`, optional `replace=true`, and either one .zip/.tar.gz or the adapter's files."""
+    engine = svc.ready_engine()
+    settings = svc.settings
+    form = await _bounded_form(request, settings.max_upload_bytes, settings.max_archive_members)
+    try:
+        unknown = sorted(k for k, v in form.multi_items() if not isinstance(v, UploadFile) and k not in FORM_FIELDS)
+        if unknown:
+            raise InvalidInput("form", f"unknown fields {unknown}; expected name, replace and files")
+        name, replace = form.get("name"), str(form.get("replace", "false")).lower()
+        if not isinstance(name, str):
+            raise InvalidInput("name", "the form field 'name' is required")
+        if replace not in ("true", "false", "1", "0"):
+            raise InvalidInput("replace", f"{replace!r} is not a boolean (true or false)")
+        uploads = [(f.filename or "", f.file) for _, f in form.multi_items() if isinstance(f, UploadFile)]
+        limits = ArchiveLimits(settings.max_archive_members, settings.max_uncompressed_bytes)
+        record, replaced = await run_in_threadpool(
+            svc.registry.add, name, uploads, engine.check_adapter, limits, replace in ("true", "1")
+        )
+    finally:
+        await form.close()
+    if replaced is not None:
+        await run_in_threadpool(engine.unload, name)  # in-flight requests finish on the old version
+    return JSONResponse(status_code=201, content=dict(record.as_dict(), loaded=False))
+
+
+@router.delete("/adapters/{name}")
+def delete_adapter(name: str, svc: ServicesDep, _admin: AdminDep) -> dict:
+    engine = svc.ready_engine()
+    record = svc.registry.delete(name)
+    engine.unload(name)
+    return {"deleted": name, "version": record.version}
+
+
+@router.get("/adapters/{name}/download")
+def download_adapter(name: str, svc: ServicesDep) -> FileResponse:
+    """The current version as a zip of one folder `<name>/`, loadable with PeftModel.from_pretrained."""
+    record = svc.registry.get(name)
+    with tempfile.NamedTemporaryFile(suffix=".zip", delete=False) as handle:
+        write_zip(record.folder, handle, name)
+    path = Path(handle.name)
+    return FileResponse(path, media_type="application/zip", filename=f"{name}-v{record.version}.zip",
+                        background=BackgroundTask(path.unlink))
+
+
+async def _bounded_form(request: Request, limit: int, max_files: int) -> FormData:
+    """Parse the multipart body, refusing it (413) as soon as more than `limit` bytes have arrived."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"the request body is {declared} bytes, over the limit of {limit}")
+    received = 0
+
+    async def receive() -> dict:
+        nonlocal received
+        message = await request.receive()
+        received += len(message.get("body", b""))
+        if received > limit:
+            raise PayloadTooLarge(f"the request body is over the limit of {limit} bytes")
+        return message
+
+    return await Request(request.scope, receive).form(max_files=max_files, max_fields=len(FORM_FIELDS))
