@@ -229,6 +229,11 @@ def main() -> None:
                  "<= 50 ms"))
     results["cold_load_ms"] = load_ms
 
+    # ---- upload -> first answer, through the HTTP app (in process) ---------------------------------------------
+    upload_ms = upload_to_first_answer(settings, engine, store, 5 if quick else 10)
+    rows.append(("upload -> first answer", "ms (median)", statistics.median(upload_ms), "<= 1,000 ms"))
+    results["upload_to_answer_ms"] = upload_ms
+
     # ---- p50/p99 at a fixed offered load (open loop, Poisson arrivals) ----------------------------------------
     rate = 0.7 * results["classification_zipf"]["adapter_rps"]
     duration = 5.0 if quick else 15.0
@@ -272,6 +277,31 @@ def naive_peft_tokens_per_s(settings: Settings, locations, jobs, params: Generat
             new = out[0, ids.shape[1]:].tolist()
             produced += new.index(tokenizer.eos_token_id) if tokenizer.eos_token_id in new else len(new)
     return produced / (time.perf_counter() - started)
+
+
+def upload_to_first_answer(settings: Settings, engine: Engine, store: Path, repeat: int) -> list[float]:
+    """POST /adapters with the files of a new r=8 classification adapter, then POST /predict with it."""
+    from fastapi.testclient import TestClient
+    from pydantic import SecretStr
+
+    from server.api import create_app
+
+    token = "bench-token"
+    app = create_app(settings.model_copy(update={"admin_token": SecretStr(token)}), engine=engine)
+    source = store / "upload-src"
+    timings = []
+    with TestClient(app) as client:
+        for i in range(repeat):
+            write_adapter(source, engine, 8, "classification", 9000 + i)
+            files = [("files", (f.name, f.read_bytes())) for f in sorted(source.iterdir())]
+            started = time.perf_counter()
+            response = client.post("/adapters", data={"name": f"fresh{i}"}, files=files,
+                                   headers={"Authorization": f"Bearer {token}"})
+            assert response.status_code == 201, response.text
+            answer = client.post(f"/predict?adapter=fresh{i}", json={"inputs": "is this new?"})
+            assert answer.status_code == 200, answer.text
+            timings.append((time.perf_counter() - started) * 1000)
+    return timings
 
 
 def open_loop(engine: Engine, locations, rate: float, duration: float, rng: random.Random) -> list[float]:
