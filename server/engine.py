@@ -9,17 +9,19 @@ Reading and checking adapter files happens in the caller's thread, so a broken a
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, TypeVar
 
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.generation.streamers import BaseStreamer
 
 from .adapter_format import AdapterWeights, Task, read_adapter
 from .base_model import BaseInfo, load_base
@@ -88,6 +90,42 @@ class SlotsBusy(LoraswapError):
     """Every adapter slot is in use by a running request."""
 
 
+class EngineObserver(Protocol):
+    """Listens to engine events (server/metrics.py). Called on engine threads, some under the slot lock: it must
+    return quickly and never call back into the engine."""
+
+    def adapter_loaded(self, name: str, seconds: float) -> None: ...
+
+    def adapter_evicted(self, name: str) -> None: ...
+
+    def batch_ran(self, rows: int) -> None: ...
+
+
+class StreamClosed(Exception):
+    """Raised inside model.generate when the reader of a stream has gone: it frees the engine thread."""
+
+
+class _TokenQueue(BaseStreamer):
+    """Hands each new token id from model.generate (engine thread) to the reader of a stream (caller thread)."""
+
+    def __init__(self) -> None:
+        self.tokens: queue.Queue[int | None] = queue.Queue()  # None: generation is over
+        self.closed = threading.Event()
+        self._prompt_skipped = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.closed.is_set():
+            raise StreamClosed
+        if not self._prompt_skipped:  # generate() first puts the whole prompt
+            self._prompt_skipped = True
+            return
+        for token in value.reshape(-1).tolist():
+            self.tokens.put(token)
+
+    def end(self) -> None:
+        """Nothing: the job that runs generate() marks the end in its `finally`, which also covers errors."""
+
+
 class Engine:
     def __init__(
         self,
@@ -116,6 +154,10 @@ class Engine:
         self._lock = threading.Lock()  # guards _slots/_free/_loading
         self._loading: dict[tuple[str, int], threading.Event] = {}
         self.evictions = 0
+        self.observers: list[EngineObserver] = []
+        self.merged_adapter: str | None = None  # the adapter merged into the base weights (merge mode), if any
+        self._waiting = 0  # jobs submitted to the engine thread and not started yet
+        self._waiting_lock = threading.Lock()  # separate from _lock: _take_free_index calls _call holding _lock
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Engine:
@@ -129,7 +171,24 @@ class Engine:
 
     def _call(self, fn: Callable[[], T]) -> T:
         """Run fn on the engine thread: the one serializing point for every model call."""
-        return self._worker.submit(fn).result()
+        return self._submit(fn).result()
+
+    def _submit(self, fn: Callable[[], T]) -> Future[T]:
+        with self._waiting_lock:
+            self._waiting += 1
+
+        def started() -> T:
+            with self._waiting_lock:
+                self._waiting -= 1
+            return fn()
+
+        return self._worker.submit(started)
+
+    @property
+    def queue_depth(self) -> int:
+        """Model calls waiting for the engine thread (not counting the one running)."""
+        with self._waiting_lock:
+            return self._waiting
 
     # ---- adapter slots ---------------------------------------------------------------------------------------
 
@@ -199,6 +258,8 @@ class Engine:
         slot.load_ms = (time.perf_counter() - started) * 1000
         with self._lock:
             self._slots[(location.name, location.version)] = slot
+        for observer in self.observers:
+            observer.adapter_loaded(location.name, slot.load_ms / 1000)
         log.info("loaded adapter %s v%d (%s, sha256 %s) into slot %d in %.1f ms", location.name,
                  location.version, adapter.task, adapter.sha256[:12], index, slot.load_ms)
         return slot
@@ -213,6 +274,8 @@ class Engine:
             self._call(lambda: self._uninstall(slot.index))
             self._free.append(slot.index)
             self.evictions += 1
+            for observer in self.observers:
+                observer.adapter_evicted(victim[0])
             log.info("evicted adapter %s v%d from slot %d", victim[0], victim[1], slot.index)
         return self._free.pop()
 
@@ -255,17 +318,23 @@ class Engine:
 
     def encode_for_generation(self, prompts: list[str], params: GenerationParams) -> list[list[int]]:
         if params.chat and self.tokenizer.chat_template:
-            texts = [
-                self.tokenizer.apply_chat_template(
-                    [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
-                )
-                for p in prompts
-            ]
-            ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+            ids = [self._apply_chat_template([{"role": "user", "content": p}]) for p in prompts]
         else:
             ids = [self.tokenizer(p)["input_ids"] for p in prompts]
         self._check_lengths([len(x) for x in ids], params.max_new_tokens, "inputs")
         return ids
+
+    def encode_messages(self, messages: list[dict[str, str]], params: GenerationParams) -> list[int]:
+        """Prompt ids of a whole conversation ({role, content} dicts) in the base's chat template."""
+        if not self.tokenizer.chat_template:
+            raise InvalidInput("messages", f"the base {self.info.name!r} has no chat template")
+        ids = self._apply_chat_template(messages)
+        self._check_lengths([len(ids)], params.max_new_tokens, "messages")
+        return ids
+
+    def _apply_chat_template(self, messages: list[dict[str, str]]) -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def _pad(self, rows: list[list[int]], side: str) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(r) for r in rows)
@@ -280,6 +349,7 @@ class Engine:
 
     @torch.inference_mode()
     def _classify_rows(self, rows: list[list[int]], slots: list[Slot]) -> list[ClassificationResult]:
+        self._notify_batch(len(rows))
         ids, mask = self._pad(rows, "right")
         self.context.set_rows([s.index for s in slots], self.device)
         hidden = self.body(input_ids=ids, attention_mask=mask).last_hidden_state  # [batch, tokens, hidden]
@@ -297,8 +367,13 @@ class Engine:
 
     @torch.inference_mode()
     def _generate_rows(
-        self, rows: list[list[int]], slot_indices: list[int], params: GenerationParams
+        self,
+        rows: list[list[int]],
+        slot_indices: list[int],
+        params: GenerationParams,
+        streamer: BaseStreamer | None = None,
     ) -> list[GenerationResult]:
+        self._notify_batch(len(rows))
         ids, mask = self._pad(rows, "left")
         self.context.set_rows(slot_indices, self.device)
         eos = self.tokenizer.eos_token_id
@@ -315,7 +390,7 @@ class Engine:
         if params.seed is not None:
             torch.manual_seed(params.seed)
         out = self.model.generate(
-            input_ids=ids, attention_mask=mask, generation_config=config, tokenizer=self.tokenizer
+            input_ids=ids, attention_mask=mask, generation_config=config, tokenizer=self.tokenizer, streamer=streamer
         )
         results = []
         for row, prompt in zip(out[:, ids.shape[1]:].tolist(), rows):
@@ -329,6 +404,10 @@ class Engine:
                 text, finish = text[:cut], "stop"
             results.append(GenerationResult(text, finish, len(row), row, len(prompt)))
         return results
+
+    def _notify_batch(self, rows: int) -> None:
+        for observer in self.observers:
+            observer.batch_ran(rows)
 
     def classify(self, texts: list[str], slot: Slot) -> list[ClassificationResult]:
         if slot.task != "classification":
@@ -354,5 +433,78 @@ class Engine:
             if slot.task == "classification":
                 return "classification", self.classify(texts, slot)
             return "generation", self.generate(texts, slot, params)
+        finally:
+            self.release(slot)
+
+    def generate_stream(
+        self, prompt: str | list[int], slot: Slot | None, params: GenerationParams
+    ) -> Iterator[str | GenerationResult]:
+        """Yield text deltas while one prompt (text, or ids from encode_messages) generates, then the final result.
+
+        The final result is generate()'s answer (the same `_generate_rows` runs, with a streamer that copies each
+        new token id into a queue) and the deltas concatenate to its text: text is held back while it may still
+        change, i.e. an unfinished multi-byte character or what could be the start of a stop string. Closing the
+        iterator early stops the generation at its next token.
+        """
+        if slot is not None and slot.task != "generation":
+            raise InvalidInput("adapter", f"{slot.location.name!r} is a {slot.task} adapter, not generation")
+        if isinstance(prompt, str):
+            [row] = self.encode_for_generation([prompt], params)
+        else:
+            row = list(prompt)
+            self._check_lengths([len(row)], params.max_new_tokens, "inputs")
+        index = BASE_SLOT if slot is None else slot.index
+        streamer = _TokenQueue()
+
+        def job() -> list[GenerationResult]:
+            try:
+                return self._generate_rows([row], [index], params, streamer)
+            finally:
+                streamer.tokens.put(None)
+
+        future = self._submit(job)
+        hold_back = max((len(s) - 1 for s in params.stop), default=0)
+        new_ids: list[int] = []
+        sent = ""
+        try:
+            while (token := streamer.tokens.get()) is not None:
+                new_ids.append(token)
+                text = self.tokenizer.decode(new_ids, skip_special_tokens=True)
+                cut = min((text.find(s) for s in params.stop if s in text), default=-1)
+                if cut >= 0:
+                    stable = text[:cut]
+                else:
+                    stable = text.rstrip("\ufffd")  # an unfinished multi-byte character decodes as U+FFFD
+                    stable = stable[: max(len(stable) - hold_back, 0)]
+                if len(stable) > len(sent) and stable.startswith(sent):
+                    yield stable[len(sent):]
+                    sent = stable
+            [result] = future.result()
+        finally:
+            streamer.closed.set()
+        if result.generated_text.startswith(sent):
+            if len(result.generated_text) > len(sent):
+                yield result.generated_text[len(sent):]
+        else:  # cannot happen with prefix-stable decoding; the final result stays the truth
+            log.warning("streamed text %r is not a prefix of the final text %r", sent, result.generated_text)
+        yield result
+
+    def predict_stream(
+        self, location: AdapterLocation | None, prompt: str | list[int], params: GenerationParams
+    ) -> Iterator[str | GenerationResult | ClassificationResult]:
+        """predict() for one input as a stream: a generation adapter (or the base) yields text deltas then its
+        GenerationResult, a classification adapter (text prompts only) yields its ClassificationResult.
+        The adapter is held until the stream ends or is closed."""
+        if location is None:
+            yield from self.generate_stream(prompt, None, params)
+            return
+        slot = self.acquire(location)
+        try:
+            if slot.task == "classification":
+                if not isinstance(prompt, str):
+                    raise InvalidInput("adapter", f"{location.name!r} is a classification adapter: it takes text")
+                yield from self.classify([prompt], slot)
+            else:
+                yield from self.generate_stream(prompt, slot, params)
         finally:
             self.release(slot)

@@ -28,6 +28,9 @@ class Settings(BaseSettings):
     num_threads: int | None = Field(None, ge=1, description="torch intra-op threads; default: torch's choice.")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    log_format: Literal["text", "json"] = Field(
+        "text", description="Log lines as plain text or as one JSON object per line."
+    )
 
     max_loaded_adapters: int = Field(8, ge=1, description="Adapters kept in memory at once (LRU beyond that).")
     max_inputs: int = Field(64, ge=1, description="Most inputs in one /predict request.")
