@@ -105,6 +105,43 @@ class StreamClosed(Exception):
     """Raised inside model.generate when the reader of a stream has gone: it frees the engine thread."""
 
 
+class TextDeltas:
+    """Incremental decoding for streams: only text that can no longer change goes out.
+
+    Held back: an unfinished multi-byte character (it decodes as U+FFFD until its last byte-token arrives), and as
+    many characters as a stop string could still need to match (the answer is cut before a stop string).
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: tuple[str, ...]):
+        self.tokenizer = tokenizer
+        self.stop = stop
+        self.hold_back = max((len(s) - 1 for s in stop), default=0)
+        self.ids: list[int] = []
+        self.sent = ""
+
+    def add(self, token: int) -> str:
+        """The new stable text after one more generated token ("" if none)."""
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        cut = min((text.find(s) for s in self.stop if s in text), default=-1)
+        if cut >= 0:
+            stable = text[:cut]
+        else:
+            stable = text.rstrip("\ufffd")
+            stable = stable[: max(len(stable) - self.hold_back, 0)]
+        if len(stable) <= len(self.sent) or not stable.startswith(self.sent):
+            return ""
+        delta, self.sent = stable[len(self.sent):], stable
+        return delta
+
+    def finish(self, final_text: str) -> str:
+        """What the final answer adds to the text already sent."""
+        if not final_text.startswith(self.sent):  # not with prefix-stable decoding; the final result stays the truth
+            log.warning("streamed text %r is not a prefix of the final text %r", self.sent, final_text)
+            return ""
+        return final_text[len(self.sent):]
+
+
 class _TokenQueue(BaseStreamer):
     """Hands each new token id from model.generate (engine thread) to the reader of a stream (caller thread)."""
 
@@ -442,9 +479,8 @@ class Engine:
         """Yield text deltas while one prompt (text, or ids from encode_messages) generates, then the final result.
 
         The final result is generate()'s answer (the same `_generate_rows` runs, with a streamer that copies each
-        new token id into a queue) and the deltas concatenate to its text: text is held back while it may still
-        change, i.e. an unfinished multi-byte character or what could be the start of a stop string. Closing the
-        iterator early stops the generation at its next token.
+        new token id into a queue) and the deltas concatenate to its text (see TextDeltas). Closing the iterator
+        early stops the generation at its next token.
         """
         if slot is not None and slot.task != "generation":
             raise InvalidInput("adapter", f"{slot.location.name!r} is a {slot.task} adapter, not generation")
@@ -463,30 +499,16 @@ class Engine:
                 streamer.tokens.put(None)
 
         future = self._submit(job)
-        hold_back = max((len(s) - 1 for s in params.stop), default=0)
-        new_ids: list[int] = []
-        sent = ""
+        deltas = TextDeltas(self.tokenizer, params.stop)
         try:
             while (token := streamer.tokens.get()) is not None:
-                new_ids.append(token)
-                text = self.tokenizer.decode(new_ids, skip_special_tokens=True)
-                cut = min((text.find(s) for s in params.stop if s in text), default=-1)
-                if cut >= 0:
-                    stable = text[:cut]
-                else:
-                    stable = text.rstrip("\ufffd")  # an unfinished multi-byte character decodes as U+FFFD
-                    stable = stable[: max(len(stable) - hold_back, 0)]
-                if len(stable) > len(sent) and stable.startswith(sent):
-                    yield stable[len(sent):]
-                    sent = stable
+                if delta := deltas.add(token):
+                    yield delta
             [result] = future.result()
         finally:
             streamer.closed.set()
-        if result.generated_text.startswith(sent):
-            if len(result.generated_text) > len(sent):
-                yield result.generated_text[len(sent):]
-        else:  # cannot happen with prefix-stable decoding; the final result stays the truth
-            log.warning("streamed text %r is not a prefix of the final text %r", sent, result.generated_text)
+        if rest := deltas.finish(result.generated_text):
+            yield rest
         yield result
 
     def predict_stream(

@@ -46,7 +46,7 @@ class Sampling(BaseModel):
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    stop: str | list[str] | None = None
+    stop: str | list[str] | None = Field(None, validate_default=True)  # validated into a list
     n: int | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
