@@ -101,8 +101,8 @@ class Reply:
 
     model: str
     chat: bool
-    id: str = ""
-    created: int = field(default_factory=lambda: int(time.time()))
+    id: str = field(init=False)
+    created: int = field(init=False, default_factory=lambda: int(time.time()))
 
     def __post_init__(self) -> None:
         self.id = ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex

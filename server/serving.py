@@ -15,7 +15,7 @@ from fastapi.responses import StreamingResponse
 from .engine import AdapterLocation, ClassificationResult, Engine, GenerationParams, GenerationResult
 from .adapter_format import Task
 from .errors import InvalidInput, LoraswapError
-from .metrics import BASE_LABEL, UNKNOWN_LABEL
+from .metrics import BASE_LABEL
 from .registry import Registry
 from .settings import Settings
 from .telemetry import RequestRecord
@@ -27,11 +27,10 @@ Result = ClassificationResult | GenerationResult
 
 def resolve_model(registry: Registry, engine: Engine, record: RequestRecord, name: str | None) -> AdapterLocation | None:
     """The adapter version to serve, or None for the base (no name, or the base's own name, which wins over an
-    adapter of the same name). Raises AdapterNotFound; labels the request's metrics either way."""
+    adapter of the same name); labels the request's metrics with it. Raises AdapterNotFound."""
     if name is None or name == engine.info.name:
         record.adapter = BASE_LABEL
         return None
-    record.adapter = UNKNOWN_LABEL
     location = registry.locate(name)
     record.adapter = location.name
     return location

@@ -1,7 +1,7 @@
 """One log line and the per-adapter metrics for every HTTP request.
 
-The middleware puts an empty `RequestRecord` into the request's state; inference routes fill in the adapter and
-token counts (`RecordDep`); when the answer has gone out, the middleware logs the line and, for inference
+The middleware puts an empty `RequestRecord` into the request's state; inference routes take it (`RecordDep`) and
+fill in the adapter and token counts; when the answer has gone out, the middleware logs the line and, for inference
 requests, updates the metrics.
 """
 
@@ -15,7 +15,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .metrics import Metrics
+from .metrics import UNKNOWN_LABEL, Metrics
 
 log = logging.getLogger("server.requests")
 
@@ -29,11 +29,15 @@ class RequestRecord:
     tokens_out: int = 0
 
 
-def request_record(request: Request) -> RequestRecord:
-    return getattr(request.state, STATE_KEY)
+def inference_record(request: Request) -> RequestRecord:
+    """The request's record, marked as an inference request: it counts under UNKNOWN_LABEL until the route has
+    resolved the adapter (FastAPI runs this before it validates the body, so invalid requests count too)."""
+    record: RequestRecord = getattr(request.state, STATE_KEY)
+    record.adapter = UNKNOWN_LABEL
+    return record
 
 
-RecordDep = Annotated[RequestRecord, Depends(request_record)]
+RecordDep = Annotated[RequestRecord, Depends(inference_record)]
 
 
 class RequestTelemetry:

@@ -45,6 +45,9 @@ def test_metrics_count_the_traffic(one_slot_client, tokenizer):
     too_long = {"inputs": TEXT, "parameters": {"max_new_tokens": 5000}}
     assert client.post("/predict?adapter=gen-a", json=too_long).status_code == 422
     assert client.post("/predict?adapter=nope", json=gen).status_code == 404
+    assert client.post("/predict?adapter=gen-a", json={"inputs": ""}).status_code == 422  # refused by the schema
+    assert client.post("/v1/completions", json={"model": "gen-a", "prompt": "x", "n": 2}).status_code == 400
+    assert client.get("/health").status_code == 200  # not an inference request: no per-adapter metrics
     for _ in range(2):
         assert client.post("/predict?adapter=sentiment", json={"inputs": TEXT}).status_code == 200
     assert client.post("/predict", json=gen).status_code == 200
@@ -55,6 +58,8 @@ def test_metrics_count_the_traffic(one_slot_client, tokenizer):
         (("adapter", "gen-a"), ("status", "200")): 3,
         (("adapter", "gen-a"), ("status", "422")): 1,
         (("adapter", "__unknown__"), ("status", "404")): 1,
+        (("adapter", "__unknown__"), ("status", "422")): 1,
+        (("adapter", "__unknown__"), ("status", "400")): 1,
         (("adapter", "sentiment"), ("status", "200")): 2,
         (("adapter", "__base__"), ("status", "200")): 1,
     }
