@@ -84,7 +84,6 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "user", "assistant"]
     content: str | list[TextPart]
-    name: str | None = None
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
@@ -116,17 +115,21 @@ class Reply:
             text, finish = _text_and_finish(result)
             content = {"message": {"role": "assistant", "content": text}} if self.chat else {"text": text}
             choices.append({"index": index, **content, "logprobs": None, "finish_reason": finish})
-        return {**self._envelope("chat.completion" if self.chat else "text_completion", choices), "usage": usage(record)}
+        envelope = self._envelope("chat.completion" if self.chat else "text_completion", choices)
+        return {**envelope, "usage": usage(record)}
 
     def chunk(self, delta: dict, finish: str | None = None) -> dict:
         """A stream chunk; `delta` is the chat delta ({"role"}, {"content"} or {}), plain text for completions."""
         content = {"delta": delta} if self.chat else {"text": delta.get("content", "")}
         choice = {"index": 0, **content, "logprobs": None, "finish_reason": finish}
-        return self._envelope("chat.completion.chunk" if self.chat else "text_completion", [choice])
+        return self._envelope(self._chunk_object, [choice])
 
     def usage_chunk(self, record: RequestRecord) -> dict:
-        obj = "chat.completion.chunk" if self.chat else "text_completion"
-        return {**self._envelope(obj, []), "usage": usage(record)}
+        return {**self._envelope(self._chunk_object, []), "usage": usage(record)}
+
+    @property
+    def _chunk_object(self) -> str:
+        return "chat.completion.chunk" if self.chat else "text_completion"
 
     def events(
         self,
@@ -237,7 +240,7 @@ def openai_router(services: Services, status_of: Callable[[LoraswapError], int])
             seed=body.seed, stop=body.stop, chat=chat,
         )
 
-    def answer(
+    def stream_answer(
         reply: Reply, body: Sampling, stream: Iterator[str | Result], engine: Engine, record: RequestRecord,
         texts: list[str],
     ) -> Response:
@@ -274,7 +277,8 @@ def openai_router(services: Services, status_of: Callable[[LoraswapError], int])
         if body.stream:
             if len(texts) != 1:
                 raise InvalidInput("prompt", f"a streamed request takes one prompt, not {len(texts)}")
-            return answer(reply, body, engine.predict_stream(location, texts[0], params), engine, record, texts)
+            stream = engine.predict_stream(location, texts[0], params)
+            return stream_answer(reply, body, stream, engine, record, texts)
         _, results = engine.predict(location, texts, params)
         count_tokens(engine, record, texts, results)
         return reply.body(results, record)
@@ -297,7 +301,7 @@ def openai_router(services: Services, status_of: Callable[[LoraswapError], int])
             texts = []
         stream = engine.predict_stream(location, prompt, params)
         if body.stream:
-            return answer(reply, body, stream, engine, record, texts)
+            return stream_answer(reply, body, stream, engine, record, texts)
         *_, result = stream
         count_tokens(engine, record, texts, [result])
         return reply.body([result], record)

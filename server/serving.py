@@ -12,8 +12,8 @@ from typing import TypeVar
 
 from fastapi.responses import StreamingResponse
 
-from .engine import AdapterLocation, ClassificationResult, Engine, GenerationParams, GenerationResult
 from .adapter_format import Task
+from .engine import AdapterLocation, ClassificationResult, Engine, GenerationParams, GenerationResult
 from .errors import InvalidInput, LoraswapError
 from .metrics import BASE_LABEL
 from .registry import Registry
@@ -25,7 +25,9 @@ T = TypeVar("T")
 Result = ClassificationResult | GenerationResult
 
 
-def resolve_model(registry: Registry, engine: Engine, record: RequestRecord, name: str | None) -> AdapterLocation | None:
+def resolve_model(
+    registry: Registry, engine: Engine, record: RequestRecord, name: str | None
+) -> AdapterLocation | None:
     """The adapter version to serve, or None for the base (no name, or the base's own name, which wins over an
     adapter of the same name); labels the request's metrics with it. Raises AdapterNotFound."""
     if name is None or name == engine.info.name:
