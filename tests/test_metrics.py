@@ -81,6 +81,8 @@ def test_metrics_count_the_traffic(one_slot_client, tokenizer):
     assert m[("loraswap_loaded_adapters", ())] == 1
     assert m[("loraswap_queue_depth", ())] == 0
     assert not any(name == "loraswap_merged_adapter" for name, _ in m)
+    client.app.state.services.engine.merged_adapter = "sentiment"  # what the merge mode sets
+    assert scrape(client)[("loraswap_merged_adapter", (("adapter", "sentiment"),))] == 1
 
 
 def test_apps_keep_their_own_metrics(tiny_settings, engine, client):
