@@ -219,9 +219,14 @@ def test_client_errors(oai):
 
 def test_server_logs_one_json_line_per_request(oai, server):
     oai.completions.create(model="topic", prompt="a request to find in the log", max_tokens=2)
-    time.sleep(0.2)  # the line is written after the answer has gone out
-    entries = [json.loads(line) for line in server[1].read_text().splitlines() if line.startswith("{")]
-    assert any(e["logger"].startswith("uvicorn") for e in entries)  # uvicorn's own lines are JSON too
-    last = [e for e in entries if e["logger"] == "server.requests"][-1]
+
+    def entries() -> list[dict]:
+        return [json.loads(line) for line in server[1].read_text().splitlines() if line.startswith("{")]
+
+    deadline = time.monotonic() + 10  # the line is written once the answer has gone out
+    while not any(e.get("adapter") == "topic" for e in entries()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert any(e["logger"].startswith("uvicorn") for e in entries())  # uvicorn's own lines are JSON too
+    last = [e for e in entries() if e["logger"] == "server.requests"][-1]
     assert (last["method"], last["path"], last["status"], last["adapter"]) == ("POST", "/v1/completions", 200, "topic")
     assert last["tokens_in"] > 0 and last["tokens_out"] == 0 and last["latency_ms"] > 0

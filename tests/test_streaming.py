@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import pytest
 
-from server.engine import AdapterLocation, GenerationParams, TextDeltas
+from server.engine import AdapterLocation, GenerationParams, StreamClosed, TextDeltas
 
 PROMPT = "Tell me a story about a dragon"
 
@@ -57,14 +57,26 @@ def test_text_deltas_hold_back_a_possible_stop_string(tokenizer):
     assert deltas.finish("one two ") == ""
 
 
-def test_closing_a_stream_early_frees_the_engine(engine):
+def test_closing_a_stream_early_stops_its_generation(engine, monkeypatch):
+    outcomes: list[BaseException | int] = []
+    generate_rows = engine._generate_rows
+
+    def recording(*args, **kwargs):
+        try:
+            results = generate_rows(*args, **kwargs)
+        except BaseException as exc:
+            outcomes.append(exc)
+            raise
+        outcomes.append(results[0].tokens)
+        return results
+
+    monkeypatch.setattr(engine, "_generate_rows", recording)
     stream = engine.predict_stream(None, PROMPT, GenerationParams(max_new_tokens=200))
-    first = next(stream)
-    assert isinstance(first, str)
+    assert isinstance(next(stream), str)
     stream.close()
-    # the next call waits at most for one more token of the abandoned generation, not for 200
-    _, [result] = engine.predict(None, ["hi"], GenerationParams(max_new_tokens=2))
-    assert result.tokens == 2
+    _, [result] = engine.predict(None, ["hi"], GenerationParams(max_new_tokens=2))  # runs after the abandoned job
+    assert isinstance(outcomes[0], StreamClosed)
+    assert outcomes[1:] == [2] == [result.tokens]
     assert engine.queue_depth == 0
 
 
