@@ -40,7 +40,8 @@ def scrape(client) -> dict[tuple[str, tuple], float]:
 def test_metrics_count_the_traffic(one_slot_client, tokenizer):
     client = one_slot_client
     gen = {"inputs": TEXT, "parameters": {"max_new_tokens": 3}}
-    answers = [client.post("/predict?adapter=gen-a", json=gen) for _ in range(3)]
+    answers = [client.post("/predict?adapter=gen-a", json=gen) for _ in range(2)]
+    answers.append(client.post("/predict?adapter=gen-a", json={**gen, "stream": True}))  # counted at its end
     assert [a.status_code for a in answers] == [200] * 3
     too_long = {"inputs": TEXT, "parameters": {"max_new_tokens": 5000}}
     assert client.post("/predict?adapter=gen-a", json=too_long).status_code == 422
@@ -65,7 +66,8 @@ def test_metrics_count_the_traffic(one_slot_client, tokenizer):
     }
     assert m[("loraswap_request_duration_seconds_count", (("adapter", "gen-a"),))] == 4
     assert m[("loraswap_request_duration_seconds_count", (("adapter", "sentiment"),))] == 2
-    outputs = [a.json()["outputs"][0] for a in answers]
+    streamed_result = json.loads(answers[2].text.strip().split("\n\n")[-1].split("data: ", 1)[1])
+    outputs = [a.json()["outputs"][0] for a in answers[:2]] + streamed_result["outputs"]
     assert m[("loraswap_input_tokens_total", (("adapter", "gen-a"),))] == sum(o["prompt_tokens"] for o in outputs)
     assert m[("loraswap_output_tokens_total", (("adapter", "gen-a"),))] == sum(o["tokens"] for o in outputs)
     assert m[("loraswap_input_tokens_total", (("adapter", "sentiment"),))] == 2 * len(tokenizer(TEXT)["input_ids"])
