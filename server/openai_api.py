@@ -175,7 +175,7 @@ def usage(record: RequestRecord) -> dict:
 
 # ---- errors ----------------------------------------------------------------------------------------------------
 
-ERROR_TYPES = {401: "authentication_error", 403: "permission_error", 404: "invalid_request_error"}
+ERROR_TYPES = {401: "authentication_error", 403: "permission_error"}  # else invalid_request_error / server_error
 
 
 def error_content(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
