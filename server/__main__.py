@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-import logging
-
 import uvicorn
 from pydantic_settings import CliApp
 
 from .api import create_app
+from .logging_setup import configure_logging
 from .settings import Settings
 
 
 def main(argv: list[str] | None = None) -> None:
     settings = CliApp.run(Settings, cli_args=argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    configure_logging(settings.log_format)
+    # our middleware logs every request (server/telemetry.py): no uvicorn access log, and no uvicorn log config,
+    # so its own lines go through our handler and format too
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None, access_log=False)
 
 
 if __name__ == "__main__":

@@ -5,13 +5,15 @@ from __future__ import annotations
 import logging
 import threading
 from contextlib import asynccontextmanager
-from dataclasses import asdict
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST
 
-from .engine import Engine, GenerationParams, SlotsBusy
+from .engine import Engine, SlotsBusy
 from .errors import (
     AdapterChanged,
     AdapterExists,
@@ -24,11 +26,18 @@ from .errors import (
     PayloadTooLarge,
     Unauthorized,
 )
+from .metrics import Metrics
+from .openai_api import openai_router
 from .registry import Registry
 from .schemas import PredictRequest
+from .serving import (
+    count_tokens, event_stream, generation_params, predict_body, predict_events, resolve_model, started
+)
 from .settings import Settings
+from .telemetry import RecordDep, RequestTelemetry
 
 log = logging.getLogger(__name__)
+CONSOLE_DIR = Path(__file__).resolve().parent / "console"
 
 # the one table from domain errors to HTTP statuses
 ERROR_STATUS: dict[type[LoraswapError], int] = {
@@ -45,6 +54,10 @@ ERROR_STATUS: dict[type[LoraswapError], int] = {
 }
 
 
+def status_of(exc: LoraswapError) -> int:
+    return next((code for cls, code in ERROR_STATUS.items() if isinstance(exc, cls)), 400)
+
+
 class Services:
     """What the routes need; the engine appears once the base model has loaded."""
 
@@ -53,6 +66,7 @@ class Services:
         self.registry = Registry(settings.adapters_dir)
         self.engine: Engine | None = None
         self.load_error: str | None = None
+        self.metrics = Metrics(lambda: self.engine)
         if engine is not None:
             self._attach(engine)
 
@@ -60,6 +74,7 @@ class Services:
         skipped = self.registry.scan(engine.check_adapter)
         for problem in skipped:
             log.warning("adapter skipped: %s", problem)
+        engine.observers.append(self.metrics)
         self.engine = engine
 
     def load(self) -> None:
@@ -93,8 +108,10 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         if services.engine is None:
             threading.Thread(target=services.load, name="base-loader", daemon=True).start()
         yield
-        if services.engine is not None and engine is None:
-            services.engine.close()
+        if services.engine is not None:
+            services.engine.observers.remove(services.metrics)
+            if engine is None:
+                services.engine.close()
 
     app = FastAPI(title="loraswap", lifespan=lifespan)
     app.state.services = services
@@ -102,10 +119,13 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 
     app.include_router(adapters_router)
 
+    app.add_middleware(RequestTelemetry, metrics=services.metrics)
+    app.include_router(openai_router(services, status_of))
+    app.mount("/console", StaticFiles(directory=CONSOLE_DIR), name="console")
+
     @app.exception_handler(LoraswapError)
     async def domain_error(_request: Request, exc: LoraswapError) -> JSONResponse:
-        status = next((code for cls, code in ERROR_STATUS.items() if isinstance(exc, cls)), 400)
-        return JSONResponse(status_code=status, content={"detail": str(exc)}, headers=exc.headers)
+        return JSONResponse(status_code=status_of(exc), content={"detail": str(exc)}, headers=exc.headers)
 
     @app.get("/health")
     def health(svc: ServicesDep):
@@ -114,25 +134,38 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             return JSONResponse(status_code=503, content={"status": status, "detail": svc.load_error})
         return {"status": "ready", "base": svc.engine.info.as_dict(), "adapters": len(svc.registry.names())}
 
+    @app.get("/", include_in_schema=False)
+    def console() -> FileResponse:
+        return FileResponse(CONSOLE_DIR / "index.html")
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics(svc: ServicesDep) -> Response:
+        return Response(svc.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
     @app.post("/predict")
     def predict(
         body: PredictRequest,
         svc: ServicesDep,
+        record: RecordDep,
         adapter: Annotated[str | None, Query(description="Adapter name; omit to use the base model.")] = None,
     ):
         engine = svc.ready_engine()
+        location = resolve_model(svc.registry, engine, record, adapter)
         texts = body.texts()
         if len(texts) > svc.settings.max_inputs:
             raise InvalidInput("inputs", f"{len(texts)} inputs, over the limit of {svc.settings.max_inputs}")
         p = body.parameters
-        max_new = p.max_new_tokens or svc.settings.default_max_new_tokens
-        if max_new > svc.settings.max_new_tokens_limit:
-            raise InvalidInput(
-                "parameters.max_new_tokens", f"{max_new} is over the limit of {svc.settings.max_new_tokens_limit}"
-            )
-        params = GenerationParams(max_new, p.temperature, p.top_p, p.seed, tuple(p.stop), p.chat)
-        location = svc.registry.locate(adapter) if adapter is not None else None
+        params = generation_params(
+            svc.settings, p.max_new_tokens, "parameters.max_new_tokens",
+            temperature=p.temperature, top_p=p.top_p, seed=p.seed, stop=p.stop, chat=p.chat,
+        )
+        if body.stream:
+            if len(texts) != 1:
+                raise InvalidInput("inputs", f"a streamed request takes one input, not {len(texts)}")
+            stream = started(engine.predict_stream(location, texts[0], params))
+            return event_stream(predict_events(engine, record, adapter, texts[0], stream))
         task, results = engine.predict(location, texts, params)
-        return {"adapter": adapter, "task": task, "outputs": [asdict(r) for r in results]}
+        count_tokens(engine, record, texts, results)
+        return predict_body(adapter, task, results)
 
     return app

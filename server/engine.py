@@ -10,16 +10,18 @@ Reading and checking adapter files happens in the caller's thread, so a broken a
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections import Counter, OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, TypeVar
 
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria
+from transformers.generation.streamers import BaseStreamer
 
 from .adapter_format import AdapterWeights, Task, read_adapter
 from .base_model import BaseInfo, load_base
@@ -87,13 +89,16 @@ class GenerationResult:
     prompt_tokens: int = 0
 
 
+def encode_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> list[int]:
+    """Token ids of a conversation in the base's chat template, ending with the assistant's turn opened."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str, chat: bool = True) -> list[int]:
     """Token ids of a generation prompt: a user message in the base's chat template when it has one."""
     if chat and tokenizer.chat_template:
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
-        )
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
+        return encode_chat(tokenizer, [{"role": "user", "content": prompt}])
     return tokenizer(prompt)["input_ids"]
 
 
@@ -156,6 +161,79 @@ class _Work:
     params: GenerationParams | None = None
 
 
+class EngineObserver(Protocol):
+    """Listens to engine events (server/metrics.py). Called on engine threads, some under the slot lock: it must
+    return quickly and never call back into the engine."""
+
+    def adapter_loaded(self, name: str, seconds: float) -> None: ...
+
+    def adapter_evicted(self, name: str) -> None: ...
+
+    def batch_ran(self, rows: int) -> None: ...
+
+
+class StreamClosed(Exception):
+    """Raised inside model.generate when the reader of a stream has gone: it frees the engine thread."""
+
+
+class TextDeltas:
+    """Incremental decoding for streams: only text that can no longer change goes out.
+
+    Held back: an unfinished multi-byte character (it decodes as U+FFFD until its last byte-token arrives), and as
+    many characters as a stop string could still need to match (the answer is cut before a stop string).
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: tuple[str, ...]):
+        self.tokenizer = tokenizer
+        self.stop = stop
+        self.hold_back = max((len(s) - 1 for s in stop), default=0)
+        self.ids: list[int] = []
+        self.sent = ""
+
+    def add(self, token: int) -> str:
+        """The new stable text after one more generated token ("" if none)."""
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        cut = min((text.find(s) for s in self.stop if s in text), default=-1)
+        if cut >= 0:
+            stable = text[:cut]
+        else:
+            stable = text.rstrip("\ufffd")
+            stable = stable[: max(len(stable) - self.hold_back, 0)]
+        if len(stable) <= len(self.sent) or not stable.startswith(self.sent):
+            return ""
+        delta, self.sent = stable[len(self.sent):], stable
+        return delta
+
+    def finish(self, final_text: str) -> str:
+        """What the final answer adds to the text already sent."""
+        if not final_text.startswith(self.sent):  # not with prefix-stable decoding; the final result stays the truth
+            log.warning("streamed text %r is not a prefix of the final text %r", self.sent, final_text)
+            return ""
+        return final_text[len(self.sent):]
+
+
+class _TokenQueue(BaseStreamer):
+    """Hands each new token id from model.generate (engine thread) to the reader of a stream (caller thread)."""
+
+    def __init__(self) -> None:
+        self.tokens: queue.Queue[int | None] = queue.Queue()  # None: generation is over
+        self.closed = threading.Event()
+        self._prompt_skipped = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.closed.is_set():
+            raise StreamClosed
+        if not self._prompt_skipped:  # generate() first puts the whole prompt
+            self._prompt_skipped = True
+            return
+        for token in value.reshape(-1).tolist():
+            self.tokens.put(token)
+
+    def end(self) -> None:
+        """Nothing: the job that runs generate() marks the end in its `finally`, which also covers errors."""
+
+
 class Engine:
     def __init__(
         self,
@@ -181,12 +259,11 @@ class Engine:
         self.max_rank = max_rank
         # torch's CPU slow path: F.linear on a non-contiguous 3-D input with a frozen weight copies it per row
         model.get_output_embeddings().register_forward_pre_hook(lambda _m, args: (args[0].contiguous(),))
+        self.observers: list[EngineObserver] = []
         self.merge_policy = merge_policy  # None: never merge automatically
         self._merged: int | None = None  # slot index folded into the base weights (worker thread only)
         self.batch_sizes: Counter[int] = Counter()  # rows per forward, for metrics and benchmarks
-        self._scheduler = Scheduler(
-            self._run_batch, max_batch_rows=max_batch_size, max_wait_s=max_wait_ms / 1000, on_batch=self._on_batch
-        )
+        self._scheduler = Scheduler(self._run_batch, max_batch_rows=max_batch_size, max_wait_s=max_wait_ms / 1000)
         self._capacity = max_loaded_adapters
         self._slots: OrderedDict[AdapterLocation, Slot] = OrderedDict()  # LRU order: oldest first
         self._free = list(range(max_loaded_adapters, 0, -1))  # slot 0 is the base
@@ -224,11 +301,16 @@ class Engine:
         """Run fn on the engine thread: the one serializing point for every model call."""
         return self._scheduler.call(fn)
 
+    @property
     def queue_depth(self) -> int:
+        """Jobs waiting for the engine thread (not counting the one running)."""
         return self._scheduler.depth()
 
-    def _on_batch(self, _key, _jobs: int, rows: int) -> None:
+    def _record_batch(self, rows: int) -> None:
+        """Every forward (batched, streamed or seeded) is counted here, on the engine thread."""
         self.batch_sizes[rows] += 1
+        for observer in self.observers:
+            observer.batch_ran(rows)
 
     # ---- adapter slots ---------------------------------------------------------------------------------------
 
@@ -316,6 +398,8 @@ class Engine:
             slot.in_use = 1  # acquired before it becomes visible: nothing can evict or retire it in between
             slot.pinned = location.name in self._pinned
             self._slots[location] = slot
+        for observer in self.observers:
+            observer.adapter_loaded(location.name, slot.load_ms / 1000)
         log.info("loaded adapter %s v%d (%s, sha256 %s) into slot %d in %.1f ms", location.name,
                  location.version, adapter.task, adapter.sha256[:12], index, slot.load_ms)
         return slot
@@ -330,6 +414,8 @@ class Engine:
                 raise SlotsBusy(f"all {self._capacity} adapter slots are in use or pinned; retry shortly")
             slot = self._slots.pop(victim)
             self.evictions += 1
+            for observer in self.observers:
+                observer.adapter_evicted(victim.name)
         self._call(lambda: self._uninstall(slot.index))
         log.info("evicted adapter %s v%d from slot %d", victim.name, victim.version, slot.index)
         return slot.index
@@ -366,7 +452,9 @@ class Engine:
 
     # ---- merging (worker thread only) ---------------------------------------------------------------------------
 
+    @property
     def merged_adapter(self) -> str | None:
+        """The adapter folded into the base weights now, if any."""
         merged = self._merged
         with self._lock:
             return next((s.location.name for s in self._slots.values() if s.index == merged), None)
@@ -430,6 +518,14 @@ class Engine:
         self._check_lengths([len(x) for x in ids], params.max_new_tokens, "inputs")
         return ids
 
+    def encode_messages(self, messages: list[dict[str, str]], params: GenerationParams) -> list[int]:
+        """Prompt ids of a whole conversation ({role, content} dicts) in the base's chat template."""
+        if not self.tokenizer.chat_template:
+            raise InvalidInput("messages", f"the base {self.info.name!r} has no chat template")
+        ids = encode_chat(self.tokenizer, messages)
+        self._check_lengths([len(ids)], params.max_new_tokens, "messages")
+        return ids
+
     def _pad(self, rows: list[list[int]], side: str) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(r) for r in rows)
         pad = self.tokenizer.pad_token_id
@@ -443,8 +539,11 @@ class Engine:
 
     @torch.no_grad()
     def _classify_rows(self, rows: list[list[int]], slots: list[Slot]) -> list[ClassificationResult]:
+        self._record_batch(len(rows))
+        indices = [s.index for s in slots]
+        self._prepare_merge_state(set(indices))
         ids, mask = self._pad(rows, "right")
-        self.context.set_rows(self._effective([s.index for s in slots]), self.device)
+        self.context.set_rows(self._effective(indices), self.device)
         hidden = self.body(input_ids=ids, attention_mask=mask).last_hidden_state  # [batch, tokens, hidden]
         # pool the rightmost non-pad token, as LlamaForSequenceClassification does (it looks at ids, not mask)
         non_pad = (ids != self.tokenizer.pad_token_id).long()
@@ -460,9 +559,16 @@ class Engine:
 
     @torch.no_grad()
     def _generate_rows(
-        self, rows: list[list[int]], slot_indices: list[int], params: GenerationParams, budgets: list[int]
+        self,
+        rows: list[list[int]],
+        slot_indices: list[int],
+        params: GenerationParams,
+        budgets: list[int],
+        streamer: BaseStreamer | None = None,
     ) -> list[GenerationResult]:
         """One generate call for rows of any adapters sharing sampling settings; budgets: max_new_tokens per row."""
+        self._record_batch(len(rows))
+        self._prepare_merge_state(set(slot_indices))
         ids, mask = self._pad(rows, "left")
         self.context.set_rows(self._effective(slot_indices), self.device)
         eos = self.tokenizer.eos_token_id
@@ -482,7 +588,7 @@ class Engine:
         stopping = [RowBudget(budgets, ids.shape[1], ids.device)] if len(set(budgets)) > 1 else None
         out = self.model.generate(
             input_ids=ids, attention_mask=mask, generation_config=config, tokenizer=self.tokenizer,
-            stopping_criteria=stopping,
+            stopping_criteria=stopping, streamer=streamer,
         )
         results = []
         for row, prompt, budget in zip(out[:, ids.shape[1]:].tolist(), rows, budgets):
@@ -501,18 +607,14 @@ class Engine:
     def _run_batch(self, jobs: list[Job]) -> list[list]:
         """Scheduler callback (worker thread): one forward for every job's rows; results split back per job."""
         works: list[_Work] = [job.payload for job in jobs]
-        if works[0].slots is not None:
-            indices = [slot.index for w in works for slot in w.slots]
-        else:
-            indices = [w.slot_index for w in works for _ in w.rows]
         if self.merge_policy is not None:
             for work in works:
                 self.merge_policy.observe(work.slots[0].index if work.slots is not None else work.slot_index)
-        self._prepare_merge_state(set(indices))
         rows = [row for w in works for row in w.rows]
         if works[0].slots is not None:
             flat = self._classify_rows(rows, [slot for w in works for slot in w.slots])
         else:
+            indices = [w.slot_index for w in works for _ in w.rows]
             budgets = [w.params.max_new_tokens for w in works for _ in w.rows]
             flat = self._generate_rows(rows, indices, works[0].params, budgets)
         results, start = [], 0
@@ -550,5 +652,63 @@ class Engine:
             if slot.task == "classification":
                 return "classification", self.classify(texts, slot)
             return "generation", self.generate(texts, slot, params)
+        finally:
+            self.release(slot)
+
+    def generate_stream(
+        self, prompt: str | list[int], slot: Slot | None, params: GenerationParams
+    ) -> Iterator[str | GenerationResult]:
+        """Yield text deltas while one prompt (text, or ids from encode_messages) generates, then the final result.
+
+        The final result is generate()'s answer (the same `_generate_rows` runs, with a streamer that copies each
+        new token id into a queue) and the deltas concatenate to its text (see TextDeltas). Closing the iterator
+        early stops the generation at its next token.
+        """
+        if slot is not None and slot.task != "generation":
+            raise InvalidInput("adapter", f"{slot.location.name!r} is a {slot.task} adapter, not generation")
+        if isinstance(prompt, str):
+            [row] = self.encode_for_generation([prompt], params)
+        else:
+            row = list(prompt)
+            self._check_lengths([len(row)], params.max_new_tokens, "inputs")
+        index = BASE_SLOT if slot is None else slot.index
+        streamer = _TokenQueue()
+
+        def job() -> list[GenerationResult]:
+            try:
+                return self._generate_rows([row], [index], params, [params.max_new_tokens], streamer)
+            finally:
+                streamer.tokens.put(None)
+
+        future = self._scheduler.call_async(job)
+        deltas = TextDeltas(self.tokenizer, params.stop)
+        try:
+            while (token := streamer.tokens.get()) is not None:
+                if delta := deltas.add(token):
+                    yield delta
+            [result] = future.result()
+        finally:
+            streamer.closed.set()
+        if rest := deltas.finish(result.generated_text):
+            yield rest
+        yield result
+
+    def predict_stream(
+        self, location: AdapterLocation | None, prompt: str | list[int], params: GenerationParams
+    ) -> Iterator[str | GenerationResult | ClassificationResult]:
+        """predict() for one input as a stream: a generation adapter (or the base) yields text deltas then its
+        GenerationResult, a classification adapter (text prompts only) yields its ClassificationResult.
+        The adapter is held until the stream ends or is closed."""
+        if location is None:
+            yield from self.generate_stream(prompt, None, params)
+            return
+        slot = self.acquire(location)
+        try:
+            if slot.task == "classification":
+                if not isinstance(prompt, str):
+                    raise InvalidInput("adapter", f"{location.name!r} is a classification adapter: it takes text")
+                yield from self.classify([prompt], slot)
+            else:
+                yield from self.generate_stream(prompt, slot, params)
         finally:
             self.release(slot)

