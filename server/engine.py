@@ -45,10 +45,6 @@ class AdapterLocation:
     sha256: str = ""
 
 
-class AdapterSource(Protocol):
-    def locate(self, name: str) -> AdapterLocation: ...
-
-
 @dataclass
 class Slot:
     index: int
