@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import save_file
 
 from server.adapter_format import CONFIG_FILE, METADATA_FILE, WEIGHTS_FILE
+from server.base_model import choose_dtype
 from server.engine import AdapterLocation, Engine, GenerationParams, Slot, encode_prompt
 from server.lora import BASE_SLOT
 from server.settings import Settings
@@ -114,7 +115,7 @@ def pct(values: list[float], q: float) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller streams (smoke check)")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
     parser.add_argument("--base-model", type=Path, default=None, help="a local model folder instead of the embedded base")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--cycles", type=int, default=None, help="load/evict cycles (default 10000, quick 500)")
@@ -123,13 +124,16 @@ def main() -> None:
     cycles = args.cycles or (500 if quick else 10_000)
     rng = random.Random(1234)
     torch.manual_seed(0)
-    results: dict = {"dtype": args.dtype, "quick": quick, "threads": torch.get_num_threads()}
+    results: dict = {"quick": quick, "threads": torch.get_num_threads()}
     rows: list[tuple[str, str, float | None, str]] = []
 
     store = Path(tempfile.mkdtemp(prefix="loraswap-bench-"))
-    settings = Settings(base_model=args.base_model, device=args.device, dtype=args.dtype, adapters_dir=store, max_loaded_adapters=128, max_batch_size=16,
-                        max_wait_ms=5.0, auto_merge=False)
+    settings = Settings(base_model=args.base_model, device=args.device, dtype=choose_dtype(args.dtype, args.device),
+                        adapters_dir=store, max_loaded_adapters=128, max_batch_size=16, max_wait_ms=5.0,
+                        auto_merge=False)
+    results["dtype"] = settings.dtype
     engine = Engine.from_settings(settings)
+    results["base"] = engine.info.name
     n_cls, n_gen = 100, 20
     cls_locs = [AdapterLocation(f"cls{i}", 1, write_adapter(store / f"cls{i}", engine, (8, 16)[i % 2],
                                                             "classification", i)) for i in range(n_cls)]
@@ -139,7 +143,7 @@ def main() -> None:
         with_slot(engine, loc, lambda slot: None)  # warm: everything loaded before the streams
 
     # ---- ceiling: raw matmul speed and the base's achieved rate -----------------------------------------------
-    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+    dtype = torch.bfloat16 if settings.dtype == "bfloat16" else torch.float32
     results["matmul_gflops"] = matmul_gflops(dtype, args.device)
     head_slot = with_slot(engine, cls_locs[0], lambda slot: slot)
     base_slot = Slot(BASE_SLOT, AdapterLocation("base", 0, store), "classification", head_slot.labels,
@@ -187,10 +191,12 @@ def main() -> None:
     rows.append((f"generation stream (32 new tokens), {n_gen} adapters", "tokens/s / base-only tokens/s",
                  ours_tps / base_tps, ">= 0.80"))
 
-    naive_tps = naive_peft_tokens_per_s(settings, gen_locs, jobs, params)
+    naive_tps, peft_mixed_tps = peft_baselines(settings, gen_locs, jobs, params)
     rows.append(("same generation stream", "ours / naive PEFT set_adapter server", ours_tps / naive_tps, ">= 3x"))
+    rows.append(("same generation stream", "ours / PEFT mixed batch (adapter_names)", ours_tps / peft_mixed_tps,
+                 "(reference)"))
     results["generation"] = {"requests": n_gen_requests, "ours_tps": ours_tps, "base_tps": base_tps,
-                             "naive_peft_tps": naive_tps}
+                             "naive_peft_tps": naive_tps, "peft_mixed_batch_tps": peft_mixed_tps}
 
     # ---- one hot adapter merged: latency against the base ------------------------------------------------------
     hot = engine.acquire(cls_locs[1])
@@ -255,8 +261,9 @@ def main() -> None:
     print(f"\nwritten {out}")
 
 
-def naive_peft_tokens_per_s(settings: Settings, locations, jobs, params: GenerationParams) -> float:
-    """The baseline: one PeftModel with every adapter loaded, `set_adapter` + generate per request, one at a time."""
+def peft_baselines(settings: Settings, locations, jobs, params: GenerationParams) -> tuple[float, float]:
+    """Tokens/s of two PEFT servers on the same stream, every adapter loaded in one PeftModel:
+    naive (`set_adapter` + generate per request, one at a time) and PEFT's own mixed batch (`adapter_names`)."""
     from peft import PeftModel
 
     from server.base_model import load_base
@@ -267,16 +274,31 @@ def naive_peft_tokens_per_s(settings: Settings, locations, jobs, params: Generat
     for loc in locations[1:]:
         peft_model.load_adapter(loc.folder, adapter_name=loc.name)
     peft_model.eval()
-    produced, started = 0, time.perf_counter()
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+
+    def generate(prompts: list[str], names: list[str] | None) -> int:
+        rows = [encode_prompt(tokenizer, p, params.chat) for p in prompts]
+        width = max(len(r) for r in rows)
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=model.device)  # left padding
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=model.device)
+        extra = {} if names is None else {"adapter_names": names}
+        out = peft_model.generate(input_ids=ids, attention_mask=mask, do_sample=False, pad_token_id=pad,
+                                  max_new_tokens=params.max_new_tokens, **extra)
+        new = out[:, width:].tolist()
+        return sum(row.index(eos) if eos in row else len(row) for row in new)
+
     with torch.no_grad():
+        produced, started = 0, time.perf_counter()
         for prompt, pick in jobs:
             peft_model.set_adapter(locations[pick].name)
-            ids = torch.tensor([encode_prompt(tokenizer, prompt, params.chat)], device=model.device)
-            out = peft_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                      max_new_tokens=params.max_new_tokens, pad_token_id=tokenizer.pad_token_id)
-            new = out[0, ids.shape[1]:].tolist()
-            produced += new.index(tokenizer.eos_token_id) if tokenizer.eos_token_id in new else len(new)
-    return produced / (time.perf_counter() - started)
+            produced += generate([prompt], None)
+        naive = produced / (time.perf_counter() - started)
+        produced, started = 0, time.perf_counter()
+        for i in range(0, len(jobs), 16):
+            chunk = jobs[i : i + 16]
+            produced += generate([p for p, _ in chunk], [locations[pick].name for _, pick in chunk])
+        mixed = produced / (time.perf_counter() - started)
+    return naive, mixed
 
 
 def upload_to_first_answer(settings: Settings, engine: Engine, store: Path, repeat: int) -> list[float]:
@@ -343,14 +365,14 @@ def load_evict_rss(settings: Settings, locations, cycles: int) -> float:
 
 
 def print_table(results: dict, rows) -> None:
-    print(f"\nloraswap benchmark — embedded SmolLM2-135M, {results['dtype']}, {results['threads']} threads")
+    print(f"\nloraswap benchmark — {results['base']}, {results['dtype']}, {results['threads']} threads")
     print(f"matmul ceiling {results['matmul_gflops']:.1f} GFLOP/s; base forward achieves "
           f"{results['base_forward_gflops']:.1f} GFLOP/s "
           f"({100 * results['base_forward_gflops'] / results['matmul_gflops']:.0f} % of the ceiling)")
     width = max(len(r[0]) for r in rows)
-    print(f"\n{'row'.ljust(width)} | {'measured':32} | {'value':>9} | bar")
+    print(f"\n{'row'.ljust(width)} | {'measured':40} | {'value':>9} | bar")
     for row, measured, value, bar in rows:
-        print(f"{row.ljust(width)} | {measured:32} | {value:9.3f} | {bar}")
+        print(f"{row.ljust(width)} | {measured:40} | {value:9.3f} | {bar}")
     ol = results["open_loop"]
     print(f"\nopen loop at {ol['offered_rps']:.1f} req/s (70 % of the zipf stream's throughput): "
           f"p50 {ol['p50_ms']:.0f} ms, p99 {ol['p99_ms']:.0f} ms over {ol['requests']} requests")
