@@ -8,7 +8,7 @@ Tests check the output against PEFT's own (tests/test_exactness.py).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -24,15 +24,19 @@ class LoraContext:
 
     row_slots: torch.Tensor | None = None  # [batch] int64, set for mixed batches
     uniform_slot: int = BASE_SLOT  # used when row_slots is None
+    # per layer, its pairs gathered for this batch's rows: done at the first forward, reused by every decode step
+    gathered: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def set_uniform(self, slot: int) -> None:
         self.row_slots, self.uniform_slot = None, slot
+        self.gathered.clear()
 
     def set_rows(self, slots: list[int], device: torch.device | str) -> None:
         if len(set(slots)) == 1:
             self.set_uniform(slots[0])
         else:
             self.row_slots = torch.tensor(slots, dtype=torch.long, device=device)
+            self.gathered.clear()
 
 
 class MultiLoraLinear(nn.Module):
@@ -120,15 +124,27 @@ class MultiLoraLinear(nn.Module):
             if pair is None:
                 return out
             A, B = pair
-            delta = nn.functional.linear(nn.functional.linear(x.float(), A), B)
-            return out + delta.to(out.dtype)
-        # mixed batch: gather each row's pair and apply with two batched matmuls (Punica's BGMV, per sequence)
+            low = nn.functional.linear(x.float(), A).reshape(-1, A.shape[0])  # [tokens, r]
+            if out.dtype == torch.float32:  # fused: out += low @ B^T
+                out.view(-1, self.out_features).addmm_(low, B.t())
+                return out
+            return out + (low @ B.t()).view(out.shape).to(out.dtype)
+        # mixed batch: each row's pair, gathered once per batch, applied with two batched matmuls (Punica's BGMV)
         slots = ctx.row_slots
-        A_all, B_all = self._stack()
-        rows = x.float().reshape(slots.shape[0], -1, self.in_features)  # [batch, tokens, in]
-        low = torch.bmm(rows, A_all[slots].transpose(1, 2))  # [batch, tokens, r_max]
-        delta = torch.bmm(low, B_all[slots].transpose(1, 2))  # [batch, tokens, out]
-        return out + delta.view(out.shape).to(out.dtype)
+        selected = ctx.gathered.get(id(self))
+        if selected is None:
+            A_all, B_all = self._stack()
+            selected = ctx.gathered[id(self)] = (
+                A_all.index_select(0, slots).transpose(1, 2),  # [batch, in, r_max]
+                B_all.index_select(0, slots).transpose(1, 2),  # [batch, r_max, out]
+            )
+        A_rows, B_rows = selected
+        low = torch.bmm(x.float().reshape(slots.shape[0], -1, self.in_features), A_rows)  # [batch, tokens, r_max]
+        if out.dtype == torch.float32:  # fused: out += low @ B_rows
+            out3 = out.view(slots.shape[0], -1, self.out_features)
+            out3.baddbmm_(low, B_rows)
+            return out
+        return out + torch.bmm(low, B_rows).view(out.shape).to(out.dtype)
 
 
 def wrap_linear_layers(model: nn.Module, context: LoraContext, n_slots: int) -> dict[str, MultiLoraLinear]:
