@@ -103,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training compute dtype: bfloat16 = autocast (weights stay float32); measured slower on "
                         "CPUs without fast bf16 kernels")
     m.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    m.add_argument("--device", default="cpu", help="torch device for training and evaluation: cpu, cuda, cuda:1 ...")
     e = p.add_argument_group("evaluation")
     e.add_argument("--eval-dtype", choices=["bfloat16", "float32"], default="float32",
                    help="dtype of the final evaluation by the server's engine (float32: the exact PEFT answers)")
@@ -236,6 +237,10 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     return batch
 
 
+def to_device(batch: dict[str, torch.Tensor], device: str) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 # ---- model ------------------------------------------------------------------------------------------------------
 
 
@@ -259,7 +264,7 @@ def build_model(args, base_path: Path, n_labels: int, pad_id: int, num_layers: i
         modules_to_save=["score"] if args.task == "classification" else None,
         layers_to_transform=list(range(num_layers - args.top_layers, num_layers)) if args.top_layers else None,
     )
-    return get_peft_model(model, config)
+    return get_peft_model(model, config).to(args.device)
 
 
 def batch_loss(model, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
@@ -282,8 +287,8 @@ def eval_loss(model, examples: list[Example], args, pad_id: int) -> float:
     lengths = [len(e.input_ids) for e in examples]
     order = sorted(range(len(examples)), key=lengths.__getitem__)
     for start in range(0, len(order), args.batch_size):
-        batch = collate([examples[i] for i in order[start:start + args.batch_size]], pad_id)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"):
+        batch = to_device(collate([examples[i] for i in order[start:start + args.batch_size]], pad_id), args.device)
+        with torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"):
             loss = batch_loss(model, batch, args.task)
         n = int(batch["answer"].sum()) if args.task == "generation" else len(batch["input_ids"])
         total, weight = total + float(loss) * n, weight + n
@@ -317,8 +322,8 @@ def train(model, prepared: Prepared, args, pad_id: int) -> tuple[list[float], li
     model.train()
     bar = tqdm(batches, desc=f"training {args.name}", unit="step", file=sys.stderr, mininterval=5)
     for step, indices in enumerate(bar, 1):
-        batch = collate([prepared.train[i] for i in indices], pad_id)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"):
+        batch = to_device(collate([prepared.train[i] for i in indices], pad_id), args.device)
+        with torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"):
             loss = batch_loss(model, batch, args.task)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -366,7 +371,7 @@ def evaluate(args, folder: Path, prepared: Prepared) -> dict:
     """Serve the saved adapter with the server's Engine and score its answers, as /predict would give them."""
     from server.engine import AdapterLocation, Engine, GenerationParams
 
-    model, tokenizer, info = load_base(args.base_model, args.cache_dir, args.eval_dtype)
+    model, tokenizer, info = load_base(args.base_model, args.cache_dir, args.eval_dtype, args.device)
     engine = Engine(model, tokenizer, info, max_loaded_adapters=1)
     try:
         params = GenerationParams(max_new_tokens=args.max_new_tokens)
@@ -469,7 +474,7 @@ def metadata_for(args, info: BaseInfo, prepared: Prepared, losses: list[float], 
                  train_seconds: float) -> dict:
     """loraswap.json: what the server needs (task, labels) plus everything to reproduce and judge the adapter."""
     hyper = {k: getattr(args, k) for k in ("rank", "alpha", "dropout", "target_modules", "top_layers", "epochs", "lr",
-                                           "batch_size", "max_length", "truncation", "seed", "dtype", "eval_dtype",
+                                           "batch_size", "max_length", "truncation", "seed", "dtype", "eval_dtype", "device",
                                            "max_new_tokens")}
     metadata: dict = {"task": args.task}
     if args.task == "classification":
