@@ -78,11 +78,12 @@ def template_fields(template: str) -> list[str]:
 
 
 def render(template: str, rows: list[Row], path: Path, truncate: dict[str, int] | None = None) -> list[str]:
-    """Fill a template per row; `truncate` cuts the named columns to their first N characters first."""
+    """Fill a template per row; `truncate` cuts the named columns first: N > 0 keeps the first N characters,
+    N < 0 the last -N (e.g. the results at the end of an abstract)."""
     columns = {field: column(rows, field, path) for field in template_fields(template)}
     for field, limit in (truncate or {}).items():
         if field in columns:
-            columns[field] = [value[:limit] for value in columns[field]]
+            columns[field] = [value[:limit] if limit > 0 else value[limit:] for value in columns[field]]
     return [template.format_map({f: v[i] for f, v in columns.items()}) for i in range(len(rows))]
 
 
@@ -95,11 +96,11 @@ def check_labels_known(train_labels: list[str], eval_labels: list[str], path: Pa
 
 
 def parse_truncate(specs: list[str]) -> dict[str, int]:
-    """`["context=1500"]` -> {"context": 1500}."""
+    """`["context=1500"]` -> {"context": 1500}; `context=-800` keeps the last 800 characters."""
     out = {}
     for spec in specs:
         name, _, limit = spec.partition("=")
-        if not name or not limit.isdigit() or int(limit) < 1:
-            raise DataError(f"--truncate-column wants COLUMN=CHARS, got {spec!r}")
+        if not name or not limit.removeprefix("-").isdigit() or int(limit) == 0:
+            raise DataError(f"--truncate-column wants COLUMN=CHARS or COLUMN=-CHARS, got {spec!r}")
         out[name] = int(limit)
     return out

@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--answer-template", default="{answer}", help="generation: assistant answer, e.g. '{answer}'")
     d.add_argument("--decision-column", help="generation: column holding a decision word scored by exact match")
     d.add_argument("--truncate-column", action="append", default=[], metavar="COLUMN=CHARS",
-                   help="generation: cut a column to its first CHARS characters before templating (repeatable)")
+                   help="generation: cut a column to its first CHARS (-CHARS: last) characters before templating")
     d.add_argument("--max-length", type=int, default=256, help="most tokens per training row (prompt + answer)")
     d.add_argument("--truncation", action="store_true",
                    help="cut rows longer than --max-length instead of failing (classification: keeps the start)")
