@@ -10,6 +10,7 @@ records (`--metadata` folder or file); flags override them.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -133,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             spec = EvalSpec.from_metadata(dict(metadata, task=task))
             overrides = {k: getattr(args, k) for k in ("text_column", "label_column", "prompt_template",
                                                         "answer_template", "decision_column")}
-            spec.__dict__.update({k: v for k, v in overrides.items() if v is not None})
+            spec = dataclasses.replace(spec, **{k: v for k, v in overrides.items() if v is not None})
             if args.truncate_column:
                 spec.truncate_columns = parse_truncate(args.truncate_column)
             metrics = evaluate(client, args.adapter, spec, rows, args.data, args.batch_size, args.max_new_tokens,

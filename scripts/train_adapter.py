@@ -129,11 +129,11 @@ def _check_length(ids: list[int], max_length: int, truncation: bool, path: Path,
                     f"(raise --max-length or pass --truncation)")
 
 
-def classification_examples(args, tokenizer, path: Path, labels: list[str] | None) -> tuple[list[Example], list[str], list[str]]:
+def classification_examples(args, tokenizer, path: Path, labels: list[str]) -> tuple[list[Example], list[str], list[str]]:
     rows = read_rows(path)
     texts = column(rows, args.text_column, path)
     gold = column(rows, args.label_column, path)
-    index = {label: i for i, label in enumerate(labels or sorted(set(gold)))}
+    index = {label: i for i, label in enumerate(labels)}
     examples = []
     for number, (text, label) in enumerate(zip(texts, gold), 1):
         ids = tokenizer(text)["input_ids"]  # exactly as the server encodes classification inputs
@@ -158,13 +158,11 @@ def generation_examples(args, tokenizer, path: Path) -> tuple[list[Example], lis
     for number, (prompt, answer) in enumerate(zip(prompts, answers), 1):
         prompt_ids = tokenizer(chat_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
         answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        ids = prompt_ids + answer_ids
-        if len(ids) > args.max_length and not args.truncation:
-            _check_length(ids, args.max_length, False, path, number)
+        ids = _check_length(prompt_ids + answer_ids, args.max_length, args.truncation, path, number)
         if len(prompt_ids) >= args.max_length:
             raise DataError(f"{path}: row {number}'s prompt alone has {len(prompt_ids)} tokens, over --max-length "
                             f"{args.max_length}; shorten it with --truncate-column")
-        examples.append(Example(ids[: args.max_length], prompt_len=len(prompt_ids)))
+        examples.append(Example(ids, prompt_len=len(prompt_ids)))
     return examples, prompts, answers, decisions
 
 
