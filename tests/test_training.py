@@ -265,3 +265,31 @@ def test_eval_adapter_through_predict_gives_the_recorded_metrics(cls_adapter, ge
             spec = eval_adapter.EvalSpec.from_metadata(meta)
             rows = eval_adapter.read_rows(dev)
             assert eval_adapter.evaluate(client, folder.name, spec, rows, dev, max_new_tokens=8) == meta["metrics"]
+
+
+def test_truncate_column_keeps_the_start_or_the_end():
+    from scripts.adapter_data import DataError, parse_truncate, render
+
+    rows = [{"c": "abcdef", "q": "x"}]
+    assert render("{q}:{c}", rows, Path("f"), parse_truncate(["c=2"])) == ["x:ab"]
+    assert render("{q}:{c}", rows, Path("f"), parse_truncate(["c=-2"])) == ["x:ef"]
+    with pytest.raises(DataError, match="COLUMN=CHARS"):
+        parse_truncate(["c=0"])
+
+
+def test_eval_adapter_command_reads_metadata_and_prints_metrics(cls_adapter, data, monkeypatch, capsys):
+    def server(request: httpx.Request) -> httpx.Response:
+        assert request.url.path == "/predict" and request.url.params["adapter"] == "senti"
+        inputs = json.loads(request.read())["inputs"]
+        return httpx.Response(200, json={"outputs": [{"label": "positive", "score": 0.9,
+                                                      "scores": {"negative": 0.1, "positive": 0.9}}] * len(inputs)})
+
+    real_client = httpx.Client
+    monkeypatch.setattr(eval_adapter.httpx, "Client",
+                        lambda **kw: real_client(transport=httpx.MockTransport(server), **kw))
+    args = ["--url", "http://srv", "--adapter", "senti", "--data", str(data["cls_dev"]), "--metadata",
+            str(cls_adapter), "--json", "--batch-size", "5"]
+    assert eval_adapter.main(args) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["accuracy"] == 0.5 and metrics["rows"] == 12
+    assert metrics["per_class"]["positive"]["recall"] == 1.0
