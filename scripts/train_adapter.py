@@ -171,8 +171,7 @@ def prepare(args, tokenizer) -> Prepared:
     if args.task == "classification":
         train, gold = [], []
         for path in args.train:
-            train_gold = column(read_rows(path), args.label_column, path)
-            gold += train_gold
+            gold += column(read_rows(path), args.label_column, path)
         labels = sorted(set(gold))
         if len(labels) < 2:
             raise DataError(f"{args.train[0]}: classification needs at least 2 labels, found {labels}")
