@@ -91,7 +91,8 @@ def check_labels_known(train_labels: list[str], eval_labels: list[str], path: Pa
     unseen = sorted(set(eval_labels) - set(train_labels))
     if unseen:
         raise DataError(
-            f"{path}: {what} {unseen[0]!r} appears only in the eval data (train has: {', '.join(sorted(set(train_labels)))})"
+            f"{path}: {what} {unseen[0]!r} appears only in the eval data "
+            f"(train has: {', '.join(sorted(set(train_labels)))})"
         )
 
 

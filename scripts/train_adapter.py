@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dropout", type=float, default=0.05)
     m.add_argument("--target-modules", nargs="+", default=["q_proj", "v_proj"])
     m.add_argument("--top-layers", type=int,
-                   help="LoRA only in the last N layers (default: all); backward then stops there, so steps are cheaper")
+                   help="LoRA only in the last N layers (default: all); the backward pass stops there (cheaper)")
     m.add_argument("--epochs", type=float, default=1.0, help="may be fractional")
     m.add_argument("--lr", type=float, default=2e-4)
     m.add_argument("--batch-size", type=int, default=8)
@@ -129,7 +129,9 @@ def _check_length(ids: list[int], max_length: int, truncation: bool, path: Path,
                     f"(raise --max-length or pass --truncation)")
 
 
-def classification_examples(args, tokenizer, path: Path, labels: list[str]) -> tuple[list[Example], list[str], list[str]]:
+def classification_examples(
+    args, tokenizer, path: Path, labels: list[str]
+) -> tuple[list[Example], list[str], list[str]]:
     rows = read_rows(path)
     texts = column(rows, args.text_column, path)
     gold = column(rows, args.label_column, path)
@@ -311,7 +313,9 @@ def train(model, prepared: Prepared, args, pad_id: int) -> tuple[list[float], li
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total_steps - s) / max(1, total_steps - warmup))))
     curve_rows = prepared.eval[: args.eval_curve_rows]
-    eval_at = {round(total_steps * k / args.eval_points) for k in range(1, args.eval_points + 1)} if curve_rows else set()
+    eval_at = {round(total_steps * k / args.eval_points) for k in range(1, args.eval_points + 1)}
+    if not curve_rows:
+        eval_at = set()
     losses: list[float] = []
     curve: list[tuple[int, float]] = []
     if curve_rows:
@@ -471,7 +475,8 @@ def metadata_for(args, info: BaseInfo, prepared: Prepared, losses: list[float], 
                  train_seconds: float) -> dict:
     """loraswap.json: what the server needs (task, labels) plus everything to reproduce and judge the adapter."""
     hyper = {k: getattr(args, k) for k in ("rank", "alpha", "dropout", "target_modules", "top_layers", "epochs", "lr",
-                                           "batch_size", "max_length", "truncation", "seed", "dtype", "eval_dtype", "device",
+                                           "batch_size", "max_length", "truncation", "seed", "dtype", "eval_dtype",
+                                           "device",
                                            "max_new_tokens")}
     metadata: dict = {"task": args.task}
     if args.task == "classification":

@@ -46,8 +46,10 @@ def qa_rows(n: int, seed: int) -> list[dict]:
     rows = []
     for i in range(n):
         answer = ["yes", "no", "maybe"][i % 3]
-        rows.append({"question": f"Does drug {i} help?", "context": "The trial " + " ".join(rng.choices(GOOD + BAD, k=12)),
-                     "answer": answer, "long_answer": f"It {'helps' if answer == 'yes' else 'may not help'}."})
+        context = "The trial " + " ".join(rng.choices(GOOD + BAD, k=12))
+        long_answer = f"It {'helps' if answer == 'yes' else 'may not help'}."
+        rows.append({"question": f"Does drug {i} help?", "context": context, "answer": answer,
+                     "long_answer": long_answer})
     return rows
 
 
