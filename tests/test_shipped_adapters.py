@@ -1,0 +1,65 @@
+"""The adapters shipped in adapters/ load on the real base and, served through /predict, score about what their
+loraswap.json records (20 dev rows each, so only the ballpark is checked)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from scripts import eval_adapter
+from server.adapter_format import METADATA_FILE
+
+pytestmark = pytest.mark.real_base
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = Path(__file__).parents[1].parent / "shared" / "data"
+ROWS = 20
+TOLERANCE = 0.2  # 20 rows: one row is 0.05
+# name -> (dev file, the recorded metric compared)
+SHIPPED = {
+    "spam": ("sms_spam/dev.csv", "accuracy"),
+    "sentiment": ("sst2/dev.csv", "accuracy"),
+    "pubmedqa": ("pubmedqa/dev.jsonl", "decision_accuracy"),
+}
+
+
+@pytest.fixture(scope="module")
+def client():
+    from fastapi.testclient import TestClient
+
+    from server.api import create_app
+    from server.engine import Engine
+    from server.settings import Settings
+
+    cache = Path(os.environ.get("LORASWAP_CACHE_DIR", Path.home() / ".cache" / "loraswap"))
+    settings = Settings(adapters_dir=REPO / "adapters", dtype="float32", cache_dir=cache)
+    engine = Engine.from_settings(settings)
+    with TestClient(create_app(settings, engine=engine)) as client:
+        yield client
+    engine.close()
+
+
+def test_shipped_adapters_are_served_with_their_metrics(client):
+    listed = {a["name"]: a for a in client.get("/adapters").json()["adapters"]}
+    for name in SHIPPED:
+        meta = json.loads((REPO / "adapters" / name / METADATA_FILE).read_text())
+        assert name in listed, f"{name} was skipped by the registry"
+        assert listed[name]["metrics"] == meta["metrics"]
+        assert listed[name]["task"] == meta["task"]
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_adapter_scores_its_recorded_metric(client, name):
+    dev_file, key = SHIPPED[name]
+    path = DATA / dev_file
+    if not path.is_file():
+        pytest.skip(f"{path} is absent")
+    meta = json.loads((REPO / "adapters" / name / METADATA_FILE).read_text())
+    rows = eval_adapter.read_rows(path)[:ROWS]
+    # generation: the decision word comes first, a few tokens decide it
+    metrics = eval_adapter.evaluate(client, name, eval_adapter.EvalSpec.from_metadata(meta), rows, path,
+                                    max_new_tokens=4)
+    assert abs(metrics[key] - meta["metrics"][key]) <= TOLERANCE, (metrics[key], meta["metrics"][key])
