@@ -63,7 +63,7 @@ def test_starts_from_a_slim_python_of_our_version():
 def test_every_copied_file_exists_and_is_in_the_build_context():
     ignored = [p for p in (REPO / ".dockerignore").read_text().splitlines() if p and not p.startswith("#")]
     sources = copy_sources()
-    assert set(sources) == {"pyproject.toml", "README.md", "server", "adapters"}
+    assert set(sources) == {"pyproject.toml", "README.md", "server", "scripts", "adapters"}
     for source in sources:
         assert (REPO / source).exists(), source
         assert not any(fnmatch.fnmatch(source, pattern) for pattern in ignored), f"{source} is in .dockerignore"
