@@ -68,21 +68,24 @@ def text(rng: random.Random, words: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(words))
 
 
-def run_stream(engine: Engine, jobs: list, call, concurrency: int) -> tuple[float, list[float]]:
-    """Closed loop: `concurrency` clients send the jobs; returns wall seconds and per-request latencies."""
-    latencies: list[float] = []
-    lock = threading.Lock()
-
-    def one(job):
-        started = time.perf_counter()
-        call(job)
-        with lock:
-            latencies.append(time.perf_counter() - started)
-
+def run_stream(jobs: list, call, concurrency: int) -> float:
+    """Closed loop: `concurrency` clients send the jobs; returns wall seconds."""
     started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
-        list(pool.map(one, jobs))
-    return time.perf_counter() - started, latencies
+        list(pool.map(call, jobs))
+    return time.perf_counter() - started
+
+
+def side_by_side(jobs: list, calls: dict, concurrency: int, rounds: int) -> dict[str, float]:
+    """Wall seconds of each call over the same jobs, run in `rounds` chunks whose order alternates (AB, BA, ...),
+    so that the drift of a shared machine (±15 % between minutes here) falls on both sides alike."""
+    walls = dict.fromkeys(calls, 0.0)
+    size = math.ceil(len(jobs) / rounds)
+    for round_index, start in enumerate(range(0, len(jobs), size)):
+        order = list(calls) if round_index % 2 == 0 else list(calls)[::-1]
+        for name in order:
+            walls[name] += run_stream(jobs[start : start + size], calls[name], concurrency)
+    return walls
 
 
 def with_slot(engine: Engine, location: AdapterLocation | None, fn):
@@ -164,29 +167,31 @@ def main() -> None:
     for kind in ("uniform", "zipf"):
         picks = popularity(n_cls, kind, n_requests, rng)
         jobs = list(zip(texts, picks))
-        base_wall, base_lat = run_stream(engine, jobs, lambda j: engine.classify([j[0]], base_slot), 32)
-        ours_wall, ours_lat = run_stream(
-            engine, jobs, lambda j: with_slot(engine, cls_locs[j[1]], lambda s: engine.classify([j[0]], s)), 32
-        )
+        walls = side_by_side(jobs, {
+            "base": lambda j: engine.classify([j[0]], base_slot),
+            "ours": lambda j: with_slot(engine, cls_locs[j[1]], lambda s: engine.classify([j[0]], s)),
+        }, concurrency=32, rounds=4 if quick else 8)
+        base_wall, ours_wall = walls["base"], walls["ours"]
         ratio = base_wall / ours_wall
         results[f"classification_{kind}"] = {"requests": n_requests, "adapter_rps": n_requests / ours_wall,
                                              "base_rps": n_requests / base_wall, "ratio": ratio}
         rows.append((f"classification stream, {n_cls} adapters ({kind})", "throughput / base-only", ratio, ">= 0.90"))
 
     # ---- generation stream, 20 adapters, 32 new tokens ---------------------------------------------------------
-    n_gen_requests = 16 if quick else 48
+    n_gen_requests = 16 if quick else 64
     params = GenerationParams(max_new_tokens=32)
     prompts = [text(rng, rng.randint(6, 24)) for _ in range(n_gen_requests)]
     picks = popularity(n_gen, "zipf", n_gen_requests, rng)
     jobs = list(zip(prompts, picks))
     tokens = lambda outs: sum(r.tokens for out in outs for r in out)  # noqa: E731
     base_outs, ours_outs = [], []
-    base_wall, _ = run_stream(engine, jobs, lambda j: base_outs.append(engine.generate([j[0]], None, params)), 16)
-    ours_wall, _ = run_stream(
-        engine, jobs,
-        lambda j: ours_outs.append(with_slot(engine, gen_locs[j[1]], lambda s: engine.generate([j[0]], s, params))),
-        16,
-    )
+    walls = side_by_side(jobs, {
+        "base": lambda j: base_outs.append(engine.generate([j[0]], None, params)),
+        "ours": lambda j: ours_outs.append(
+            with_slot(engine, gen_locs[j[1]], lambda s: engine.generate([j[0]], s, params))
+        ),
+    }, concurrency=16, rounds=1 if quick else 4)
+    base_wall, ours_wall = walls["base"], walls["ours"]
     base_tps, ours_tps = tokens(base_outs) / base_wall, tokens(ours_outs) / ours_wall
     rows.append((f"generation stream (32 new tokens), {n_gen} adapters", "tokens/s / base-only tokens/s",
                  ours_tps / base_tps, ">= 0.80"))
@@ -202,19 +207,20 @@ def main() -> None:
     hot = engine.acquire(cls_locs[1])
     one = [text(rng, 48)]
 
-    def median_latency(slot: Slot, repeat: int = 15 if quick else 40) -> float:
+    def latencies(slot: Slot, repeat: int = 5) -> list[float]:
         samples = []
         for _ in range(repeat):
             started = time.perf_counter()
             engine.classify(one, slot)
             samples.append(time.perf_counter() - started)
-        return statistics.median(samples)
+        return samples
 
     merged_lat, base_lat = [], []
-    for _ in range(3):  # interleaved against drift; each base batch unmerges, so merge again before each hot run
+    for _ in range(4 if quick else 16):  # finely interleaved against drift (merging is not timed)
         engine.merge(hot)
-        merged_lat.append(median_latency(hot))
-        base_lat.append(median_latency(base_slot))
+        merged_lat += latencies(hot)
+        engine.unmerge()
+        base_lat += latencies(base_slot)
     engine.release(hot)
     merged_ratio = statistics.median(merged_lat) / statistics.median(base_lat)
     rows.append(("one hot adapter, merged", "latency / base latency", merged_ratio, "<= 1.02"))
