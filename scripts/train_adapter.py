@@ -492,6 +492,7 @@ def metadata_for(args, info: BaseInfo, prepared: Prepared, losses: list[float], 
         steps=len(losses),
         final_train_loss=round(sum(losses[-50:]) / len(losses[-50:]), 4),
         eval_loss_curve=[[s, round(v, 4)] for s, v in curve],
+        train_losses=[round(loss, 4) for loss in losses],  # per step: the plot can always be drawn again
         train_seconds=round(train_seconds, 1),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )

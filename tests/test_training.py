@@ -114,6 +114,7 @@ def test_classification_adapter_is_standard_peft_and_served_alike(cls_adapter, t
     assert meta["data"]["train"][0]["sha256"] == train_adapter.file_sha256(data["cls_train"])
     assert meta["hyperparameters"]["rank"] == 4 and meta["steps"] == 12 and meta["wall_seconds"] > 0
     assert len(meta["eval_loss_curve"]) == 5  # before training + 4 points
+    assert len(meta["train_losses"]) == meta["steps"]
 
     texts = [t for t, _ in sentiment_rows(12, 2)]
     reference = peft_reference_probs(tiny_base, cls_adapter, tokenizer, texts, 2)
