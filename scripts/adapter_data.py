@@ -87,12 +87,14 @@ def render(template: str, rows: list[Row], path: Path, truncate: dict[str, int] 
     return [template.format_map({f: v[i] for f, v in columns.items()}) for i in range(len(rows))]
 
 
-def check_labels_known(train_labels: list[str], eval_labels: list[str], path: Path, what: str = "label") -> None:
+def check_labels_known(
+    train_labels: list[str], eval_labels: list[str], path: Path, what: str = "label", known_by: str = "train"
+) -> None:
     unseen = sorted(set(eval_labels) - set(train_labels))
     if unseen:
         raise DataError(
             f"{path}: {what} {unseen[0]!r} appears only in the eval data "
-            f"(train has: {', '.join(sorted(set(train_labels)))})"
+            f"({known_by} has: {', '.join(sorted(set(train_labels)))})"
         )
 
 

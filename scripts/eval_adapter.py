@@ -20,7 +20,7 @@ from typing import Protocol
 
 import httpx
 
-from scripts.adapter_data import DataError, column, parse_truncate, read_rows, render
+from scripts.adapter_data import DataError, check_labels_known, column, parse_truncate, read_rows, render
 from scripts.metrics import classification_metrics, format_metrics, generation_metrics
 
 PROG = "eval-adapter"
@@ -78,11 +78,16 @@ def evaluate(client: Poster, adapter: str, spec: EvalSpec, rows: list[dict], pat
              max_new_tokens: int = 128, headers: dict | None = None) -> dict:
     """Metrics of one served adapter on rows of a data file."""
     inputs, gold, decisions = inputs_and_gold(spec, rows, path)
+    choices = spec.decision_labels or (sorted(set(decisions)) if decisions else None)
+    if spec.labels and spec.task == "classification":
+        check_labels_known(spec.labels, gold, path, known_by="the adapter")
+    if choices and decisions:
+        check_labels_known(choices, decisions, path, "decision", "the adapter")
     outputs = predict(client, adapter, inputs, batch_size, max_new_tokens, headers)
     if spec.task == "classification":
         labels = spec.labels or list(outputs[0]["scores"])
+        check_labels_known(labels, gold, path, known_by="the adapter")
         return classification_metrics(gold, [o["label"] for o in outputs], labels)
-    choices = spec.decision_labels or (sorted(set(decisions)) if decisions else None)
     return generation_metrics([o["generated_text"] for o in outputs], gold, decisions, choices)
 
 
@@ -111,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--truncate-column", action="append", default=[], metavar="COLUMN=CHARS")
     p.add_argument("--limit", type=int, help="only the first N rows")
     p.add_argument("--batch-size", type=int, default=16, help="inputs per /predict request")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=int, help="default: what the adapter was evaluated with, else 128")
     p.add_argument("--token", default=os.environ.get("LORASWAP_TOKEN"), help="bearer token, if the server wants one")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     return p
@@ -137,8 +142,8 @@ def main(argv: list[str] | None = None) -> int:
             spec = dataclasses.replace(spec, **{k: v for k, v in overrides.items() if v is not None})
             if args.truncate_column:
                 spec.truncate_columns = parse_truncate(args.truncate_column)
-            metrics = evaluate(client, args.adapter, spec, rows, args.data, args.batch_size, args.max_new_tokens,
-                               headers)
+            max_new_tokens = args.max_new_tokens or metadata.get("hyperparameters", {}).get("max_new_tokens", 128)
+            metrics = evaluate(client, args.adapter, spec, rows, args.data, args.batch_size, max_new_tokens, headers)
     except (DataError, RuntimeError, httpx.HTTPError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2

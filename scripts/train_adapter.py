@@ -42,6 +42,7 @@ from scripts.adapter_data import (
 from scripts.metrics import classification_metrics, format_metrics, generation_metrics
 from server.adapter_format import CONFIG_FILE, METADATA_FILE, WEIGHTS_FILE
 from server.base_model import BaseInfo, load_base
+from server.engine import encode_prompt
 from server.settings import Settings
 
 PROG = "train-adapter"
@@ -144,12 +145,6 @@ def classification_examples(
     return examples, texts, gold
 
 
-def chat_prompt(tokenizer, prompt: str) -> str:
-    """The server's wrapping of a generation prompt: one user message plus the assistant turn's opening."""
-    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                         tokenize=False)
-
-
 def generation_examples(args, tokenizer, path: Path) -> tuple[list[Example], list[str], list[str], list[str] | None]:
     rows = read_rows(path)
     truncate = parse_truncate(args.truncate_column)
@@ -158,18 +153,21 @@ def generation_examples(args, tokenizer, path: Path) -> tuple[list[Example], lis
     decisions = column(rows, args.decision_column, path) if args.decision_column else None
     examples = []
     for number, (prompt, answer) in enumerate(zip(prompts, answers), 1):
-        prompt_ids = tokenizer(chat_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]
-        answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        ids = _check_length(prompt_ids + answer_ids, args.max_length, args.truncation, path, number)
+        prompt_ids = encode_prompt(tokenizer, prompt)  # exactly as /predict wraps a generation prompt
         if len(prompt_ids) >= args.max_length:
             raise DataError(f"{path}: row {number}'s prompt alone has {len(prompt_ids)} tokens, over --max-length "
                             f"{args.max_length}; shorten it with --truncate-column")
+        answer_ids = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids = _check_length(prompt_ids + answer_ids, args.max_length, args.truncation, path, number)
         examples.append(Example(ids, prompt_len=len(prompt_ids)))
     return examples, prompts, answers, decisions
 
 
 def prepare(args, tokenizer) -> Prepared:
     """Read, check and tokenize all data; every DataError is raised here, before a model is built."""
+    train_hashes = {file_sha256(p) for p in args.train}
+    if args.eval and file_sha256(args.eval) in train_hashes:
+        raise DataError(f"{args.eval}: the eval file is also a training file; evaluate on held-out data")
     if args.task == "classification":
         train, gold = [], []
         for path in args.train:
@@ -484,7 +482,7 @@ def metadata_for(args, info: BaseInfo, prepared: Prepared, losses: list[float], 
     else:
         metadata.update(prompt_template=args.prompt_template, answer_template=args.answer_template,
                         truncate_columns=parse_truncate(args.truncate_column), decision_column=args.decision_column,
-                        decision_labels=prepared.labels or None, chat_template=True)
+                        decision_labels=prepared.labels or None)
     metadata.update(
         base_model={"name": info.name, "fingerprint": info.fingerprint},
         data=prepared.data,

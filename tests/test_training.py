@@ -177,10 +177,13 @@ def bad_data(root: Path) -> dict[str, tuple[list[str], str]]:
         "label only in eval": (["ok.csv", "neutral.csv"], "label 'neutral' appears only in the eval data"),
         "not utf-8": (["latin1.csv", "ok.csv"], "not UTF-8"),
         "too long": (["long.csv", "ok.csv"], "row 9 has 300 tokens, over --max-length 256"),
+        "eval is train": (["ok.csv", "ok.csv"], "the eval file is also a training file"),
     }
 
 
-@pytest.mark.parametrize("case", ["missing column", "empty file", "label only in eval", "not utf-8", "too long"])
+@pytest.mark.parametrize(
+    "case", ["missing column", "empty file", "label only in eval", "not utf-8", "too long", "eval is train"]
+)
 def test_bad_data_fails_before_training(case, tiny_base, tmp_path, capsys, monkeypatch):
     (train, dev), message = bad_data(tmp_path)[case]
     monkeypatch.setattr(train_adapter, "build_model", lambda *a: pytest.fail("training started"))
@@ -296,3 +299,11 @@ def test_eval_adapter_command_reads_metadata_and_prints_metrics(cls_adapter, dat
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["accuracy"] == 0.5 and metrics["rows"] == 12
     assert metrics["per_class"]["positive"]["recall"] == 1.0
+
+
+def test_eval_adapter_refuses_a_gold_label_the_adapter_lacks(cls_adapter, tmp_path, capsys):
+    dev = tmp_path / "dev.csv"
+    write_csv(dev, sentiment_rows(4, 3) + [("so so", "neutral")])
+    args = ["--url", "http://127.0.0.1:9", "--adapter", "senti", "--data", str(dev), "--metadata", str(cls_adapter)]
+    assert eval_adapter.main(args) == 2  # refused before any request: nothing listens on port 9
+    assert "label 'neutral' appears only in the eval data" in capsys.readouterr().err
