@@ -103,8 +103,13 @@ def check_safetensors_header(path: Path, max_header_bytes: int = MAX_HEADER_BYTE
             return [f"{WEIGHTS_FILE} header is not valid JSON"]
     if not isinstance(header, dict):
         return [f"{WEIGHTS_FILE} header is not a JSON object"]
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)
-               and "data_offsets" in v), default=0)
+    tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+    offsets = [v.get("data_offsets") if isinstance(v, dict) else None for v in tensors.values()]
+    bad = [k for k, o in zip(tensors, offsets)
+           if not (isinstance(o, list) and len(o) == 2 and all(type(x) is int and x >= 0 for x in o))]
+    if bad:
+        return [f"{WEIGHTS_FILE} header: tensor {bad[0]!r} has no valid data_offsets"]
+    end = max((o[1] for o in offsets), default=0)
     if 8 + header_len + end > size:
         return [f"{WEIGHTS_FILE} is truncated: tensors need {end} bytes, file has {size - 8 - header_len}"]
     return []
@@ -140,10 +145,20 @@ def _check_config(config: dict, problems: list[str]) -> None:
     if config.get("trainable_token_indices"):
         problems.append("trainable_token_indices is not supported")
     task_type = config.get("task_type")
-    if task_type not in TASK_TYPES:
+    if not isinstance(task_type, (str, type(None))) or task_type not in TASK_TYPES:
         problems.append(f"task_type {task_type!r} is not supported; use CAUSAL_LM or SEQ_CLS")
     if not isinstance(config.get("r", 8), int) or not isinstance(config.get("lora_alpha", 8), (int, float)):
         problems.append("r must be an integer and lora_alpha a number")
+    for name in ("rank_pattern", "alpha_pattern"):
+        pattern = config.get(name) or {}
+        if not isinstance(pattern, dict) or not all(isinstance(v, (int, float)) for v in pattern.values()):
+            problems.append(f"{name} must map module patterns to numbers")
+            continue
+        for key in pattern:
+            try:
+                re.compile(key)
+            except re.error as exc:
+                problems.append(f"{name} key {key!r} is not a valid regular expression ({exc})")
 
 
 def _pattern_value(pattern: dict, module: str, default):
@@ -159,6 +174,9 @@ def _labels(folder: Path, metadata: dict, n_labels: int, problems: list[str]) ->
     if labels is None and (folder / "config.json").is_file():
         id2label = _read_json(folder / "config.json", problems).get("id2label")
         if isinstance(id2label, dict):
+            if not all(isinstance(k, str) and k.isdigit() for k in id2label):
+                problems.append("config.json id2label keys must be label indices ('0', '1', ...)")
+                return [f"LABEL_{i}" for i in range(n_labels)]
             labels = [id2label[k] for k in sorted(id2label, key=int)]
     if labels is None:
         return [f"LABEL_{i}" for i in range(n_labels)]
@@ -222,6 +240,9 @@ def read_adapter(folder: Path, max_rank: int | None = None) -> AdapterWeights:
             problems.append(f"{module}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} do not pair (A: r x in, B: out x r)")
             continue
         rank = A.shape[0]
+        if rank == 0:
+            problems.append(f"{module}: rank 0 (empty lora_A and lora_B)")
+            continue
         module_alpha = float(_pattern_value(config.get("alpha_pattern"), module, alpha))
         scale = module_alpha / math.sqrt(rank) if config.get("use_rslora") else module_alpha / rank
         modules[module] = LoraModuleWeights(A=A, B=B, scale=scale)

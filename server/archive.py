@@ -14,6 +14,7 @@ import shutil
 import stat
 import tarfile
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Callable, Iterator
@@ -70,7 +71,10 @@ def extract_archive(archive: BinaryIO, target: Path, limits: ArchiveLimits) -> N
                 _extract(_tar_members(tf, limits), target, limits)
         else:
             raise AdapterInvalid(["the upload is neither a .zip nor a .tar.gz archive"])
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError) as exc:
+    # zlib.error: a corrupt deflate stream; RuntimeError: an encrypted zip member; NotImplementedError: an
+    # unsupported compression method
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError, zlib.error, RuntimeError,
+            NotImplementedError) as exc:
         raise AdapterInvalid([f"the archive cannot be read ({exc.__class__.__name__}: {exc})"]) from None
 
 

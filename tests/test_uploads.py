@@ -471,3 +471,60 @@ def test_every_problem_is_reported_at_once(refused, variant):
 def test_labels_come_from_the_uploaded_metadata(admin, adapter_store):
     response = upload(admin, "sentiment-2", folder_files(adapter_store / "sentiment"))
     assert response.json()["labels"] == LABELS
+
+
+# ---- malformed fields that must be named, never crash the check ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "config, reason",
+    [
+        ({"task_type": ["CAUSAL_LM"]}, "task_type ['CAUSAL_LM'] is not supported"),
+        ({"alpha_pattern": {"q_proj(": 4}}, "alpha_pattern key 'q_proj(' is not a valid regular expression"),
+        ({"alpha_pattern": ["q_proj"]}, "alpha_pattern must map module patterns to numbers"),
+        ({"rank_pattern": {"q_proj": "big"}}, "rank_pattern must map module patterns to numbers"),
+    ],
+)
+def test_malformed_config_fields_are_422(refused, variant, config, reason):
+    refused("malformed", folder_files(variant(config=config)), 422, reason)
+
+
+def test_id2label_with_keys_that_are_not_indices_is_422(refused, adapter_store, tmp_path):
+    folder = tmp_path / "cls"
+    shutil.copytree(adapter_store / "sentiment", folder)
+    (folder / "loraswap.json").write_text(json.dumps({"task": "classification"}))
+    (folder / "config.json").write_text(json.dumps({"id2label": {"first": "a", "second": "b", "third": "c"}}))
+    refused("id2label", folder_files(folder), 422, "id2label keys must be label indices")
+
+
+def test_a_rank_zero_pair_is_422(refused, variant):
+    def empty_pair(tensors):
+        prefix = next(k for k in tensors if k.endswith("q_proj.lora_A.weight")).removesuffix(".lora_A.weight")
+        return {**tensors, f"{prefix}.lora_A.weight": torch.ones(0, 64), f"{prefix}.lora_B.weight": torch.ones(64, 0)}
+
+    refused("rank0", folder_files(variant(tensors=empty_pair)), 422, "rank 0 (empty lora_A and lora_B)")
+
+
+def test_a_safetensors_header_without_valid_offsets_is_422(refused, variant):
+    folder = variant()
+    header = json.dumps({"x.lora_A.weight": {"dtype": "F32", "shape": [1], "data_offsets": "nope"}}).encode()
+    (folder / "adapter_model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 4)
+    refused("offsets", folder_files(folder), 422, "tensor 'x.lora_A.weight' has no valid data_offsets")
+
+
+def test_an_encrypted_zip_member_is_422(refused, good_members):
+    body = bytearray(_zip(good_members))
+    for signature, flag_offset in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):  # general purpose flag bit 0
+        start = 0
+        while (at := body.find(signature, start)) >= 0:
+            body[at + flag_offset] |= 1
+            start = at + 4
+    refused("encrypted", as_file(bytes(body)), 422, "the archive cannot be read")
+
+
+def test_a_corrupt_deflate_stream_is_422(refused, good_members):
+    body = bytearray(_zip(good_members))
+    name_len, extra_len = struct.unpack_from("<HH", body, 26)
+    data = 30 + name_len + extra_len
+    body[data : data + 16] = b"\xff" * 16  # the first member's compressed bytes
+    refused("corrupt", as_file(bytes(body)), 422, "the archive cannot be read")
