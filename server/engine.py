@@ -378,14 +378,18 @@ class Engine:
         adapter = self.check_adapter(location.folder)  # a broken adapter fails here and evicts nothing
         if location.sha256 and adapter.sha256 != location.sha256:
             raise AdapterChanged(location.name)  # its folder now holds other weights: never serve them as this
-        index = self._take_free_index()
-        slot = Slot(index, location, adapter.task, adapter.labels, None, None)
+        head_weight = head_bias = None
         if adapter.head_weight is not None:
-            slot.head_weight = adapter.head_weight.to(self.device, self.dtype)
-            slot.head_bias = None if adapter.head_bias is None else adapter.head_bias.to(self.device, self.dtype)
+            head_weight = adapter.head_weight.to(self.device, self.dtype)
+            head_bias = None if adapter.head_bias is None else adapter.head_bias.to(self.device, self.dtype)
+        index = self._take_free_index()
+        slot = Slot(index, location, adapter.task, adapter.labels, head_weight, head_bias)
         try:
             self._call(lambda: self._install(index, adapter))
         except BaseException:
+            # an install cut short may have filled some layers: clear them, or the next adapter in this slot
+            # would inherit them in the modules it does not cover itself
+            self._call(lambda: self._uninstall(index))
             with self._lock:
                 self._free.append(index)
             raise
@@ -632,7 +636,8 @@ class Engine:
         rows = self.encode_for_generation(prompts, params)
         work = _Work(rows, slot_index=BASE_SLOT if slot is None else slot.index, params=params)
         # seeded sampling runs alone so that its random stream does not depend on other requests
-        key = None if params.seed is not None else ("generate", params.temperature, params.top_p, params.stop)
+        top_p = params.top_p if params.temperature > 0 else None  # greedy ignores top_p: batch those together
+        key = None if params.seed is not None else ("generate", params.temperature, top_p, params.stop)
         if key is None:
             return self._call(lambda: self._run_batch([Job(None, len(rows), work)])[0])
         return self._scheduler.submit(key, len(rows), work).result()

@@ -268,6 +268,28 @@ def test_a_broken_adapter_never_evicts_a_working_one(engine8, thousand, tmp_path
     assert engine8.loaded() == before and engine8.evictions == evictions
 
 
+def test_a_load_that_fails_midway_leaves_its_slot_clean(engine8, adapter_store, monkeypatch):
+    layer_type = type(next(iter(engine8.layers.values())))
+    real_set_slot, calls = layer_type.set_slot, []
+
+    def fails_at_the_third_layer(layer, *args):
+        calls.append(layer)
+        if len(calls) == 3:
+            raise MemoryError("out of memory")
+        return real_set_slot(layer, *args)
+
+    location = AdapterLocation("many-modules", 1, adapter_store / "gen-a")
+    monkeypatch.setattr(layer_type, "set_slot", fails_at_the_third_layer)
+    with pytest.raises(MemoryError):
+        engine8.acquire(location)
+    monkeypatch.undo()
+    assert len(calls) == 3 and "many-modules" not in loaded(engine8)
+    in_use = {slot.index for slot in engine8._slots.values()}
+    assert all(set(layer.pairs) <= in_use for layer in engine8.layers.values())  # nothing left behind
+    engine8.release(engine8.acquire(location))  # the slot serves again
+    engine8.unload("many-modules")
+
+
 def test_pinned_adapters_are_never_evicted(engine8, thousand):
     engine8.pin("a0100")
     try:
