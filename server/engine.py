@@ -373,9 +373,12 @@ class Engine:
 
     def _load(self, location: AdapterLocation) -> Slot:
         started = time.perf_counter()
-        if not location.folder.is_dir():
-            raise AdapterChanged(location.name)
-        adapter = self.check_adapter(location.folder)  # a broken adapter fails here and evicts nothing
+        try:
+            adapter = self.check_adapter(location.folder)  # a broken adapter fails here and evicts nothing
+        except (OSError, AdapterInvalid):
+            if not location.folder.is_dir():  # deleted or replaced while we read it
+                raise AdapterChanged(location.name) from None
+            raise
         if location.sha256 and adapter.sha256 != location.sha256:
             raise AdapterChanged(location.name)  # its folder now holds other weights: never serve them as this
         head_weight = head_bias = None
