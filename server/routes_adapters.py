@@ -21,7 +21,7 @@ from starlette.datastructures import FormData, UploadFile
 from .api import ServicesDep
 from .archive import ArchiveLimits, write_zip
 from .engine import Engine
-from .errors import Forbidden, InvalidInput, PayloadTooLarge, Unauthorized
+from .errors import AdapterChanged, Forbidden, InvalidInput, PayloadTooLarge, Unauthorized
 from .registry import AdapterRecord
 
 log = logging.getLogger(__name__)
@@ -99,8 +99,14 @@ def download_adapter(name: str, svc: ServicesDep) -> FileResponse:
     """The current version as a zip of one folder `<name>/`, loadable with PeftModel.from_pretrained."""
     record = svc.registry.get(name)
     with tempfile.NamedTemporaryFile(suffix=".zip", delete=False) as handle:
-        write_zip(record.folder, handle, name)
-    path = Path(handle.name)
+        path = Path(handle.name)
+        try:
+            write_zip(record.folder, handle, name)
+        except BaseException:
+            path.unlink()
+            if not record.folder.is_dir():  # deleted or replaced while we zipped it
+                raise AdapterChanged(name) from None
+            raise
     return FileResponse(path, media_type="application/zip", filename=f"{name}-v{record.version}.zip",
                         background=BackgroundTask(path.unlink))
 
