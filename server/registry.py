@@ -138,16 +138,10 @@ class Registry:
         return AdapterRecord(
             name=name,
             version=int(stored.get("version", 1)),
-            task=adapter.task,
-            labels=adapter.labels,
-            rank=adapter.rank,
-            alpha=adapter.alpha,
-            target_modules=adapter.target_modules,
-            size_bytes=adapter.size_bytes,
-            sha256=adapter.sha256,
             created=created,
             metrics=adapter.metadata.get("metrics"),
             folder=folder,
+            **adapter.describe(),
         )
 
     # ---- writing ---------------------------------------------------------------------------------------------
