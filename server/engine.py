@@ -516,8 +516,10 @@ class Engine:
         self._check_lengths([len(x) for x in ids], 0, "inputs")
         return ids
 
-    def encode_for_generation(self, prompts: list[str], params: GenerationParams) -> list[list[int]]:
-        ids = [encode_prompt(self.tokenizer, p, params.chat) for p in prompts]
+    def encode_for_generation(self, prompts: list[str | list[int]], params: GenerationParams) -> list[list[int]]:
+        """Token ids of each prompt: a text (wrapped as `params.chat` says) or ids already encoded (a conversation
+        from encode_messages)."""
+        ids = [list(p) if isinstance(p, list) else encode_prompt(self.tokenizer, p, params.chat) for p in prompts]
         self._check_lengths([len(x) for x in ids], params.max_new_tokens, "inputs")
         return ids
 
@@ -633,7 +635,9 @@ class Engine:
         work = _Work(rows, slots=[slot] * len(rows))
         return self._scheduler.submit("classify", len(rows), work).result()
 
-    def generate(self, prompts: list[str], slot: Slot | None, params: GenerationParams) -> list[GenerationResult]:
+    def generate(
+        self, prompts: list[str | list[int]], slot: Slot | None, params: GenerationParams
+    ) -> list[GenerationResult]:
         if slot is not None and slot.task != "generation":
             raise InvalidInput("adapter", f"{slot.location.name!r} is a {slot.task} adapter, not generation")
         rows = self.encode_for_generation(prompts, params)
@@ -646,9 +650,10 @@ class Engine:
         return self._scheduler.submit(key, len(rows), work).result()
 
     def predict(
-        self, location: AdapterLocation | None, texts: list[str], params: GenerationParams
+        self, location: AdapterLocation | None, texts: list[str | list[int]], params: GenerationParams
     ) -> tuple[Task, list[ClassificationResult] | list[GenerationResult]]:
-        """Serve texts with one adapter version (None: the base generates); loads the adapter if needed."""
+        """Serve texts with one adapter version (None: the base generates); loads the adapter if needed.
+        Generation also takes prompt ids (encode_messages); classification takes texts only."""
         if location is None:
             return "generation", self.generate(texts, None, params)
         slot = self.acquire(location)
@@ -670,11 +675,7 @@ class Engine:
         """
         if slot is not None and slot.task != "generation":
             raise InvalidInput("adapter", f"{slot.location.name!r} is a {slot.task} adapter, not generation")
-        if isinstance(prompt, str):
-            [row] = self.encode_for_generation([prompt], params)
-        else:
-            row = list(prompt)
-            self._check_lengths([len(row)], params.max_new_tokens, "inputs")
+        [row] = self.encode_for_generation([prompt], params)
         index = BASE_SLOT if slot is None else slot.index
         streamer = _TokenQueue()
 

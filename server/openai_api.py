@@ -299,11 +299,10 @@ def openai_router(services: Services, status_of: Callable[[LoraswapError], int])
         else:
             prompt = engine.encode_messages([{"role": m.role, "content": m.text()} for m in body.messages], params)
             texts = []
-        stream = engine.predict_stream(location, prompt, params)
         if body.stream:
-            return stream_answer(reply, body, stream, engine, record, texts)
-        *_, result = stream
-        count_tokens(engine, record, texts, [result])
-        return reply.body([result], record)
+            return stream_answer(reply, body, engine.predict_stream(location, prompt, params), engine, record, texts)
+        _, results = engine.predict(location, [prompt], params)  # batched with other requests
+        count_tokens(engine, record, texts, results)
+        return reply.body(results, record)
 
     return router

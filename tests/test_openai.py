@@ -230,3 +230,33 @@ def test_server_logs_one_json_line_per_request(oai, server):
     last = [e for e in entries() if e["logger"] == "server.requests"][-1]
     assert (last["method"], last["path"], last["status"], last["adapter"]) == ("POST", "/v1/completions", 200, "topic")
     assert last["tokens_in"] > 0 and last["tokens_out"] == 0 and last["latency_ms"] > 0
+
+
+def test_concurrent_chat_requests_share_forwards(tiny_settings):
+    """Non-streamed chat completions go through the scheduler like /predict: concurrent ones batch together."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from fastapi.testclient import TestClient
+
+    from server.api import create_app
+    from server.engine import Engine
+
+    settings = tiny_settings.model_copy(update={"max_wait_ms": 200.0, "auto_merge": False})
+    engine = Engine.from_settings(settings)
+    try:
+        with TestClient(create_app(settings, engine=engine)) as client:
+
+            def ask(model: str) -> str:
+                body = {"model": model, "messages": MESSAGES, "max_tokens": 4, "temperature": 0}
+                response = client.post("/v1/chat/completions", json=body)
+                assert response.status_code == 200, response.text
+                return response.json()["choices"][0]["message"]["content"]
+
+            alone = {model: ask(model) for model in ("gen-a", "gen-b")}
+            engine.batch_sizes.clear()
+            with ThreadPoolExecutor(max_workers=4) as pool:
+                together = list(pool.map(lambda m: (m, ask(m)), ["gen-a", "gen-b"] * 2))
+    finally:
+        engine.close()
+    assert max(engine.batch_sizes) > 1, engine.batch_sizes
+    assert all(text == alone[model] for model, text in together)
