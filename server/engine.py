@@ -679,8 +679,10 @@ class Engine:
         index = BASE_SLOT if slot is None else slot.index
         streamer = _TokenQueue()
 
-        def job() -> list[GenerationResult]:
+        def job() -> list[GenerationResult]:  # runs on the worker thread, like _run_batch
             try:
+                if self.merge_policy is not None:
+                    self.merge_policy.observe(index)
                 return self._generate_rows([row], [index], params, [params.max_new_tokens], streamer)
             finally:
                 streamer.tokens.put(None)

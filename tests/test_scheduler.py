@@ -202,3 +202,19 @@ def test_auto_merge_follows_the_traffic(tiny_settings, adapter_store):
             engine.release(other)
     finally:
         engine.close()
+
+
+def test_streamed_generations_count_for_the_merge_policy(tiny_settings, adapter_store):
+    settings = tiny_settings.model_copy(update={"merge_window": 4, "merge_share": 0.75, "unmerge_share": 0.5})
+    engine = Engine.from_settings(settings)
+    try:
+        slot = engine.acquire(location(adapter_store, "gen-a"))
+        try:
+            for _ in range(4):
+                *_, result = engine.generate_stream("hello", slot, GenerationParams(max_new_tokens=2))
+            assert engine.merged_adapter == "gen-a"  # the fourth stream ran merged
+            assert result.tokens == 2
+        finally:
+            engine.release(slot)
+    finally:
+        engine.close()
