@@ -155,6 +155,7 @@ class _Work:
     slots: list[Slot] | None = None  # classification
     slot_index: int = BASE_SLOT  # generation
     params: GenerationParams | None = None
+    observed: bool = False  # counted by the merge policy (a failed batch is retried job by job: count once)
 
 
 class EngineObserver(Protocol):
@@ -614,7 +615,9 @@ class Engine:
         works: list[_Work] = [job.payload for job in jobs]
         if self.merge_policy is not None:
             for work in works:
-                self.merge_policy.observe(work.slots[0].index if work.slots is not None else work.slot_index)
+                if not work.observed:
+                    self.merge_policy.observe(work.slots[0].index if work.slots is not None else work.slot_index)
+                    work.observed = True
         rows = [row for w in works for row in w.rows]
         if works[0].slots is not None:
             flat = self._classify_rows(rows, [slot for w in works for slot in w.slots])

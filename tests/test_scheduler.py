@@ -218,3 +218,21 @@ def test_streamed_generations_count_for_the_merge_policy(tiny_settings, adapter_
             engine.release(slot)
     finally:
         engine.close()
+
+
+def test_a_job_retried_after_its_batch_failed_is_counted_once(tiny_settings, adapter_store):
+    from server.engine import _Work
+    from server.scheduler import Job
+
+    engine = Engine.from_settings(tiny_settings)
+    try:
+        slot = engine.acquire(location(adapter_store, "sentiment"))
+        try:
+            job = Job(None, 1, _Work(engine.encode_for_classification(["hello"]), slots=[slot]))
+            for _ in range(2):  # the scheduler reruns each job of a failed batch on its own
+                engine._call(lambda: engine._run_batch([job]))
+            assert list(engine.merge_policy.recent) == [slot.index]
+        finally:
+            engine.release(slot)
+    finally:
+        engine.close()
