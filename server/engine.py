@@ -386,10 +386,16 @@ class Engine:
         if adapter.head_weight is not None:
             head_weight = adapter.head_weight.to(self.device, self.dtype)
             head_bias = None if adapter.head_bias is None else adapter.head_bias.to(self.device, self.dtype)
-        index = self._take_free_index()
+        index, evicted = self._take_free_index()
+
+        def install() -> None:  # one worker call: clearing the evicted adapter and filling the slot
+            if evicted:
+                self._uninstall(index)
+            self._install(index, adapter)
+
         slot = Slot(index, location, adapter.task, adapter.labels, head_weight, head_bias)
         try:
-            self._call(lambda: self._install(index, adapter))
+            self._call(install)
         except BaseException:
             # an install cut short may have filled some layers: clear them, or the next adapter in this slot
             # would inherit them in the modules it does not cover itself
@@ -408,11 +414,12 @@ class Engine:
                  location.version, adapter.task, adapter.sha256[:12], index, slot.load_ms)
         return slot
 
-    def _take_free_index(self) -> int:
-        """A free slot index, evicting the least recently used idle, unpinned adapter if none is free."""
+    def _take_free_index(self) -> tuple[int, bool]:
+        """A free slot index, evicting the least recently used idle, unpinned adapter if none is free; and whether
+        it was evicted (its layers still hold the old pairs until the caller's install clears them)."""
         with self._lock:
             if self._free:
-                return self._free.pop()
+                return self._free.pop(), False
             victim = next((k for k, s in self._slots.items() if s.in_use == 0 and not s.pinned), None)
             if victim is None:
                 raise SlotsBusy(f"all {self._capacity} adapter slots are in use or pinned; retry shortly")
@@ -420,9 +427,8 @@ class Engine:
             self.evictions += 1
             for observer in self.observers:
                 observer.adapter_evicted(victim.name)
-        self._call(lambda: self._uninstall(slot.index))
-        log.info("evicted adapter %s v%d from slot %d", victim.name, victim.version, slot.index)
-        return slot.index
+        log.info("evicting adapter %s v%d from slot %d", victim.name, victim.version, slot.index)
+        return slot.index, True
 
     def unload(self, name: str) -> None:
         """Drop every loaded version of an adapter (deleted or replaced): later requests cannot acquire them, and
