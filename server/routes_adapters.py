@@ -102,9 +102,9 @@ def download_adapter(name: str, svc: ServicesDep) -> FileResponse:
         path = Path(handle.name)
         try:
             write_zip(record.folder, handle, name)
-        except BaseException:
+        except BaseException as exc:
             path.unlink()
-            if not record.folder.is_dir():  # deleted or replaced while we zipped it
+            if isinstance(exc, OSError) and not record.folder.is_dir():  # deleted or replaced while we zipped it
                 raise AdapterChanged(name) from None
             raise
     return FileResponse(path, media_type="application/zip", filename=f"{name}-v{record.version}.zip",
