@@ -15,18 +15,32 @@ import threading
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, TypeVar
 
 import torch
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria
+from transformers import (
+    GenerationConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 from transformers.generation.streamers import BaseStreamer
 
 from .adapter_format import AdapterWeights, Task, read_adapter
 from .base_model import BaseInfo, load_base
 from .errors import AdapterChanged, AdapterInvalid, InvalidInput, LoraswapError
-from .lora import BASE_SLOT, LoraContext, MultiLoraLinear, fit_problems, resolve_module_path, wrap_linear_layers
+from .lora import (
+    BASE_SLOT,
+    LoraContext,
+    MultiLoraLinear,
+    fit_problems,
+    resolve_module_path,
+    wrap_linear_layers,
+)
 from .scheduler import Job, Scheduler
 from .settings import Settings
 
@@ -155,6 +169,7 @@ class _Work:
     slots: list[Slot] | None = None  # classification
     slot_index: int = BASE_SLOT  # generation
     params: GenerationParams | None = None
+    stream: _TokenQueue | None = None  # a streamed generation (one row): its tokens as they come
     observed: bool = False  # counted by the merge policy (a failed batch is retried job by job: count once)
 
 
@@ -167,10 +182,6 @@ class EngineObserver(Protocol):
     def adapter_evicted(self, name: str) -> None: ...
 
     def batch_ran(self, rows: int) -> None: ...
-
-
-class StreamClosed(Exception):
-    """Raised inside model.generate when the reader of a stream has gone: it frees the engine thread."""
 
 
 class TextDeltas:
@@ -210,25 +221,54 @@ class TextDeltas:
         return final_text[len(self.sent):]
 
 
-class _TokenQueue(BaseStreamer):
-    """Hands each new token id from model.generate (engine thread) to the reader of a stream (caller thread)."""
+class _TokenQueue:
+    """One streamed row: its new token ids from model.generate (worker thread) to the stream's reader."""
 
     def __init__(self) -> None:
         self.tokens: queue.Queue[int | None] = queue.Queue()  # None: generation is over
-        self.closed = threading.Event()
+        self.closed = threading.Event()  # the reader has gone: the row stops at its next token
+        self.sent = 0  # tokens handed over so far; a rerun of the row (its batch failed) does not send them again
+
+
+class _BatchStreamer(BaseStreamer):
+    """Fans each decode step's new tokens out to the streamed rows of a batch, until each row's EOS or budget."""
+
+    def __init__(self, queues: list[_TokenQueue | None], budgets: list[int], eos: int):
+        self.queues = queues
+        self.budgets = budgets
+        self.eos = eos
+        self.produced = [0] * len(queues)
+        self.done = [q is None for q in queues]
         self._prompt_skipped = False
 
     def put(self, value: torch.Tensor) -> None:
-        if self.closed.is_set():
-            raise StreamClosed
         if not self._prompt_skipped:  # generate() first puts the whole prompt
             self._prompt_skipped = True
             return
-        for token in value.reshape(-1).tolist():
-            self.tokens.put(token)
+        for i, token in enumerate(value.reshape(-1).tolist()):
+            if self.done[i]:
+                continue
+            self.produced[i] += 1
+            stream = self.queues[i]
+            if self.produced[i] > stream.sent:
+                stream.tokens.put(token)
+                stream.sent += 1
+            self.done[i] = token == self.eos or self.produced[i] >= self.budgets[i]
 
     def end(self) -> None:
-        """Nothing: the job that runs generate() marks the end in its `finally`, which also covers errors."""
+        """Nothing: each stream learns its end from its request's future (errors included)."""
+
+
+class _ClosedRows(StoppingCriteria):
+    """Finishes the rows whose stream reader has gone; the batch ends early once every row is finished."""
+
+    def __init__(self, queues: list[_TokenQueue | None], device: torch.device):
+        self.queues = queues
+        self.device = device
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        closed = [q is not None and q.closed.is_set() for q in self.queues]
+        return torch.tensor(closed, dtype=torch.bool, device=self.device)
 
 
 class Engine:
@@ -576,9 +616,10 @@ class Engine:
         slot_indices: list[int],
         params: GenerationParams,
         budgets: list[int],
-        streamer: BaseStreamer | None = None,
+        streams: list[_TokenQueue | None] | None = None,
     ) -> list[GenerationResult]:
-        """One generate call for rows of any adapters sharing sampling settings; budgets: max_new_tokens per row."""
+        """One generate call for rows of any adapters sharing sampling settings; budgets: max_new_tokens per row;
+        streams: the streamed rows' token queues (None for the others)."""
         self._record_batch(len(rows))
         self._prepare_merge_state(set(slot_indices))
         ids, mask = self._pad(rows, "left")
@@ -597,7 +638,13 @@ class Engine:
         )
         if params.seed is not None:
             torch.manual_seed(params.seed)
-        stopping = [RowBudget(budgets, ids.shape[1], ids.device)] if len(set(budgets)) > 1 else None
+        stopping = StoppingCriteriaList()
+        if len(set(budgets)) > 1:
+            stopping.append(RowBudget(budgets, ids.shape[1], ids.device))
+        streamer = None
+        if streams is not None and any(streams):
+            stopping.append(_ClosedRows(streams, ids.device))
+            streamer = _BatchStreamer(streams, budgets, eos)
         out = self.model.generate(
             input_ids=ids, attention_mask=mask, generation_config=config, tokenizer=self.tokenizer,
             stopping_criteria=stopping, streamer=streamer,
@@ -630,7 +677,8 @@ class Engine:
         else:
             indices = [w.slot_index for w in works for _ in w.rows]
             budgets = [w.params.max_new_tokens for w in works for _ in w.rows]
-            flat = self._generate_rows(rows, indices, works[0].params, budgets)
+            streams = [w.stream for w in works for _ in w.rows]
+            flat = self._generate_rows(rows, indices, works[0].params, budgets, streams)
         results, start = [], 0
         for work in works:
             results.append(flat[start : start + len(work.rows)])
@@ -651,12 +699,16 @@ class Engine:
             raise InvalidInput("adapter", f"{slot.location.name!r} is a {slot.task} adapter, not generation")
         rows = self.encode_for_generation(prompts, params)
         work = _Work(rows, slot_index=BASE_SLOT if slot is None else slot.index, params=params)
-        # seeded sampling runs alone so that its random stream does not depend on other requests
+        return self._submit_generation(work).result()
+
+    def _submit_generation(self, work: _Work) -> Future:
+        """Queue a generation; it shares a batch with others of the same sampling settings (the future's result is
+        its rows' results). Seeded sampling runs alone so that its random stream does not depend on others."""
+        params = work.params
+        if params.seed is not None:
+            return self._scheduler.call_async(lambda: self._run_batch([Job(None, len(work.rows), work)])[0])
         top_p = params.top_p if params.temperature > 0 else None  # greedy ignores top_p: batch those together
-        key = None if params.seed is not None else ("generate", params.temperature, top_p, params.stop)
-        if key is None:
-            return self._call(lambda: self._run_batch([Job(None, len(rows), work)])[0])
-        return self._scheduler.submit(key, len(rows), work).result()
+        return self._scheduler.submit(("generate", params.temperature, top_p, params.stop), len(work.rows), work)
 
     def predict(
         self, location: AdapterLocation | None, texts: list[str | list[int]], params: GenerationParams
@@ -684,27 +736,19 @@ class Engine:
         """
         if slot is not None and slot.task != "generation":
             raise InvalidInput("adapter", f"{slot.location.name!r} is a {slot.task} adapter, not generation")
-        [row] = self.encode_for_generation([prompt], params)
-        index = BASE_SLOT if slot is None else slot.index
-        streamer = _TokenQueue()
-
-        def job() -> list[GenerationResult]:  # runs on the worker thread, like _run_batch
-            try:
-                if self.merge_policy is not None:
-                    self.merge_policy.observe(index)
-                return self._generate_rows([row], [index], params, [params.max_new_tokens], streamer)
-            finally:
-                streamer.tokens.put(None)
-
-        future = self._scheduler.call_async(job)
+        stream = _TokenQueue()
+        work = _Work(self.encode_for_generation([prompt], params), slot_index=BASE_SLOT if slot is None else slot.index,
+                     params=params, stream=stream)
+        future = self._submit_generation(work)
+        future.add_done_callback(lambda _: stream.tokens.put(None))
         deltas = TextDeltas(self.tokenizer, params.stop)
         try:
-            while (token := streamer.tokens.get()) is not None:
+            while (token := stream.tokens.get()) is not None:
                 if delta := deltas.add(token):
                     yield delta
             [result] = future.result()
         finally:
-            streamer.closed.set()
+            stream.closed.set()
         if rest := deltas.finish(result.generated_text):
             yield rest
         yield result
