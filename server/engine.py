@@ -22,25 +22,14 @@ from typing import Protocol, TypeVar
 
 import torch
 from transformers import (
-    GenerationConfig,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    StoppingCriteria,
-    StoppingCriteriaList,
+    GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase, StoppingCriteria, StoppingCriteriaList
 )
 from transformers.generation.streamers import BaseStreamer
 
 from .adapter_format import AdapterWeights, Task, read_adapter
 from .base_model import BaseInfo, load_base
 from .errors import AdapterChanged, AdapterInvalid, InvalidInput, LoraswapError
-from .lora import (
-    BASE_SLOT,
-    LoraContext,
-    MultiLoraLinear,
-    fit_problems,
-    resolve_module_path,
-    wrap_linear_layers,
-)
+from .lora import BASE_SLOT, LoraContext, MultiLoraLinear, fit_problems, resolve_module_path, wrap_linear_layers
 from .scheduler import Job, Scheduler
 from .settings import Settings
 
