@@ -78,16 +78,18 @@ def evaluate(client: Poster, adapter: str, spec: EvalSpec, rows: list[dict], pat
              max_new_tokens: int = 128, headers: dict | None = None) -> dict:
     """Metrics of one served adapter on rows of a data file."""
     inputs, gold, decisions = inputs_and_gold(spec, rows, path)
-    choices = spec.decision_labels or (sorted(set(decisions)) if decisions else None)
-    if spec.labels and spec.task == "classification":
+    # refused before any request where the adapter's labels are known; else once the server has named them
+    if spec.task == "classification" and spec.labels:
         check_labels_known(spec.labels, gold, path, known_by="the adapter")
-    if choices and decisions:
-        check_labels_known(choices, decisions, path, "decision", "the adapter")
+    if spec.decision_labels and decisions:
+        check_labels_known(spec.decision_labels, decisions, path, "decision", "the adapter")
     outputs = predict(client, adapter, inputs, batch_size, max_new_tokens, headers)
     if spec.task == "classification":
         labels = spec.labels or list(outputs[0]["scores"])
-        check_labels_known(labels, gold, path, known_by="the adapter")
+        if not spec.labels:
+            check_labels_known(labels, gold, path, known_by="the adapter")
         return classification_metrics(gold, [o["label"] for o in outputs], labels)
+    choices = spec.decision_labels or (sorted(set(decisions)) if decisions else None)
     return generation_metrics([o["generated_text"] for o in outputs], gold, decisions, choices)
 
 

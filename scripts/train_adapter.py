@@ -165,8 +165,9 @@ def generation_examples(args, tokenizer, path: Path) -> tuple[list[Example], lis
 
 def prepare(args, tokenizer) -> Prepared:
     """Read, check and tokenize all data; every DataError is raised here, before a model is built."""
-    train_hashes = {file_sha256(p) for p in args.train}
-    if args.eval and file_sha256(args.eval) in train_hashes:
+    train_hashes = [file_sha256(p) for p in args.train]
+    eval_hash = file_sha256(args.eval) if args.eval else None
+    if eval_hash in train_hashes:
         raise DataError(f"{args.eval}: the eval file is also a training file; evaluate on held-out data")
     if args.task == "classification":
         train, gold = [], []
@@ -196,9 +197,9 @@ def prepare(args, tokenizer) -> Prepared:
             if prepared.eval_decisions is not None:
                 check_labels_known(decisions, prepared.eval_decisions, args.eval, "decision")
     prepared.data = {
-        "train": [{"file": str(p), "sha256": file_sha256(p)} for p in args.train],
+        "train": [{"file": str(p), "sha256": h} for p, h in zip(args.train, train_hashes)],
         "train_rows": len(prepared.train),
-        "eval": {"file": str(args.eval), "sha256": file_sha256(args.eval), "rows": len(prepared.eval)}
+        "eval": {"file": str(args.eval), "sha256": eval_hash, "rows": len(prepared.eval)}
         if args.eval else None,
     }
     return prepared
