@@ -173,6 +173,11 @@ class EngineObserver(Protocol):
     def batch_ran(self, rows: int) -> None: ...
 
 
+def stop_cut(text: str, stop: tuple[str, ...]) -> int:
+    """Where the answer ends: the earliest stop string's position in text, or -1."""
+    return min((text.find(s) for s in stop if s in text), default=-1)
+
+
 class TextDeltas:
     """Incremental decoding for streams: only text that can no longer change goes out.
 
@@ -191,7 +196,7 @@ class TextDeltas:
         """The new stable text after one more generated token ("" if none)."""
         self.ids.append(token)
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        cut = min((text.find(s) for s in self.stop if s in text), default=-1)
+        cut = stop_cut(text, self.stop)
         if cut >= 0:
             stable = text[:cut]
         else:
@@ -646,7 +651,7 @@ class Engine:
             else:
                 finish = "length"
             text = self.tokenizer.decode(row, skip_special_tokens=True)
-            cut = min((text.find(s) for s in params.stop if s in text), default=-1)
+            cut = stop_cut(text, params.stop)
             if cut >= 0:
                 text, finish = text[:cut], "stop"
             results.append(GenerationResult(text, finish, len(row), row, len(prompt)))
