@@ -31,12 +31,18 @@ def test_classification_lora_changes_the_answer(engine, tiny_base, adapter_store
     slot = engine.acquire(location(adapter_store, "sentiment"))
     try:
         with_lora = torch.tensor([list(r.scores.values()) for r in engine.classify(TEXTS, slot)])
-        saved = {path: layer.pairs.pop(slot.index) for path, layer in engine.layers.items() if slot.index in layer.pairs}
+        saved = {
+            path: [t.clone() for t in layer.pair(slot.index)]
+            for path, layer in engine.layers.items()
+            if slot.index in layer.ranks
+        }
+        for path in saved:
+            engine.layers[path].clear_slot(slot.index)
         try:
             head_only = torch.tensor([list(r.scores.values()) for r in engine.classify(TEXTS, slot)])
         finally:
-            for path, pair in saved.items():
-                engine.layers[path].pairs[slot.index] = pair
+            for path, (A, Bt) in saved.items():
+                engine.layers[path].set_slot(slot.index, A, Bt.t(), 1.0)
     finally:
         engine.release(slot)
     assert (with_lora - head_only).abs().max() > 1e-3
@@ -105,3 +111,24 @@ def test_classification_labels_default_without_metadata(engine, tiny_base, tmp_p
     reference = peft_reference_probs(tiny_base, folder, tokenizer, ["hi"], 2)[0]
     assert abs(results[0].scores["LABEL_1"] - float(reference[1])) < 1e-5
     engine.unload("plain")
+
+
+def test_each_mixed_batch_gathers_its_own_rows_into_reused_buffers(engine, adapter_store):
+    """Consecutive mixed batches of the same shape but other row assignments each get their own rows' pairs, and
+    the gather reuses the layer's buffers (fresh per-batch buffers cost the mixed path page faults)."""
+    cls = [engine.acquire(location(adapter_store, n)) for n in ("sentiment", "topic")]
+    try:
+        rows = engine.encode_for_classification(["good", "a longer text about nothing", "bad"])
+        layer = next(layer for layer in engine.layers.values() if cls[0].index in layer.ranks)
+        buffers = []
+        for assignment in ([cls[0], cls[1], cls[0]], [cls[1], cls[0], cls[1]]):
+            mixed = engine._call(lambda: engine._classify_rows(rows, assignment))
+            buffers.append(layer._rows_A.data_ptr())
+            for row, slot, result in zip(rows, assignment, mixed):
+                alone = engine._call(lambda: engine._classify_rows([row], [slot]))[0]
+                for label, p in alone.scores.items():
+                    assert abs(result.scores[label] - p) < 1e-5
+        assert buffers[0] == buffers[1]
+    finally:
+        for s in cls:
+            engine.release(s)

@@ -237,9 +237,9 @@ def test_every_one_of_a_thousand_loads_its_own_weights(engine8, thousand):
         slot = engine8.acquire(thousand.locate(name))
         try:
             tensors = load_file(str(thousand.locate(name).folder / "adapter_model.safetensors"))
-            A, B_scaled = layer.pairs[slot.index]
+            A, B_scaled_t = layer.pair(slot.index)
             assert torch.equal(A, tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"])
-            assert torch.equal(B_scaled, tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"] * 2)
+            assert torch.equal(B_scaled_t.t(), tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"] * 2)
         finally:
             engine8.release(slot)
 
@@ -285,7 +285,7 @@ def test_a_load_that_fails_midway_leaves_its_slot_clean(engine8, adapter_store, 
     monkeypatch.undo()
     assert len(calls) == 3 and "many-modules" not in loaded(engine8)
     in_use = {slot.index for slot in engine8._slots.values()}
-    assert all(set(layer.pairs) <= in_use for layer in engine8.layers.values())  # nothing left behind
+    assert all(set(layer.ranks) <= in_use for layer in engine8.layers.values())  # nothing left behind
     engine8.release(engine8.acquire(location))  # the slot serves again
     engine8.unload("many-modules")
 
@@ -321,7 +321,7 @@ def test_unload_waits_for_in_flight_users(engine8, thousand):
     engine8.unload("a0042")
     assert not engine8.is_loaded("a0042")
     assert slot.index not in engine8._free  # still serving its request
-    assert any(slot.index in layer.pairs for layer in engine8.layers.values())
+    assert any(slot.index in layer.ranks for layer in engine8.layers.values())
     engine8.release(slot)
     assert slot.index in engine8._free
-    assert all(slot.index not in layer.pairs for layer in engine8.layers.values())
+    assert all(slot.index not in layer.ranks for layer in engine8.layers.values())

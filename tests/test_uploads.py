@@ -167,7 +167,7 @@ def test_delete_unloads_and_frees_the_slot(admin, store, engine):
     assert response.json() == {"deleted": "doomed", "version": 1}
     assert not engine.is_loaded("doomed")
     assert slot.index in engine._free
-    assert all(slot.index not in layer.pairs for layer in engine.layers.values())
+    assert all(slot.index not in layer.ranks for layer in engine.layers.values())
     assert slot.head_weight is None
     assert not any("doomed" in path for path in tree(store))
     assert admin.get("/adapters/doomed").status_code == 404
