@@ -186,6 +186,7 @@ def main() -> None:
     jobs = list(zip(prompts, picks))
     tokens = lambda outs: sum(r.tokens for out in outs for r in out)  # noqa: E731
     base_outs, ours_outs = [], []
+    occupancy = watch_row_steps(engine)
     walls = side_by_side(jobs, {
         "base": lambda j: base_outs.append(engine.generate([j[0]], None, params)),
         "ours": lambda j: ours_outs.append(
@@ -194,6 +195,7 @@ def main() -> None:
     }, concurrency=16, rounds=1 if quick else 2)
     base_wall, ours_wall = walls["base"], walls["ours"]
     base_tps, ours_tps = tokens(base_outs) / base_wall, tokens(ours_outs) / ours_wall
+    row_steps = occupancy()
     rows.append((f"generation stream (32 new tokens), {n_gen} adapters", "tokens/s / base-only tokens/s",
                  ours_tps / base_tps, ">= 0.80"))
 
@@ -201,14 +203,18 @@ def main() -> None:
     rows.append(("same generation stream", "ours / naive PEFT set_adapter server", ours_tps / naive_tps, ">= 3x"))
     rows.append(("same generation stream", "ours / PEFT mixed batch (adapter_names)", ours_tps / peft_mixed_tps,
                  "(reference)"))
+    rows.append(("same generation stream", "useful row-steps / all row-steps", row_steps,
+                 "(continuous batching: <= 1/this - 1 more)"))
     results["generation"] = {"requests": n_gen_requests, "ours_tps": ours_tps, "base_tps": base_tps,
-                             "naive_peft_tps": naive_tps, "peft_mixed_batch_tps": peft_mixed_tps}
+                             "naive_peft_tps": naive_tps, "peft_mixed_batch_tps": peft_mixed_tps,
+                             "row_step_occupancy": row_steps}
 
     # ---- one hot adapter merged: latency against the base ------------------------------------------------------
     hot = engine.acquire(cls_locs[1])
     one = [text(rng, 48)]
 
     def latencies(slot: Slot, repeat: int = 5) -> list[float]:
+        engine.classify(one, slot)  # untimed: the first call after a merge or unmerge meets freshly freed memory
         samples = []
         for _ in range(repeat):
             started = time.perf_counter()
@@ -217,12 +223,17 @@ def main() -> None:
         return samples
 
     merged_lat, base_lat, base_again_lat = [], [], []
-    for _ in range(4 if quick else 16):  # finely interleaved against drift (merging is not timed)
-        engine.merge(hot)
-        merged_lat += latencies(hot)
+
+    def merged_samples() -> None:
+        engine.merge(hot)  # merging and unmerging are not timed
+        merged_lat.extend(latencies(hot))
         engine.unmerge()
-        base_lat += latencies(base_slot)
-        base_again_lat += latencies(base_slot)
+
+    groups = [merged_samples, lambda: base_lat.extend(latencies(base_slot)),
+              lambda: base_again_lat.extend(latencies(base_slot))]
+    for round_index in range(4 if quick else 24):  # finely interleaved, order reversed every other round (drift)
+        for group in groups if round_index % 2 == 0 else groups[::-1]:
+            group()
     engine.release(hot)
     merged_ratio = statistics.median(merged_lat) / statistics.median(base_lat)
     rows.append(("one hot adapter, merged", "latency / base latency", merged_ratio, "<= 1.02"))
@@ -314,6 +325,26 @@ def peft_baselines(
             produced += generate([p for p, _ in chunk], [locations[pick].name for _, pick in chunk])
         mixed = produced / (time.perf_counter() - started)
     return naive, mixed
+
+
+def watch_row_steps(engine: Engine):
+    """Count the decode steps of every generation batch from now on: a batch runs until its longest row is done,
+    and a row that finished earlier keeps its place (computing padding) until then. Returns a function giving the
+    share of row-steps that produced a token. Continuous batching (rows leaving and joining at each step) could at
+    most add 1/share - 1 to this stream's throughput: it would fill exactly those wasted row-steps."""
+    useful = total = 0
+    run_rows = engine._generate_rows
+
+    def counted(rows, slot_indices, params, budgets, streams=None):
+        nonlocal useful, total
+        results = run_rows(rows, slot_indices, params, budgets, streams)
+        steps = [r.tokens + (r.finish_reason == "stop") for r in results]  # a row's EOS takes a step too
+        useful += sum(steps)
+        total += len(steps) * max(steps)
+        return results
+
+    engine._generate_rows = counted
+    return lambda: useful / total
 
 
 def upload_to_first_answer(settings: Settings, engine: Engine, store: Path, repeat: int) -> list[float]:
