@@ -266,9 +266,9 @@ def main() -> None:
     # ---- p50/p99 at a fixed offered load (open loop, Poisson arrivals) ----------------------------------------
     rate = 0.7 * results["classification_zipf"]["adapter_rps"]
     duration = 5.0 if quick else 15.0
-    latencies = open_loop(engine, cls_locs, rate, duration, rng)
-    results["open_loop"] = {"offered_rps": rate, "requests": len(latencies), "p50_ms": pct(latencies, 0.5) * 1000,
-                            "p99_ms": pct(latencies, 0.99) * 1000}
+    open_latencies = open_loop(engine, cls_locs, rate, duration, rng)
+    results["open_loop"] = {"offered_rps": rate, "requests": len(open_latencies),
+                            "p50_ms": pct(open_latencies, 0.5) * 1000, "p99_ms": pct(open_latencies, 0.99) * 1000}
     engine.close()
 
     # ---- 10,000 load/evict cycles --------------------------------------------------------------------------------

@@ -122,10 +122,10 @@ def test_each_mixed_batch_gathers_its_own_rows_into_reused_buffers(engine, adapt
         layer = next(layer for layer in engine.layers.values() if cls[0].index in layer.ranks)
         buffers = []
         for assignment in ([cls[0], cls[1], cls[0]], [cls[1], cls[0], cls[1]]):
-            mixed = engine._call(lambda: engine._classify_rows(rows, assignment))
+            mixed = engine._call(lambda slots=assignment: engine._classify_rows(rows, slots))
             buffers.append(layer._rows_A.data_ptr())
             for row, slot, result in zip(rows, assignment, mixed):
-                alone = engine._call(lambda: engine._classify_rows([row], [slot]))[0]
+                alone = engine._call(lambda row=row, slot=slot: engine._classify_rows([row], [slot]))[0]
                 for label, p in alone.scores.items():
                     assert abs(result.scores[label] - p) < 1e-5
         assert buffers[0] == buffers[1]

@@ -239,7 +239,8 @@ def test_every_one_of_a_thousand_loads_its_own_weights(engine8, thousand):
             tensors = load_file(str(thousand.locate(name).folder / "adapter_model.safetensors"))
             A, B_scaled_t = layer.pair(slot.index)
             assert torch.equal(A, tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"])
-            assert torch.equal(B_scaled_t.t(), tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"] * 2)
+            B = tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"]
+            assert torch.equal(B_scaled_t.t(), B * 2)
         finally:
             engine8.release(slot)
 
