@@ -58,6 +58,42 @@ def test_concurrent_streams_share_forwards_and_each_gets_its_own_answer(tiny_set
         assert "".join(deltas) == expected.generated_text
 
 
+def test_a_streamed_row_rerun_after_its_batch_failed_sends_each_token_once(tiny_settings, monkeypatch):
+    """A batch that fails mid-stream is rerun job by job; the streamed row's rerun skips the tokens already sent,
+    so the stream still concatenates to its answer, and the other job still gets its own."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from server import engine as engine_module
+    from server.engine import Engine
+
+    engine = Engine.from_settings(tiny_settings.model_copy(update={"max_wait_ms": 300.0, "auto_merge": False}))
+    params = GenerationParams(max_new_tokens=10)
+    failures = []
+    put = engine_module._BatchStreamer.put
+
+    def failing_put(streamer, value):
+        put(streamer, value)
+        if len(streamer.queues) > 1 and sum(streamer.produced) >= 4:  # the shared batch dies after 4 streamed tokens
+            failures.append(streamer.produced[:])
+            raise RuntimeError("batch failed")
+
+    try:
+        alone = engine.predict(None, [PROMPT], params)[1][0]
+        other_alone = engine.predict(None, ["another prompt"], params)[1][0]
+        assert alone.tokens > 4
+        monkeypatch.setattr(engine_module._BatchStreamer, "put", failing_put)
+        engine.batch_sizes.clear()
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            other = pool.submit(engine.predict, None, ["another prompt"], params)
+            deltas, final = split_stream(list(engine.predict_stream(None, PROMPT, params)))
+    finally:
+        engine.close()
+    assert failures and engine.batch_sizes[2] >= 1  # it did run as one batch of two, and failed
+    assert final == alone
+    assert "".join(deltas) == alone.generated_text
+    assert other.result()[1][0] == other_alone
+
+
 def test_stream_with_a_stop_string_never_sends_text_past_it(engine, adapter_store):
     location = AdapterLocation("gen-a", 1, adapter_store / "gen-a")
     free = engine.predict(location, ["x"], GenerationParams(max_new_tokens=12))[1][0].generated_text
