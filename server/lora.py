@@ -134,14 +134,14 @@ class MultiLoraLinear(nn.Module):
             return out + (low @ Bt).view(out.shape).to(out.dtype)
         # mixed batch: each row's pair, gathered once per batch, applied with two batched matmuls (Punica's BGMV)
         slots = ctx.row_slots
+        rows = slots.shape[0]
         if self._rows_batch != ctx.batch:
-            rows = slots.shape[0]
             torch.index_select(self._A, 0, slots, out=self._rows_A.resize_(rows, *self._A.shape[1:]))
             torch.index_select(self._Bt, 0, slots, out=self._rows_Bt.resize_(rows, *self._Bt.shape[1:]))
             self._rows_batch = ctx.batch
-        low = torch.bmm(x.float().reshape(slots.shape[0], -1, self.in_features), self._rows_A.transpose(1, 2))
+        low = torch.bmm(x.float().reshape(rows, -1, self.in_features), self._rows_A.transpose(1, 2))  # [rows, tok, r]
         if out.dtype == torch.float32:  # fused: out += low @ Bt_rows
-            out.view(slots.shape[0], -1, self.out_features).baddbmm_(low, self._rows_Bt)
+            out.view(rows, -1, self.out_features).baddbmm_(low, self._rows_Bt)
             return out
         return out + torch.bmm(low, self._rows_Bt).view(out.shape).to(out.dtype)
 
