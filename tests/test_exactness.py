@@ -69,6 +69,16 @@ def test_base_generation_matches_transformers(engine, tiny_base):
     assert result.tokens == len(result.token_ids)
 
 
+def assert_mixed_classification_equals_lone_runs(engine, rows, slots):
+    """One forward of rows of different adapters gives each row what a forward of that row alone gives."""
+    mixed = engine._call(lambda: engine._classify_rows(rows, slots))
+    for row, slot, result in zip(rows, slots, mixed):
+        alone = engine._call(lambda row=row, slot=slot: engine._classify_rows([row], [slot]))[0]
+        assert result.label == alone.label
+        for label, p in alone.scores.items():
+            assert abs(result.scores[label] - p) < 1e-5
+
+
 def test_mixed_batch_rows_equal_separate_runs(engine, adapter_store):
     """One forward with rows of different adapters (ranks 4, 16, 8, base) equals one run per adapter."""
     names = ["gen-a", "gen-b", "gen-mlp"]
@@ -87,13 +97,7 @@ def test_mixed_batch_rows_equal_separate_runs(engine, adapter_store):
         try:
             texts = ["good", "a much longer text about nothing in particular", "bad"]
             cls_rows = engine.encode_for_classification(texts)
-            assignment = [cls[0], cls[1], cls[0]]
-            mixed_cls = engine._call(lambda: engine._classify_rows(cls_rows, assignment))
-            for row, slot, result in zip(cls_rows, assignment, mixed_cls):
-                alone = engine._call(lambda: engine._classify_rows([row], [slot]))[0]
-                assert result.label == alone.label
-                for label, p in alone.scores.items():
-                    assert abs(result.scores[label] - p) < 1e-5
+            assert_mixed_classification_equals_lone_runs(engine, cls_rows, [cls[0], cls[1], cls[0]])
         finally:
             for s in cls:
                 engine.release(s)
@@ -122,12 +126,8 @@ def test_each_mixed_batch_gathers_its_own_rows_into_reused_buffers(engine, adapt
         layer = next(layer for layer in engine.layers.values() if cls[0].index in layer.ranks)
         buffers = []
         for assignment in ([cls[0], cls[1], cls[0]], [cls[1], cls[0], cls[1]]):
-            mixed = engine._call(lambda slots=assignment: engine._classify_rows(rows, slots))
+            assert_mixed_classification_equals_lone_runs(engine, rows, assignment)
             buffers.append(layer._rows_A.data_ptr())
-            for row, slot, result in zip(rows, assignment, mixed):
-                alone = engine._call(lambda row=row, slot=slot: engine._classify_rows([row], [slot]))[0]
-                for label, p in alone.scores.items():
-                    assert abs(result.scores[label] - p) < 1e-5
         assert buffers[0] == buffers[1]
     finally:
         for s in cls:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
+
 import pytest
 
-from server.engine import AdapterLocation, GenerationParams, TextDeltas
+from server import engine as engine_module
+from server.engine import AdapterLocation, Engine, GenerationParams, TextDeltas
 
 PROMPT = "Tell me a story about a dragon"
 
@@ -29,10 +32,6 @@ def test_stream_ends_with_the_non_streaming_answer(engine, adapter_store, adapte
 
 def test_concurrent_streams_share_forwards_and_each_gets_its_own_answer(tiny_settings, adapter_store):
     """Streams of different adapters and budgets, with a non-streamed request, go through one generate call."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from server.engine import Engine
-
     engine = Engine.from_settings(tiny_settings.model_copy(update={"max_wait_ms": 300.0, "auto_merge": False}))
     cases = [(None, 12), ("gen-a", 5), ("gen-b", 9), ("gen-a", 12)]
     locations = {name: AdapterLocation(name, 1, adapter_store / name) for name in ("gen-a", "gen-b")}
@@ -61,11 +60,6 @@ def test_concurrent_streams_share_forwards_and_each_gets_its_own_answer(tiny_set
 def test_a_streamed_row_rerun_after_its_batch_failed_sends_each_token_once(tiny_settings, monkeypatch):
     """A batch that fails mid-stream is rerun job by job; the streamed row's rerun skips the tokens already sent,
     so the stream still concatenates to its answer, and the other job still gets its own."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from server import engine as engine_module
-    from server.engine import Engine
-
     engine = Engine.from_settings(tiny_settings.model_copy(update={"max_wait_ms": 300.0, "auto_merge": False}))
     params = GenerationParams(max_new_tokens=10)
     failures = []
