@@ -42,7 +42,7 @@ from scripts.adapter_data import (
 from scripts.metrics import classification_metrics, format_metrics, generation_metrics
 from server.adapter_format import CONFIG_FILE, METADATA_FILE, WEIGHTS_FILE
 from server.base_model import BaseInfo, load_base
-from server.engine import encode_prompt
+from server.encoding import encode_prompt
 from server.settings import Settings
 
 PROG = "train-adapter"
@@ -369,7 +369,8 @@ def plot(losses: list[float], curve: list[tuple[int, float]], path: Path, title:
 
 def evaluate(args, folder: Path, prepared: Prepared) -> dict:
     """Serve the saved adapter with the server's Engine and score its answers, as /predict would give them."""
-    from server.engine import AdapterLocation, Engine, GenerationParams
+    from server.engine import Engine
+    from server.types import AdapterLocation, GenerationParams
 
     model, tokenizer, info = load_base(args.base_model, args.cache_dir, args.eval_dtype, args.device)
     engine = Engine(model, tokenizer, info, max_loaded_adapters=1)

@@ -13,12 +13,12 @@ import re
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 from safetensors.torch import load_file
 
 from .errors import AdapterInvalid
+from .types import Task
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -27,7 +27,6 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 HEAD_NAMES = ("score", "classifier")
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 
-Task = Literal["generation", "classification"]
 TASK_TYPES: dict[str | None, Task | None] = {"CAUSAL_LM": "generation", "SEQ_CLS": "classification", None: None}
 
 # base_model.model.<module path>.lora_A.weight (an optional adapter name may sit before .weight)

@@ -13,7 +13,8 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from .engine import Engine, SlotsBusy
+from .engine import Engine
+from .slots import SlotsBusy
 from .errors import (
     AdapterChanged,
     AdapterExists,
@@ -163,9 +164,9 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             if len(texts) != 1:
                 raise InvalidInput("inputs", f"a streamed request takes one input, not {len(texts)}")
             stream = started(engine.predict_stream(location, texts[0], params))
-            return event_stream(predict_events(engine, record, adapter, texts[0], stream))
+            return event_stream(predict_events(record, adapter, stream))
         task, results = engine.predict(location, texts, params)
-        count_tokens(engine, record, texts, results)
+        count_tokens(record, results)
         return predict_body(adapter, task, results)
 
     return app

@@ -8,33 +8,39 @@ Tests check the output against PEFT's own (tests/test_exactness.py).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 from .adapter_format import AdapterWeights
+from .slots import BASE_SLOT
 
-BASE_SLOT = 0  # rows assigned slot 0 get the base model only
 
-
-@dataclass
 class LoraContext:
-    """Which slot each row of the current batch uses; computed once per batch and shared by all layers."""
+    """Which slot each row of the running forward uses; set once per forward (`with context.rows(...)`) and read by
+    every layer. Outside such a block every row is a base row."""
 
-    row_slots: torch.Tensor | None = None  # [batch] int64, set for mixed batches
-    uniform_slot: int = BASE_SLOT  # used when row_slots is None
-    batch: int = 0  # bumped for every mixed batch: a layer gathers its rows' pairs once per batch (not per step)
+    def __init__(self) -> None:
+        self.row_slots: torch.Tensor | None = None  # [batch] int64, set for mixed batches
+        self.uniform_slot = BASE_SLOT  # every row's slot when row_slots is None
+        self.batch = 0  # bumped when the mixed assignment changes: layers gather their rows' pairs once for it
+        self._last_mixed: tuple[int, ...] = ()
 
-    def set_uniform(self, slot: int) -> None:
-        self.row_slots, self.uniform_slot = None, slot
-
-    def set_rows(self, slots: list[int], device: torch.device | str) -> None:
+    @contextmanager
+    def rows(self, slots: list[int], device: torch.device | str) -> Iterator[None]:
         if len(set(slots)) == 1:
-            self.set_uniform(slots[0])
+            self.uniform_slot = slots[0]
         else:
+            if tuple(slots) != self._last_mixed:  # decode steps repeat their assignment: gather once for all
+                self._last_mixed = tuple(slots)
+                self.batch += 1
             self.row_slots = torch.tensor(slots, dtype=torch.long, device=device)
-            self.batch += 1
+        try:
+            yield
+        finally:
+            self.row_slots, self.uniform_slot = None, BASE_SLOT
 
 
 class MultiLoraLinear(nn.Module):
@@ -135,6 +141,8 @@ class MultiLoraLinear(nn.Module):
         # mixed batch: each row's pair, gathered once per batch, applied with two batched matmuls (Punica's BGMV)
         slots = ctx.row_slots
         rows = slots.shape[0]
+        if x.shape[0] != rows:  # as PEFT's _check_forward_args: a row assignment must match the batch it is for
+            raise ValueError(f"the LoRA row assignment has {rows} rows but the input batch has {x.shape[0]}")
         if self._rows_batch != ctx.batch:
             torch.index_select(self._A, 0, slots, out=self._rows_A.resize_(rows, *self._A.shape[1:]))
             torch.index_select(self._Bt, 0, slots, out=self._rows_Bt.resize_(rows, *self._Bt.shape[1:]))

@@ -51,7 +51,7 @@ class Metrics:
             "loraswap_adapter_evictions", "Adapters evicted from memory to make room.", ["adapter"], registry=r
         )
         self.batch_size = Histogram(
-            "loraswap_batch_size", "Rows in each model call.", buckets=BATCH_BUCKETS, registry=r
+            "loraswap_batch_size", "Rows in each forward (classification, prefill or decode step).", buckets=BATCH_BUCKETS, registry=r
         )
         r.register(_EngineGauges(engine))
 
@@ -87,7 +87,10 @@ class _EngineGauges(Collector):
             return
         yield GaugeMetricFamily("loraswap_loaded_adapters", "Adapters in memory.", value=len(engine.loaded()))
         yield GaugeMetricFamily(
-            "loraswap_queue_depth", "Model calls waiting for the engine thread.", value=engine.queue_depth
+            "loraswap_queue_depth", "Requests waiting for the engine thread.", value=engine.queue_depth
+        )
+        yield GaugeMetricFamily(
+            "loraswap_decoding_rows", "Generation rows in the decode batch now.", value=engine.runner.decoding
         )
         merged = GaugeMetricFamily(
             "loraswap_merged_adapter", "1 for the adapter merged into the base weights, if any.", labels=["adapter"]

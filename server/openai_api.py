@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .engine import ClassificationResult, Engine, GenerationParams
+from .types import ClassificationResult, GenerationParams
 from .errors import AdapterNotFound, InvalidInput, LoraswapError
 from .serving import Result, count_tokens, event_stream, generation_params, resolve_model, sse, started
 from .telemetry import RecordDep, RequestRecord
@@ -134,9 +134,7 @@ class Reply:
     def events(
         self,
         stream: Iterator[str | Result],
-        engine: Engine,
         record: RequestRecord,
-        texts: list[str],
         include_usage: bool,
     ) -> Iterator[str]:
         """The stream as OpenAI's server-sent events, ending with `data: [DONE]`."""
@@ -147,7 +145,7 @@ class Reply:
                 if isinstance(item, str):
                     yield sse(self.chunk({"content": item}))
                     continue
-                count_tokens(engine, record, texts, [item])
+                count_tokens(record, [item])
                 text, finish = _text_and_finish(item)
                 if isinstance(item, ClassificationResult):
                     yield sse(self.chunk({"content": text}))
@@ -241,11 +239,10 @@ def openai_router(services: Services, status_of: Callable[[LoraswapError], int])
         )
 
     def stream_answer(
-        reply: Reply, body: Sampling, stream: Iterator[str | Result], engine: Engine, record: RequestRecord,
-        texts: list[str],
+        reply: Reply, body: Sampling, stream: Iterator[str | Result], record: RequestRecord
     ) -> Response:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return event_stream(reply.events(started(stream), engine, record, texts, include_usage))
+        return event_stream(reply.events(started(stream), record, include_usage))
 
     @router.get("/models")
     def list_models() -> dict:
@@ -278,9 +275,9 @@ def openai_router(services: Services, status_of: Callable[[LoraswapError], int])
             if len(texts) != 1:
                 raise InvalidInput("prompt", f"a streamed request takes one prompt, not {len(texts)}")
             stream = engine.predict_stream(location, texts[0], params)
-            return stream_answer(reply, body, stream, engine, record, texts)
+            return stream_answer(reply, body, stream, record)
         _, results = engine.predict(location, texts, params)
-        count_tokens(engine, record, texts, results)
+        count_tokens(record, results)
         return reply.body(results, record)
 
     @router.post("/chat/completions")
@@ -295,14 +292,12 @@ def openai_router(services: Services, status_of: Callable[[LoraswapError], int])
             if not user_texts or not user_texts[-1].strip():
                 raise InvalidInput("messages", "a classification adapter needs a non-empty user message")
             prompt: str | list[int] = user_texts[-1]
-            texts = [user_texts[-1]]
         else:
             prompt = engine.encode_messages([{"role": m.role, "content": m.text()} for m in body.messages], params)
-            texts = []
         if body.stream:
-            return stream_answer(reply, body, engine.predict_stream(location, prompt, params), engine, record, texts)
+            return stream_answer(reply, body, engine.predict_stream(location, prompt, params), record)
         _, results = engine.predict(location, [prompt], params)  # batched with other requests
-        count_tokens(engine, record, texts, results)
+        count_tokens(record, results)
         return reply.body(results, record)
 
     return router

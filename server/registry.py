@@ -34,7 +34,7 @@ from typing import BinaryIO
 
 from .adapter_format import CONFIG_FILE, WEIGHTS_FILE, AdapterWeights
 from .archive import ArchiveLimits, check_file_name, extract_archive, is_archive
-from .engine import AdapterLocation
+from .types import AdapterLocation
 from .errors import AdapterExists, AdapterInvalid, AdapterNotFound, InvalidInput
 
 log = logging.getLogger(__name__)

@@ -12,8 +12,8 @@ from typing import TypeVar
 
 from fastapi.responses import StreamingResponse
 
-from .adapter_format import Task
-from .engine import AdapterLocation, ClassificationResult, Engine, GenerationParams, GenerationResult
+from .engine import Engine
+from .types import AdapterLocation, GenerationParams, GenerationResult, Result, Task
 from .errors import InvalidInput, LoraswapError
 from .metrics import BASE_LABEL
 from .registry import Registry
@@ -22,7 +22,6 @@ from .telemetry import RequestRecord
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-Result = ClassificationResult | GenerationResult
 
 
 def resolve_model(
@@ -55,14 +54,10 @@ def generation_params(
     return GenerationParams(max_new, temperature, top_p, seed, tuple(stop), chat)
 
 
-def count_tokens(engine: Engine, record: RequestRecord, texts: Sequence[str], results: Sequence[Result]) -> None:
-    """Prompt and generated tokens into the request's record. A classification result does not carry its prompt
-    length, so those texts are tokenized again (cheap next to the forward)."""
-    if all(isinstance(r, GenerationResult) for r in results):
-        record.tokens_in += sum(r.prompt_tokens for r in results)
-        record.tokens_out += sum(r.tokens for r in results)
-    else:
-        record.tokens_in += sum(len(ids) for ids in engine.encode_for_classification(list(texts)))
+def count_tokens(record: RequestRecord, results: Sequence[Result]) -> None:
+    """Prompt and generated tokens into the request's record."""
+    record.tokens_in += sum(r.prompt_tokens for r in results)
+    record.tokens_out += sum(r.tokens for r in results if isinstance(r, GenerationResult))
 
 
 def predict_body(adapter: str | None, task: Task, results: Sequence[Result]) -> dict:
@@ -70,9 +65,7 @@ def predict_body(adapter: str | None, task: Task, results: Sequence[Result]) -> 
     return {"adapter": adapter, "task": task, "outputs": [asdict(r) for r in results]}
 
 
-def predict_events(
-    engine: Engine, record: RequestRecord, adapter: str | None, text: str, stream: Iterator[str | Result]
-) -> Iterator[str]:
+def predict_events(record: RequestRecord, adapter: str | None, stream: Iterator[str | Result]) -> Iterator[str]:
     """/predict as server-sent events: `delta` events with the new text, then one `result` event holding the
     non-streaming answer (an `error` event instead if the engine fails midway)."""
     try:
@@ -80,7 +73,7 @@ def predict_events(
             if isinstance(item, str):
                 yield sse({"text": item}, "delta")
             else:
-                count_tokens(engine, record, [text], [item])
+                count_tokens(record, [item])
                 task: Task = "generation" if isinstance(item, GenerationResult) else "classification"
                 yield sse(predict_body(adapter, task, [item]), "result")
     except LoraswapError as exc:

@@ -36,8 +36,13 @@ class Settings(BaseSettings):
     max_inputs: int = Field(64, ge=1, description="Most inputs in one /predict request.")
     max_new_tokens_limit: int = Field(1024, ge=1, description="Upper bound for max_new_tokens.")
     default_max_new_tokens: int = Field(64, ge=1)
-    max_batch_size: int = Field(16, ge=1, description="Most rows the scheduler puts in one forward.")
-    max_wait_ms: float = Field(2.0, ge=0, description="How long the scheduler waits to fill a batch.")
+    max_batch_size: int = Field(16, ge=1, description="Most rows in one forward (the decode batch included).")
+    max_wait_ms: float = Field(2.0, ge=0, description="How long an idle engine waits to fill a batch.")
+    scheduling: Literal["continuous", "static"] = Field(
+        "continuous",
+        description="continuous: requests join and leave the decode batch at every step; static: a batch runs to "
+        "its longest row while everything else waits (the old way, kept for comparison).",
+    )
     auto_merge: bool = Field(True, description="Merge an adapter into the base while it dominates traffic.")
     merge_window: int = Field(32, ge=1, description="Recent requests the merge policy looks at.")
     merge_share: float = Field(0.9, gt=0, le=1, description="Share of the window that triggers a merge.")

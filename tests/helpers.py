@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -163,3 +164,33 @@ def tree(root: Path) -> dict[str, str]:
             elif path.is_file():
                 found[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
     return found
+
+
+def classify_together(engine, jobs) -> list[list]:
+    """Classification jobs in exactly one forward (on the engine's worker); each job's results."""
+    engine.runner.call(lambda: engine.runner._classify_jobs(jobs))
+    return [job.future.result(timeout=60) for job in jobs]
+
+
+def generate_together(engine, jobs) -> list[list]:
+    """Generation jobs prefilled in one forward, so that they decode as one batch; each job's results."""
+    engine.runner.call(lambda: engine.runner._prefill(jobs))
+    return [job.future.result(timeout=60) for job in jobs]
+
+
+@contextmanager
+def poisoned(engine, slot_index: int):
+    """Every forward that holds a row of this slot fails (a stand-in for a row that breaks the model)."""
+    layer = next(iter(engine.layers.values()))
+
+    def check(module, args):
+        ctx = module.context
+        slots = ctx.row_slots.tolist() if ctx.row_slots is not None else [ctx.uniform_slot]
+        if slot_index in slots:
+            raise RuntimeError(f"poisoned slot {slot_index}")
+
+    handle = engine.runner.call(lambda: layer.register_forward_pre_hook(check))  # hooks change on the worker only
+    try:
+        yield
+    finally:
+        engine.runner.call(handle.remove)

@@ -55,8 +55,9 @@ def test_predict_classification_matches_peft(client, tiny_base, adapter_store, t
     body = response.json()
     assert body["task"] == "classification"
     reference = peft_reference_probs(tiny_base, adapter_store / "sentiment", tokenizer, texts, 3)
-    for output, row in zip(body["outputs"], reference):
-        assert set(output) == {"label", "score", "scores"}
+    for output, row, text in zip(body["outputs"], reference, texts):
+        assert set(output) == {"label", "score", "scores", "prompt_tokens"}
+        assert output["prompt_tokens"] == len(tokenizer(text)["input_ids"])
         assert output["label"] == LABELS[int(row.argmax())]
         assert torch.allclose(torch.tensor([output["scores"][l] for l in LABELS]), row, atol=1e-5)
 
@@ -67,7 +68,7 @@ def test_predict_generation_matches_peft(client, engine, tiny_base, adapter_stor
     )
     assert response.status_code == 200
     [output] = response.json()["outputs"]
-    from server.engine import GenerationParams
+    from server.types import GenerationParams
 
     ids = engine.encode_for_generation(["Tell me a joke"], GenerationParams(max_new_tokens=7))[0]
     assert output["token_ids"] == peft_reference_greedy(tiny_base, adapter_store / "gen-a", ids, 7)
@@ -156,7 +157,7 @@ def test_max_new_tokens_over_limit_is_422(client, tiny_settings):
 
 def test_concurrent_requests_each_get_their_own_adapter(client, tiny_base, adapter_store, tokenizer, engine):
     """Threads hammer four adapters at once; every answer equals that adapter's PEFT reference."""
-    from server.engine import GenerationParams
+    from server.types import GenerationParams
 
     text = "the plot is thin but the acting is fine"
     expected = {

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from server.engine import AdapterLocation, GenerationParams
+from server.runner import ClassifyJob, GenerateJob
+from server.types import AdapterLocation, GenerationParams
 from tests.conftest import LABELS
-from tests.helpers import peft_reference_greedy, peft_reference_probs
+from tests.helpers import peft_reference_greedy, peft_reference_probs, classify_together, generate_together
 
 TEXTS = ["a stirring , funny and finally transporting film", "one long string of cliches .", "ok"]
 
@@ -71,9 +72,9 @@ def test_base_generation_matches_transformers(engine, tiny_base):
 
 def assert_mixed_classification_equals_lone_runs(engine, rows, slots):
     """One forward of rows of different adapters gives each row what a forward of that row alone gives."""
-    mixed = engine._call(lambda: engine._classify_rows(rows, slots))
-    for row, slot, result in zip(rows, slots, mixed):
-        alone = engine._call(lambda row=row, slot=slot: engine._classify_rows([row], [slot]))[0]
+    mixed = classify_together(engine, [ClassifyJob([row], slot) for row, slot in zip(rows, slots)])
+    for row, slot, [result] in zip(rows, slots, mixed):
+        [[alone]] = classify_together(engine, [ClassifyJob([row], slot)])
         assert result.label == alone.label
         for label, p in alone.scores.items():
             assert abs(result.scores[label] - p) < 1e-5
@@ -88,9 +89,9 @@ def test_mixed_batch_rows_equal_separate_runs(engine, adapter_store):
         prompts = ["first prompt", "a somewhat longer second prompt here", "third", "fourth for the base"]
         rows = engine.encode_for_generation(prompts, params)
         indices = [s.index for s in slots] + [0]
-        mixed = engine._call(lambda: engine._generate_rows(rows, indices, params, [8] * len(rows)))
-        for row, index, result in zip(rows, indices, mixed):
-            alone = engine._call(lambda: engine._generate_rows([row], [index], params, [8]))[0]
+        mixed = generate_together(engine, [GenerateJob([row], index, params) for row, index in zip(rows, indices)])
+        for row, index, [result] in zip(rows, indices, mixed):
+            [[alone]] = generate_together(engine, [GenerateJob([row], index, params)])
             assert result.token_ids == alone.token_ids
 
         cls = [engine.acquire(location(adapter_store, n)) for n in ("sentiment", "topic")]

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import torch
 
-from server.engine import GenerationParams
+from server.types import GenerationParams
 from tests.conftest import LABELS
 from tests.helpers import (
     ADMIN_TOKEN as TOKEN,
@@ -108,7 +108,7 @@ def test_replace_lets_in_flight_requests_finish_on_the_old_version(
     finished = engine.classify(TEXTS, in_flight)
     assert torch.allclose(torch.tensor([[r.scores[l] for l in LABELS] for r in finished]), old, atol=1e-5)
     engine.release(in_flight)
-    assert in_flight.index in engine._free  # freed by its last user
+    assert in_flight.index in engine.slots._free  # freed by its last user
     _, late = engine.predict(located, TEXTS, GenerationParams())
     assert [r.label for r in late] == [LABELS[int(i)] for i in old.argmax(-1)]
 

@@ -77,11 +77,14 @@ def test_metrics_count_the_traffic(one_slot_client, tokenizer):
     assert m[("loraswap_adapter_load_seconds_count", (("adapter", "sentiment"),))] == 1
     assert m[("loraswap_adapter_evictions_total", (("adapter", "gen-a"),))] == 1
     assert ("loraswap_adapter_evictions_total", (("adapter", "sentiment"),)) not in m
-    # one model call per served request, one row each
-    assert m[("loraswap_batch_size_count", ())] == 6
-    assert m[("loraswap_batch_size_sum", ())] == 6
+    # one observation per forward: 2 classification forwards, and per generation a prefill and then decode steps
+    forwards = client.app.state.services.engine.batch_sizes
+    assert forwards[1] >= 2 + 4 * 3 and set(forwards) == {1}  # one request at a time: one row each
+    assert m[("loraswap_batch_size_count", ())] == forwards.total()
+    assert m[("loraswap_batch_size_sum", ())] == sum(size * n for size, n in forwards.items())
     assert m[("loraswap_loaded_adapters", ())] == 1
     assert m[("loraswap_queue_depth", ())] == 0
+    assert m[("loraswap_decoding_rows", ())] == 0
     assert not any(name == "loraswap_merged_adapter" for name, _ in m)
     services = client.app.state.services
     slot = services.engine.acquire(services.registry.locate("sentiment"))

@@ -15,7 +15,9 @@ import torch
 from safetensors.torch import load_file
 
 from server.archive import ArchiveLimits
-from server.engine import AdapterLocation, Engine, GenerationParams, SlotsBusy
+from server.engine import Engine
+from server.slots import SlotsBusy
+from server.types import AdapterLocation, GenerationParams
 from server.errors import AdapterChanged, AdapterExists, AdapterInvalid
 from server.registry import STAGING_DIR, VERSIONS_DIR, Registry
 from tests.helpers import write_tiny_adapter
@@ -183,16 +185,16 @@ def thousand(tmp_path_factory, engine8) -> Registry:
 
 @pytest.fixture
 def loads(engine8, monkeypatch) -> list[str]:
-    """Names passed to the engine's _load, in order (slow enough that concurrent first requests overlap)."""
+    """Names passed to the slots' _load, in order (slow enough that concurrent first requests overlap)."""
     seen: list[str] = []
-    real = engine8._load
+    real = engine8.slots._load
 
     def counting(location):
         seen.append(location.name)
         time.sleep(0.02)
         return real(location)
 
-    monkeypatch.setattr(engine8, "_load", counting)
+    monkeypatch.setattr(engine8.slots, "_load", counting)
     return seen
 
 
@@ -223,7 +225,7 @@ def test_a_thousand_adapters_with_eight_in_memory_lru(engine8, thousand, loads):
     assert loaded(engine8) == [f"a{i:04d}" for i in range(992, 1000)]
     assert engine8.evictions == evictions + 11
     assert loads == order + ["a0500"] + [f"a{i:04d}" for i in range(990, 1000)]  # hits never load
-    assert sorted(s.index for s in engine8._slots.values()) == list(range(1, 9))
+    assert sorted(s.index for s in engine8.slots._slots.values()) == list(range(1, 9))
 
 
 def test_every_one_of_a_thousand_loads_its_own_weights(engine8, thousand):
@@ -256,7 +258,7 @@ def test_ten_concurrent_first_requests_load_once(engine8, thousand, loads):
         answers = list(pool.map(first_request, range(10)))
     assert loads == ["a0777"]
     assert len({tuple(a) for a in answers}) == 1
-    assert [s.in_use for s in engine8._slots.values()] == [0] * len(engine8._slots)
+    assert [s.in_use for s in engine8.slots._slots.values()] == [0] * len(engine8.slots._slots)
 
 
 def test_a_broken_adapter_never_evicts_a_working_one(engine8, thousand, tmp_path):
@@ -285,7 +287,7 @@ def test_a_load_that_fails_midway_leaves_its_slot_clean(engine8, adapter_store, 
         engine8.acquire(location)
     monkeypatch.undo()
     assert len(calls) == 3 and "many-modules" not in loaded(engine8)
-    in_use = {slot.index for slot in engine8._slots.values()}
+    in_use = {slot.index for slot in engine8.slots._slots.values()}
     assert all(set(layer.ranks) <= in_use for layer in engine8.layers.values())  # nothing left behind
     engine8.release(engine8.acquire(location))  # the slot serves again
     engine8.unload("many-modules")
@@ -321,8 +323,8 @@ def test_unload_waits_for_in_flight_users(engine8, thousand):
     slot = engine8.acquire(thousand.locate("a0042"))
     engine8.unload("a0042")
     assert not engine8.is_loaded("a0042")
-    assert slot.index not in engine8._free  # still serving its request
+    assert slot.index not in engine8.slots._free  # still serving its request
     assert any(slot.index in layer.ranks for layer in engine8.layers.values())
     engine8.release(slot)
-    assert slot.index in engine8._free
+    assert slot.index in engine8.slots._free
     assert all(slot.index not in layer.ranks for layer in engine8.layers.values())

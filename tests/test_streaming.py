@@ -7,8 +7,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from server import engine as engine_module
-from server.engine import AdapterLocation, Engine, GenerationParams, TextDeltas
+from server.encoding import TextDeltas
+from server.engine import Engine
+from server.types import AdapterLocation, GenerationParams
 
 PROMPT = "Tell me a story about a dragon"
 
@@ -57,32 +58,33 @@ def test_concurrent_streams_share_forwards_and_each_gets_its_own_answer(tiny_set
         assert "".join(deltas) == expected.generated_text
 
 
-def test_a_streamed_row_rerun_after_its_batch_failed_sends_each_token_once(tiny_settings, monkeypatch):
-    """A batch that fails mid-stream is rerun job by job; the streamed row's rerun skips the tokens already sent,
-    so the stream still concatenates to its answer, and the other job still gets its own."""
+def test_a_streamed_row_survives_a_failed_step_and_sends_each_token_once(tiny_settings):
+    """A decode step that fails mid-stream is rerun row by row from the cache as it was before it; the stream still
+    concatenates to its answer (no token sent twice), and its batch mate still gets its own."""
     engine = Engine.from_settings(tiny_settings.model_copy(update={"max_wait_ms": 300.0, "auto_merge": False}))
     params = GenerationParams(max_new_tokens=10)
     failures = []
-    put = engine_module._BatchStreamer.put
+    two_row_steps = []
 
-    def failing_put(streamer, value):
-        put(streamer, value)
-        if len(streamer.queues) > 1 and sum(streamer.produced) >= 4:  # the shared batch dies after 4 streamed tokens
-            failures.append(streamer.produced[:])
-            raise RuntimeError("batch failed")
+    def fail_once(module, args):
+        if args[0].shape[:2] == (2, 1):  # a decode step of the two rows
+            two_row_steps.append(1)
+            if len(two_row_steps) == 4 and not failures:
+                failures.append(1)
+                raise RuntimeError("step failed")
 
     try:
         alone = engine.predict(None, [PROMPT], params)[1][0]
         other_alone = engine.predict(None, ["another prompt"], params)[1][0]
-        assert alone.tokens > 4
-        monkeypatch.setattr(engine_module._BatchStreamer, "put", failing_put)
-        engine.batch_sizes.clear()
+        assert alone.tokens > 5
+        layer = next(iter(engine.layers.values()))
+        engine.runner.call(lambda: layer.register_forward_pre_hook(fail_once))
         with ThreadPoolExecutor(max_workers=1) as pool:
             other = pool.submit(engine.predict, None, ["another prompt"], params)
             deltas, final = split_stream(list(engine.predict_stream(None, PROMPT, params)))
     finally:
         engine.close()
-    assert failures and engine.batch_sizes[2] >= 1  # it did run as one batch of two, and failed
+    assert failures  # the shared step did fail
     assert final == alone
     assert "".join(deltas) == alone.generated_text
     assert other.result()[1][0] == other_alone
@@ -118,26 +120,15 @@ def test_text_deltas_hold_back_a_possible_stop_string(tokenizer):
     assert deltas.finish("one two ") == ""
 
 
-def test_closing_a_stream_early_stops_its_generation(engine, monkeypatch):
-    outcomes: list[BaseException | int] = []
-    generate_rows = engine._generate_rows
-
-    def recording(*args, **kwargs):
-        try:
-            results = generate_rows(*args, **kwargs)
-        except BaseException as exc:
-            outcomes.append(exc)
-            raise
-        outcomes.append(results[0].tokens)
-        return results
-
-    monkeypatch.setattr(engine, "_generate_rows", recording)
+def test_closing_a_stream_early_frees_its_row(engine):
+    forwards_before = sum(engine.batch_sizes.values())
     stream = engine.predict_stream(None, PROMPT, GenerationParams(max_new_tokens=200))
     assert isinstance(next(stream), str)
     stream.close()
-    _, [result] = engine.predict(None, ["hi"], GenerationParams(max_new_tokens=2))  # runs after the abandoned job
-    assert outcomes[0] < 50  # the abandoned row stopped at its next token, not at max_new_tokens=200
-    assert outcomes[1:] == [2] == [result.tokens]
+    _, [result] = engine.predict(None, ["hi"], GenerationParams(max_new_tokens=2))
+    assert result.tokens == 2
+    assert engine.runner.decoding == 0  # the abandoned row left at its next step
+    assert sum(engine.batch_sizes.values()) - forwards_before < 50  # not 200 steps
     assert engine.queue_depth == 0
 
 

@@ -17,7 +17,8 @@ from scripts import eval_adapter, train_adapter
 from scripts.metrics import classification_metrics, extract_decision, generation_metrics, rouge_l, token_f1
 from server.adapter_format import CONFIG_FILE, METADATA_FILE, WEIGHTS_FILE
 from server.base_model import load_base
-from server.engine import AdapterLocation, Engine, GenerationParams
+from server.engine import Engine
+from server.types import AdapterLocation, GenerationParams
 from tests.helpers import peft_reference_greedy, peft_reference_probs
 
 GOOD = ["great", "wonderful", "moving", "funny", "brilliant"]

@@ -161,14 +161,14 @@ def test_delete_unloads_and_frees_the_slot(admin, store, engine):
     files = folder_files(store / "sentiment")
     assert upload(admin, "doomed", files).status_code == 201
     assert admin.post("/predict?adapter=doomed", json={"inputs": "x"}).status_code == 200
-    [slot] = [s for loc, s in engine._slots.items() if loc.name == "doomed"]
+    [slot] = [s for loc, s in engine.slots._slots.items() if loc.name == "doomed"]
     response = admin.delete("/adapters/doomed")
     assert response.status_code == 200
     assert response.json() == {"deleted": "doomed", "version": 1}
     assert not engine.is_loaded("doomed")
-    assert slot.index in engine._free
+    assert slot.index in engine.slots._free
     assert all(slot.index not in layer.ranks for layer in engine.layers.values())
-    assert slot.head_weight is None
+    assert slot.adapter.head is None
     assert not any("doomed" in path for path in tree(store))
     assert admin.get("/adapters/doomed").status_code == 404
     assert admin.post("/predict?adapter=doomed", json={"inputs": "x"}).status_code == 404

@@ -1,65 +1,23 @@
-"""Batching scheduler, mixed-adapter batches and automatic merge: behaviour and exactness against PEFT."""
+"""The step loop: continuous batching across adapters, per-row sampling, cancellation, failures, automatic merge;
+behaviour and exactness against PEFT."""
 
 from __future__ import annotations
 
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
-from server.engine import AdapterLocation, Engine, GenerationParams, MergePolicy
-from server.lora import BASE_SLOT
-from server.scheduler import Scheduler
+from server.engine import Engine
+from server.runner import MergePolicy
+from server.slots import BASE_SLOT
+from server.types import AdapterLocation, GenerationParams
 from tests.conftest import LABELS
-from tests.helpers import peft_reference_greedy, peft_reference_probs
+from tests.helpers import peft_reference_greedy, peft_reference_probs, poisoned
 
 
 def location(store, name):
     return AdapterLocation(name, 1, store / name)
-
-
-# ---- the scheduler alone (stub work) -------------------------------------------------------------------------
-
-
-def test_scheduler_batches_compatible_jobs_and_keeps_others_apart():
-    seen: list[list[str]] = []
-    gate = threading.Event()
-
-    def run(jobs):
-        gate.wait()
-        seen.append([job.payload for job in jobs])
-        return [job.payload.upper() for job in jobs]
-
-    scheduler = Scheduler(run, max_batch_rows=3, max_wait_s=0.2)
-    try:
-        futures = [scheduler.submit("a", 1, "a1")]
-        time.sleep(0.05)  # the worker holds a1 and waits for company
-        futures += [scheduler.submit("b", 1, "b1"), scheduler.submit("a", 1, "a2"), scheduler.submit("a", 1, "a3"),
-                    scheduler.submit("a", 1, "a4")]
-        gate.set()
-        assert [f.result(timeout=5) for f in futures] == ["A1", "B1", "A2", "A3", "A4"]
-    finally:
-        scheduler.close()
-    assert seen == [["a1", "a2", "a3"], ["b1"], ["a4"]]
-
-
-def test_a_failing_request_does_not_fail_its_batch():
-    def run(jobs):
-        if any(job.payload == "bad" for job in jobs):
-            raise ValueError("bad row")
-        return [job.payload for job in jobs]
-
-    scheduler = Scheduler(run, max_batch_rows=8, max_wait_s=0.1)
-    try:
-        futures = [scheduler.submit("k", 1, p) for p in ("x", "bad", "y")]
-        assert futures[0].result(timeout=5) == "x" and futures[2].result(timeout=5) == "y"
-        with pytest.raises(ValueError, match="bad row"):
-            futures[1].result(timeout=5)
-        assert scheduler.call(lambda: 42) == 42
-    finally:
-        scheduler.close()
 
 
 def test_merge_policy_decisions():
@@ -220,19 +178,20 @@ def test_streamed_generations_count_for_the_merge_policy(tiny_settings, adapter_
         engine.close()
 
 
-def test_a_job_retried_after_its_batch_failed_is_counted_once(tiny_settings, adapter_store):
-    from server.engine import _Work
-    from server.scheduler import Job
-
-    engine = Engine.from_settings(tiny_settings)
+def test_a_request_rerun_after_its_batch_failed_is_counted_once(tiny_settings, adapter_store):
+    engine = Engine.from_settings(tiny_settings.model_copy(update={"max_wait_ms": 200.0}))
     try:
-        slot = engine.acquire(location(adapter_store, "sentiment"))
+        slots = [engine.acquire(location(adapter_store, n)) for n in ("sentiment", "topic")]
         try:
-            job = Job(None, 1, _Work(engine.encode_for_classification(["hello"]), slots=[slot]))
-            for _ in range(2):  # the scheduler reruns each job of a failed batch on its own
-                engine._call(lambda: engine._run_batch([job]))
-            assert list(engine.merge_policy.recent) == [slot.index]
+            with poisoned(engine, slots[1].index), ThreadPoolExecutor(max_workers=2) as pool:
+                futures = [pool.submit(engine.classify, ["hello"], slot) for slot in slots]
+            assert futures[0].result()[0].label in LABELS
+            with pytest.raises(RuntimeError, match="poisoned"):
+                futures[1].result()
+            assert max(engine.batch_sizes) == 2  # they shared the forward that failed, then ran alone
+            assert sorted(engine.merge_policy.recent) == sorted(s.index for s in slots)
         finally:
-            engine.release(slot)
+            for slot in slots:
+                engine.release(slot)
     finally:
         engine.close()

@@ -1,0 +1,560 @@
+"""The model runner: the engine's one worker thread, which alone runs the model and changes its modules.
+
+It runs a step loop (continuous batching, across adapters). Each turn of the loop:
+1. control jobs (adapter installs and evictions, merges) run, in order;
+2. rows whose request was cancelled (a closed stream) or failed leave the decode batch;
+3. queued classification requests run as one forward, so a classification waits at most one decode step;
+4. queued generation requests are prefilled as one forward of their own; each new row gets its first token there
+   and joins the decode batch (its KV cache is left-padded to the batch's width and concatenated);
+5. one decode step: one forward over every active row, whatever its adapter and sampling settings; a row that
+   finishes (EOS, its budget, a stop string) leaves at once and its request is answered then.
+With `continuous=False` (static batching, kept to measure against) steps 3 and 4 take work only while no row is
+decoding: a batch runs to the end of its longest row and everything else waits, as `model.generate()` did.
+
+Failures: a forward that fails is rerun request by request (a decode step: row by row, from the cache as it was
+before the step), so one bad request fails alone and its batch mates go on.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass, field
+from queue import Queue
+from typing import Any, Protocol, TypeVar
+
+import torch
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+from .encoding import stop_cut
+from .lora import LoraContext, MultiLoraLinear
+from .slots import BASE_SLOT, Slot
+from .types import ClassificationResult, GenerationParams, GenerationResult
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [rows, kv_heads, width, head_dim]
+
+
+class BatchObserver(Protocol):
+    """Listens to forwards (server/metrics.py); called on the worker thread, must return quickly."""
+
+    def batch_ran(self, rows: int) -> None: ...
+
+
+class MergePolicy:
+    """dLoRA-style: merge an adapter into the base weights while it dominates recent traffic.
+
+    Counts the slot of each recent request (0 = base). Merge the top adapter when its share of a full window
+    reaches `merge_share`; keep it merged while its share stays at or above `unmerge_share` (hysteresis).
+    """
+
+    def __init__(self, window: int = 32, merge_share: float = 0.9, unmerge_share: float = 0.6):
+        self.recent: deque[int] = deque(maxlen=window)
+        self.merge_share = merge_share
+        self.unmerge_share = unmerge_share
+
+    def observe(self, slot_index: int) -> None:
+        self.recent.append(slot_index)
+
+    def forget(self, slot_index: int) -> None:
+        """A slot was emptied: its history belongs to an adapter that is gone."""
+        kept = [s for s in self.recent if s != slot_index]
+        self.recent.clear()
+        self.recent.extend(kept)
+
+    def choose(self, merged: int | None) -> int | None:
+        """The slot that should be merged now, or None."""
+        if len(self.recent) < (self.recent.maxlen or 0):
+            return merged
+        counts = Counter(self.recent)
+        if merged is not None and counts[merged] >= self.unmerge_share * len(self.recent):
+            return merged
+        top, count = counts.most_common(1)[0]
+        if top != BASE_SLOT and count >= self.merge_share * len(self.recent):
+            return top
+        return None
+
+
+# ---- jobs: what callers queue for the worker ------------------------------------------------------------------
+
+
+@dataclass
+class ControlJob:
+    """A change to the model (install, clear, merge) or any call that must run on the worker, alone and in order."""
+
+    fn: Callable[[], Any]
+    future: Future = field(default_factory=Future)
+
+
+@dataclass
+class ClassifyJob:
+    rows: list[list[int]]  # token ids per input
+    slot: Slot
+    future: Future = field(default_factory=Future)  # -> list[ClassificationResult]
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class GenerateJob:
+    prompts: list[list[int]]  # token ids per input: each becomes one row of the decode batch
+    slot_index: int
+    params: GenerationParams
+    stream: Queue[int | None] | None = None  # a streamed request's new token ids, one per step (None: it ended)
+    future: Future = field(default_factory=Future)  # -> list[GenerationResult]; cancel() frees its rows
+    enqueued: float = field(default_factory=time.perf_counter)
+    results: list[GenerationResult | None] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.results = [None] * len(self.prompts)
+
+
+def _settle(future: Future, result: Any = None, error: BaseException | None = None) -> None:
+    """Answer a future unless its caller cancelled it meanwhile."""
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except InvalidStateError:
+        pass
+
+
+# ---- the decode batch ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    job: GenerateJob
+    index: int  # which of the job's prompts
+    prompt_tokens: int
+    generator: torch.Generator | None  # seeded rows sample from their own stream, whatever their batch mates
+    ids: list[int] = field(default_factory=list)  # generated so far (EOS excluded)
+
+    @property
+    def gone(self) -> bool:
+        """The request was cancelled or has failed (another of its rows did): this row's work is wasted."""
+        return self.job.future.done()
+
+
+def _left_pad(x: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    missing = width - x.shape[dim]
+    if missing == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = missing
+    return torch.cat([x.new_zeros(shape), x], dim)
+
+
+@dataclass
+class DecodeBatch:
+    """Rows being generated, left-padded to one width. The KV tensors are replaced, never changed in place, so a
+    step that fails leaves the batch as it was."""
+
+    rows: list[Row]
+    kv: KV
+    mask: torch.Tensor  # [rows, width] 1 = a real token
+    positions: torch.Tensor  # [rows] position id of each row's next input token
+    last: torch.Tensor  # [rows] each row's latest token: the next step's input
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def select(self, keep: Sequence[int]) -> DecodeBatch:
+        """Only these rows, with the columns that became padding for all of them cut away."""
+        index = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
+        mask = self.mask[index]
+        start = int(mask.any(0).long().argmax())  # first column some row still attends to
+        kv = [(k[index, :, start:], v[index, :, start:]) for k, v in self.kv]
+        return DecodeBatch([self.rows[i] for i in keep], kv, mask[:, start:], self.positions[index], self.last[index])
+
+    @staticmethod
+    def join(batches: Sequence[DecodeBatch]) -> DecodeBatch:
+        width = max(b.mask.shape[1] for b in batches)
+        kv = [
+            tuple(torch.cat([_left_pad(b.kv[layer][part], width, 2) for b in batches]) for part in (0, 1))
+            for layer in range(len(batches[0].kv))
+        ]
+        return DecodeBatch(
+            [row for b in batches for row in b.rows],
+            kv,
+            torch.cat([_left_pad(b.mask, width, 1) for b in batches]),
+            torch.cat([b.positions for b in batches]),
+            torch.cat([b.last for b in batches]),
+        )
+
+
+def sampling_scores(logits: torch.Tensor, params: GenerationParams) -> torch.Tensor:
+    """[vocab] float32 logits -> the scores a token is drawn from: temperature, then nucleus filtering as
+    transformers' TopPLogitsWarper does it (the most probable token always stays)."""
+    scores = logits / params.temperature
+    if params.top_p < 1.0:
+        sorted_scores, order = scores.sort()
+        drop = sorted_scores.softmax(-1).cumsum(-1) <= 1 - params.top_p
+        drop[-1] = False
+        scores = scores.masked_fill(drop.scatter(0, order, drop), float("-inf"))
+    return scores
+
+
+def sample(logits: torch.Tensor, params: GenerationParams, generator: torch.Generator | None) -> int:
+    return int(torch.multinomial(sampling_scores(logits, params).softmax(-1), 1, generator=generator))
+
+
+# ---- the runner ------------------------------------------------------------------------------------------------
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        layers: dict[str, MultiLoraLinear],
+        context: LoraContext,
+        *,
+        max_batch_rows: int = 16,
+        max_wait_s: float = 0.002,
+        merge_policy: MergePolicy | None = None,
+        continuous: bool = True,
+    ):
+        self.model = model
+        self.body = getattr(model, model.base_model_prefix)  # the transformer without its LM head
+        self.tokenizer = tokenizer
+        self.layers = layers
+        self.context = context
+        self.device = model.device
+        self.eos = tokenizer.eos_token_id
+        self.pad = tokenizer.pad_token_id
+        self.max_batch_rows = max_batch_rows
+        self.max_wait_s = max_wait_s
+        self.merge_policy = merge_policy  # None: never merge automatically
+        self.continuous = continuous
+        self.merged: int | None = None  # slot folded into the base weights (worker thread only)
+        self.observers: list[BatchObserver] = []
+        self.batch_sizes: Counter[int] = Counter()  # rows per forward, for metrics and benchmarks
+        self._controls: list[ControlJob] = []
+        self._classify: list[ClassifyJob] = []
+        self._generate: list[GenerateJob] = []
+        self._batch: DecodeBatch | None = None  # worker thread only
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self._thread.start()
+
+    # ---- called from any thread -----------------------------------------------------------------------------
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """Run fn on the worker thread (alone, between forwards) and return its result."""
+        if threading.current_thread() is self._thread:
+            return fn()
+        return self._enqueue(self._controls, ControlJob(fn)).result()
+
+    def classify(self, job: ClassifyJob) -> Future:
+        return self._enqueue(self._classify, job)
+
+    def generate(self, job: GenerateJob) -> Future:
+        if job.stream is not None:
+            job.future.add_done_callback(lambda _: job.stream.put(None))
+        return self._enqueue(self._generate, job)
+
+    @property
+    def decoding(self) -> int:
+        """Rows in the decode batch now."""
+        batch = self._batch
+        return 0 if batch is None else len(batch)
+
+    def depth(self) -> int:
+        """Requests waiting for the worker (not counting rows being decoded)."""
+        with self._cond:
+            return len(self._controls) + len(self._classify) + len(self._generate)
+
+    def close(self) -> None:
+        """Finish what is queued and running, then stop the worker."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join(timeout=30)
+
+    def _enqueue(self, queue: list, job: ControlJob | ClassifyJob | GenerateJob) -> Future:
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the engine is shut down")
+            queue.append(job)
+            self._cond.notify()
+        return job.future
+
+    # ---- the loop (worker thread) ---------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._controls or self._classify or self._generate or self._batch):
+                    if self._closed:
+                        return
+                    self._cond.wait()
+                if self._batch is None:
+                    self._wait_for_company()
+                controls, self._controls = self._controls, []
+                classify = self._take(self._classify, lambda job: len(job.rows))
+                generate = self._take(self._generate, lambda job: len(job.prompts))
+            for control in controls:
+                try:
+                    _settle(control.future, control.fn())
+                except BaseException as exc:  # noqa: BLE001 - every failure must reach its caller
+                    _settle(control.future, error=exc)
+            self._drop_gone_rows()
+            if classify:
+                self._observe(job.slot.index for job in classify)
+                self._isolated(classify, self._classify_jobs)
+            generate = [job for job in generate if not job.future.cancelled()]
+            if generate:
+                self._observe(job.slot_index for job in generate)
+                self._isolated(generate, self._prefill)
+            if self._batch is not None:
+                self._decode_step()
+
+    def _wait_for_company(self) -> None:
+        """With nothing decoding, give the first queued request up to max_wait for batch mates (lock held)."""
+        queued = self._classify + self._generate
+        if self._controls or not queued:
+            return
+        deadline = min(job.enqueued for job in queued) + self.max_wait_s
+        while (remaining := deadline - time.perf_counter()) > 0 and not self._closed:
+            rows = sum(len(j.rows) for j in self._classify) + sum(len(j.prompts) for j in self._generate)
+            if rows >= self.max_batch_rows or self._controls:
+                return
+            self._cond.wait(timeout=remaining)
+
+    def _take(self, queue: list, rows_of: Callable[[Any], int]) -> list:
+        """Queued jobs for this turn (lock held): up to max_batch_rows rows, counting the rows decoding now
+        (a request is never split, so one larger than the limit runs alone). Static batching takes nothing while
+        rows decode."""
+        active = len(self._batch) if self._batch is not None else 0
+        if active and not self.continuous:
+            return []
+        taken, rows = [], active
+        while queue and (not taken and not active or rows + rows_of(queue[0]) <= self.max_batch_rows):
+            rows += rows_of(queue[0])
+            taken.append(queue.pop(0))
+        return taken
+
+    def _observe(self, slot_indices: Any) -> None:
+        """Each request counts once for the merge policy, when it is admitted (a rerun after a failure does not)."""
+        if self.merge_policy is not None:
+            for index in slot_indices:
+                self.merge_policy.observe(index)
+
+    def _isolated(self, jobs: list, run: Callable[[list], None]) -> None:
+        """Run jobs in one forward; if that fails, each alone, so that a bad request fails only itself."""
+        try:
+            run(jobs)
+        except Exception as exc:  # noqa: BLE001 - it goes to the request that caused it
+            if len(jobs) == 1:
+                log.warning("request failed on the model: %r", exc)
+                _settle(jobs[0].future, error=exc)
+                return
+            for job in jobs:
+                self._isolated([job], run)
+
+    # ---- forwards ---------------------------------------------------------------------------------------------
+
+    def _forward_rows(self, slot_indices: list[int]) -> LoraContext:
+        """Before a forward over rows of these slots: count it, settle the merge state, and assign the rows."""
+        self.batch_sizes[len(slot_indices)] += 1
+        for observer in self.observers:
+            observer.batch_ran(len(slot_indices))
+        decoding = {row.job.slot_index for row in self._batch.rows} if self._batch is not None else set()
+        self._prepare_merge_state(set(slot_indices) | decoding)
+        effective = [BASE_SLOT if i == self.merged else i for i in slot_indices]  # merged rows are base rows now
+        return self.context.rows(effective, self.device)
+
+    def _pad(self, rows: list[list[int]], side: str) -> tuple[torch.Tensor, torch.Tensor]:
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            span = slice(0, len(row)) if side == "right" else slice(width - len(row), width)
+            ids[i, span] = torch.tensor(row, dtype=torch.long)
+            mask[i, span] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    @torch.no_grad()
+    def _classify_jobs(self, jobs: list[ClassifyJob]) -> None:
+        rows = [row for job in jobs for row in job.rows]
+        slots = [job.slot for job in jobs for _ in job.rows]
+        ids, mask = self._pad(rows, "right")
+        with self._forward_rows([slot.index for slot in slots]):
+            hidden = self.body(input_ids=ids, attention_mask=mask).last_hidden_state  # [rows, tokens, hidden]
+        # pool the rightmost non-pad token, as LlamaForSequenceClassification does (it looks at ids, not mask)
+        non_pad = (ids != self.pad).long()
+        last = (torch.arange(ids.shape[1], device=ids.device) * non_pad).argmax(-1)
+        pooled = hidden[torch.arange(len(rows), device=ids.device), last]  # [rows, hidden]
+        results = []
+        for i, slot in enumerate(slots):
+            weight, bias = slot.adapter.head
+            probs = torch.nn.functional.linear(pooled[i], weight, bias).float().softmax(-1).tolist()
+            best = max(range(len(probs)), key=probs.__getitem__)
+            labels = slot.adapter.labels
+            results.append(ClassificationResult(labels[best], probs[best], dict(zip(labels, probs)), len(rows[i])))
+        start = 0
+        for job in jobs:
+            _settle(job.future, results[start : start + len(job.rows)])
+            start += len(job.rows)
+
+    def _new_cache(self, kv: KV | None = None) -> DynamicCache:
+        cache = DynamicCache(config=self.model.config)
+        for layer, (keys, values) in zip(cache.layers, kv or []):
+            layer.lazy_initialization(keys, values)
+            layer.keys, layer.values = keys, values
+        return cache
+
+    @torch.no_grad()
+    def _prefill(self, jobs: list[GenerateJob]) -> None:
+        """One forward over the new requests' prompts; their rows get a first token and join the decode batch."""
+        rows = [
+            Row(job, i, len(prompt), None if job.params.seed is None else
+                torch.Generator(self.device).manual_seed(job.params.seed))
+            for job in jobs for i, prompt in enumerate(job.prompts)
+        ]
+        ids, mask = self._pad([prompt for job in jobs for prompt in job.prompts], "left")
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = self._new_cache()
+        with self._forward_rows([row.job.slot_index for row in rows]):
+            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
+                                use_cache=True, logits_to_keep=1).logits[:, -1]  # [rows, vocab]
+        kv = [(layer.keys, layer.values) for layer in cache.layers]
+        joined = DecodeBatch(rows, kv, mask, mask.sum(-1), torch.zeros(len(rows), dtype=torch.long, device=self.device))
+        self._batch = joined if self._batch is None else DecodeBatch.join([self._batch, joined])
+        self._take_tokens(logits, range(len(self._batch) - len(rows), len(self._batch)))
+
+    @torch.no_grad()
+    def _decode_step(self) -> None:
+        """One step for every decoding row. If the forward fails, each row steps alone from the cache as it was
+        before the step, so a row that fails leaves alone and its batch mates go on."""
+        batch = self._batch
+        try:
+            logits = self._step(batch)
+        except Exception as exc:  # noqa: BLE001 - it goes to the row that caused it
+            if len(batch) == 1:
+                self._batch = None
+                self._fail_row(batch.rows[0], exc)
+                return
+            kept = []
+            for i in range(len(batch)):
+                self._batch = batch.select([i])
+                self._decode_step()
+                if self._batch is not None:
+                    kept.append(self._batch)
+            self._batch = DecodeBatch.join(kept) if kept else None
+            return
+        self._take_tokens(logits, range(len(batch)))
+
+    def _step(self, batch: DecodeBatch) -> torch.Tensor:
+        """One decode forward; commits the batch's new cache, mask and positions only if it succeeds."""
+        mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch), 1)], 1)
+        cache = self._new_cache(batch.kv)
+        with self._forward_rows([row.job.slot_index for row in batch.rows]):
+            logits = self.model(input_ids=batch.last[:, None], attention_mask=mask, position_ids=batch.positions[:, None],
+                                cache=cache, use_cache=True).logits[:, -1]  # [rows, vocab]
+        batch.kv = [(layer.keys, layer.values) for layer in cache.layers]
+        batch.mask, batch.positions = mask, batch.positions + 1
+        return logits
+
+    def _take_tokens(self, logits: torch.Tensor, positions: Sequence[int] | range) -> None:
+        """Each of these rows of the batch takes its next token from its logits row; finished rows leave."""
+        batch = self._batch
+        logits = logits.float()
+        greedy = logits.argmax(-1).tolist()
+        finished = set()
+        for i, at in enumerate(positions):
+            row = batch.rows[at]
+            try:
+                params = row.job.params
+                token = greedy[i] if params.temperature == 0 else sample(logits[i], params, row.generator)
+                batch.last[at] = token
+                if self._advance(row, token):
+                    finished.add(at)
+            except Exception as exc:  # noqa: BLE001 - a row that fails here fails alone
+                self._fail_row(row, exc)
+                finished.add(at)
+        if finished:
+            self._keep([i for i in range(len(batch)) if i not in finished])
+
+    def _advance(self, row: Row, token: int) -> bool:
+        """Add a token to a row; answer the row and return True if it is finished."""
+        params = row.job.params
+        if token == self.eos:
+            return self._finish(row, "stop")
+        row.ids.append(token)
+        if row.job.stream is not None:
+            row.job.stream.put(token)
+        if params.stop and stop_cut(self.tokenizer.decode(row.ids, skip_special_tokens=True), params.stop) >= 0:
+            return self._finish(row, "stop")
+        if len(row.ids) >= params.max_new_tokens:
+            return self._finish(row, "length")
+        return False
+
+    def _finish(self, row: Row, reason: str) -> bool:
+        job = row.job
+        text = self.tokenizer.decode(row.ids, skip_special_tokens=True)
+        cut = stop_cut(text, job.params.stop)
+        if cut >= 0:
+            text, reason = text[:cut], "stop"
+        job.results[row.index] = GenerationResult(text, reason, len(row.ids), row.ids, row.prompt_tokens)
+        if all(result is not None for result in job.results):
+            _settle(job.future, job.results)
+        return True
+
+    def _fail_row(self, row: Row, exc: BaseException) -> None:
+        log.warning("generation row failed: %r", exc)
+        _settle(row.job.future, error=exc)  # its other rows leave at the next turn (gone)
+
+    def _keep(self, keep: list[int]) -> None:
+        self._batch = self._batch.select(keep) if keep else None
+
+    def _drop_gone_rows(self) -> None:
+        """Rows of cancelled or failed requests leave before the next forward (and before any control job frees
+        their adapter's slot)."""
+        if self._batch is not None:
+            keep = [i for i, row in enumerate(self._batch.rows) if not row.gone]
+            if len(keep) < len(self._batch):
+                self._keep(keep)
+
+    # ---- adapter slots and merging (worker thread only; callers go through call()) -----------------------------
+
+    def clear_slot(self, index: int) -> None:
+        if self.merged == index:
+            self.unmerge()
+        if self.merge_policy is not None:
+            self.merge_policy.forget(index)
+        for layer in self.layers.values():
+            layer.clear_slot(index)
+
+    def merge(self, index: int) -> None:
+        """Fold one loaded adapter into the base weights; its rows then run at exactly base cost."""
+        if self.merged == index:
+            return
+        self.unmerge()
+        for layer in self.layers.values():
+            layer.merge(index)
+        self.merged = index
+        log.info("merged slot %d into the base weights", index)
+
+    def unmerge(self) -> None:
+        if self.merged is None:
+            return
+        for layer in self.layers.values():
+            layer.unmerge()
+        log.info("unmerged slot %d", self.merged)
+        self.merged = None
+
+    def _prepare_merge_state(self, slots: set[int]) -> None:
+        """Mixed forwards never run merged; follow the policy when every row in flight allows it."""
+        want = self.merged if self.merge_policy is None else self.merge_policy.choose(self.merged)
+        if self.merged is not None and (slots != {self.merged} or want != self.merged):
+            self.unmerge()
+        if want is not None and want != BASE_SLOT and self.merged is None and slots == {want}:
+            self.merge(want)
