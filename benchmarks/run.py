@@ -26,9 +26,11 @@ from safetensors.torch import save_file
 
 from server.adapter_format import CONFIG_FILE, METADATA_FILE, WEIGHTS_FILE
 from server.base_model import choose_dtype
-from server.engine import AdapterLocation, Engine, GenerationParams, Slot, encode_prompt
-from server.lora import BASE_SLOT
+from server.encoding import encode_prompt
+from server.engine import Engine
 from server.settings import Settings
+from server.slots import BASE_SLOT, Slot
+from server.types import AdapterLocation, GenerationParams
 
 RESULTS = Path(__file__).parent / "results"
 WORDS = ("the film was a quiet triumph of craft and feeling although the second half drags on "
@@ -149,8 +151,7 @@ def main() -> None:
     dtype = torch.bfloat16 if settings.dtype == "bfloat16" else torch.float32
     results["matmul_gflops"] = matmul_gflops(dtype, args.device)
     head_slot = with_slot(engine, cls_locs[0], lambda slot: slot)
-    base_slot = Slot(BASE_SLOT, AdapterLocation("base", 0, store), "classification", head_slot.labels,
-                     head_slot.head_weight, head_slot.head_bias)
+    base_slot = Slot(BASE_SLOT, AdapterLocation("base", 0, store), head_slot.adapter)  # the base, with a head
     probe = [text(rng, 48)] * 8
     n_tokens = sum(len(r) for r in engine.encode_for_classification(probe))
     engine.classify(probe, base_slot)
@@ -158,7 +159,7 @@ def main() -> None:
     for _ in range(3):
         engine.classify(probe, base_slot)
     elapsed = (time.perf_counter() - started) / 3
-    body_params = sum(p.numel() for p in engine.body.parameters()) - engine.body.embed_tokens.weight.numel()
+    body_params = sum(p.numel() for p in engine.runner.body.parameters()) - engine.runner.body.embed_tokens.weight.numel()
     results["base_forward_gflops"] = 2 * body_params * n_tokens / elapsed / 1e9
 
     # ---- classification stream, 100 adapters -----------------------------------------------------------------
@@ -186,7 +187,6 @@ def main() -> None:
     jobs = list(zip(prompts, picks))
     tokens = lambda outs: sum(r.tokens for out in outs for r in out)  # noqa: E731
     base_outs, ours_outs = [], []
-    occupancy = watch_row_steps(engine)
     walls = side_by_side(jobs, {
         "base": lambda j: base_outs.append(engine.generate([j[0]], None, params)),
         "ours": lambda j: ours_outs.append(
@@ -195,7 +195,6 @@ def main() -> None:
     }, concurrency=16, rounds=1 if quick else 2)
     base_wall, ours_wall = walls["base"], walls["ours"]
     base_tps, ours_tps = tokens(base_outs) / base_wall, tokens(ours_outs) / ours_wall
-    row_steps = occupancy()
     rows.append((f"generation stream (32 new tokens), {n_gen} adapters", "tokens/s / base-only tokens/s",
                  ours_tps / base_tps, ">= 0.80"))
 
@@ -203,11 +202,11 @@ def main() -> None:
     rows.append(("same generation stream", "ours / naive PEFT set_adapter server", ours_tps / naive_tps, ">= 3x"))
     rows.append(("same generation stream", "ours / PEFT mixed batch (adapter_names)", ours_tps / peft_mixed_tps,
                  "(reference)"))
-    rows.append(("same generation stream", "useful row-steps / all row-steps", row_steps,
-                 "(continuous batching: <= 1/this - 1 more)"))
     results["generation"] = {"requests": n_gen_requests, "ours_tps": ours_tps, "base_tps": base_tps,
-                             "naive_peft_tps": naive_tps, "peft_mixed_batch_tps": peft_mixed_tps,
-                             "row_step_occupancy": row_steps}
+                             "naive_peft_tps": naive_tps, "peft_mixed_batch_tps": peft_mixed_tps}
+
+    # ---- continuous batching against static batching (the same engine, its scheduling switched) -----------------
+    results["continuous"] = continuous_vs_static(engine, cls_locs, gen_locs, rng, quick, rows)
 
     # ---- one hot adapter merged: latency against the base ------------------------------------------------------
     hot = engine.acquire(cls_locs[1])
@@ -327,24 +326,129 @@ def peft_baselines(
     return naive, mixed
 
 
-def watch_row_steps(engine: Engine):
-    """Count the decode steps of every generation batch from now on: a batch runs until its longest row is done,
-    and a row that finished earlier keeps its place (computing padding) until then. Returns a function giving the
-    share of row-steps that produced a token. Continuous batching (rows leaving and joining at each step) could at
-    most add 1/share - 1 to this stream's throughput: it would fill exactly those wasted row-steps."""
-    useful = total = 0
-    run_rows = engine._generate_rows
+def continuous_vs_static(engine: Engine, cls_locs, gen_locs, rng: random.Random, quick: bool, rows: list) -> dict:
+    """The step loop against static batching, on one engine whose `runner.continuous` is switched between runs.
 
-    def counted(rows, slot_indices, params, budgets, streams=None):
-        nonlocal useful, total
-        results = run_rows(rows, slot_indices, params, budgets, streams)
-        steps = [r.tokens + (r.finish_reason == "stop") for r in results]  # a row's EOS takes a step too
-        useful += sum(steps)
-        total += len(steps) * max(steps)
-        return results
+    1. Head-of-line blocking: four long generations run; 1.5 s later one classification and one 8-token
+       generation arrive. Their latency against the same request on an idle engine.
+    2. An open loop of mixed traffic: 20 generation adapters (max_new_tokens 8/32/128/256) and 30 %
+       classification (20 adapters), Poisson arrivals at 70 % of the continuous engine's measured capacity, the
+       same arrival schedule for both: generated tokens/s, p99 classification latency and p50 time to first token,
+       each against the same request alone.
+    Generations ignore EOS so that every request generates exactly its max_new_tokens.
+    """
+    gen_slots = [engine.acquire(loc) for loc in gen_locs]
+    cls_slots = [engine.acquire(loc) for loc in cls_locs[:20]]
+    long_tokens, lengths = (64, (8, 16, 32, 64)) if quick else (256, (8, 32, 128, 256))
+    out: dict = {}
+    try:
+        def classify(prompt: str, slot: Slot) -> float:
+            started = time.perf_counter()
+            engine.classify([prompt], slot)
+            return time.perf_counter() - started
 
-    engine._generate_rows = counted
-    return lambda: useful / total
+        def first_token(prompt: str, slot: Slot, max_new_tokens: int) -> tuple[float, float, int]:
+            """Seconds to the first streamed text, to the end, and tokens generated."""
+            started = time.perf_counter()
+            first = None
+            for item in engine.generate_stream(prompt, slot, GenerationParams(max_new_tokens, ignore_eos=True)):
+                first = first or time.perf_counter() - started
+            return first, time.perf_counter() - started, item.tokens
+
+        # ---- 1. one classification and one short generation behind four long generations ----
+        cls_text, short_prompt = text(rng, 24), text(rng, 12)
+        alone_cls = statistics.median(classify(cls_text, cls_slots[0]) for _ in range(3))
+        alone_short = statistics.median(first_token(short_prompt, gen_slots[1], 8)[1] for _ in range(3))
+        behind = {}
+        for mode in ("static", "continuous"):
+            engine.runner.continuous = mode == "continuous"
+            with ThreadPoolExecutor(max_workers=6) as pool:
+                longs = [pool.submit(first_token, text(rng, 16), gen_slots[2 + i], long_tokens) for i in range(4)]
+                time.sleep(1.5)
+                cls_future = pool.submit(classify, cls_text, cls_slots[0])
+                short_future = pool.submit(lambda: first_token(short_prompt, gen_slots[1], 8)[1])
+                behind[mode] = {"classification_s": cls_future.result(), "short_generation_s": short_future.result(),
+                                "long_generation_s": [f.result()[1] for f in longs]}
+        out["behind_long"] = {"alone_classification_s": alone_cls, "alone_short_generation_s": alone_short, **behind}
+        for key, alone, label in (("classification_s", alone_cls, "classification"),
+                                  ("short_generation_s", alone_short, "8-token generation")):
+            rows.append((f"{label} while 4 x {long_tokens}-token generations run", "latency / alone",
+                         behind["continuous"][key] / alone, "<= 3"))
+            rows.append(("same, static batching (the old engine)", "latency / alone", behind["static"][key] / alone,
+                         "(reference)"))
+
+        # ---- 2. open loop of mixed traffic ----
+        def workload(n: int) -> list[tuple]:
+            draws = []
+            for _ in range(n):
+                if rng.random() < 0.3:
+                    draws.append(("classification", text(rng, rng.randint(8, 40)), rng.randrange(20), 0))
+                else:
+                    draws.append(("generation", text(rng, rng.randint(6, 24)),
+                                  popularity(20, "zipf", 1, rng)[0], rng.choice(lengths)))
+            return draws
+
+        def serve(request: tuple) -> tuple[str, float, float, int]:
+            """(kind, latency or time to first token, end-to-end seconds, tokens) of one request."""
+            kind, prompt, pick, max_new = request
+            if kind == "classification":
+                latency = classify(prompt, cls_slots[pick])
+                return kind, latency, latency, 0
+            return (kind, *first_token(prompt, gen_slots[pick], max_new))
+
+        engine.runner.continuous = True
+        capacity_requests = workload(16 if quick else 48)
+        capacity = len(capacity_requests) / run_stream(capacity_requests, serve, concurrency=16)
+        alone_ttft = statistics.median(first_token(p, gen_slots[0], 1)[0] for _, p, _, _ in capacity_requests[:5])
+        requests = workload(24 if quick else 90)
+        rate = 0.7 * capacity
+        arrivals, due = [], 0.0
+        for _ in requests:
+            due += rng.expovariate(rate)
+            arrivals.append(due)
+        open_loop_runs = {}
+        for mode in ("continuous", "static"):
+            engine.runner.continuous = mode == "continuous"
+            served: list[tuple] = []
+            lock = threading.Lock()
+
+            def arrive(request: tuple) -> None:
+                result = serve(request)
+                with lock:
+                    served.append(result)
+
+            with ThreadPoolExecutor(max_workers=len(requests)) as pool:
+                start = time.perf_counter()
+                for request, at in zip(requests, arrivals):
+                    time.sleep(max(0.0, start + at - time.perf_counter()))
+                    pool.submit(arrive, request)
+            makespan = time.perf_counter() - start
+            cls_lat = [lat for kind, lat, _, _ in served if kind == "classification"]
+            ttft = [lat for kind, lat, _, _ in served if kind == "generation"]
+            open_loop_runs[mode] = {
+                "makespan_s": makespan, "tokens": sum(t for *_, t in served),
+                "tokens_per_s": sum(t for *_, t in served) / makespan,
+                "classification_p99_s": pct(cls_lat, 0.99), "ttft_p50_s": pct(ttft, 0.5),
+            }
+        engine.runner.continuous = True
+        cont, static = open_loop_runs["continuous"], open_loop_runs["static"]
+        out["open_loop"] = {"capacity_rps": capacity, "offered_rps": rate, "requests": len(requests),
+                            "alone_classification_s": alone_cls, "alone_ttft_s": alone_ttft, **open_loop_runs}
+        rows.append(("mixed open loop (70 % of capacity)", "tokens/s continuous / static",
+                     cont["tokens_per_s"] / static["tokens_per_s"], ">= 1.3"))
+        rows.append(("same open loop, continuous", "p99 classification latency / alone",
+                     cont["classification_p99_s"] / alone_cls, "<= 3"))
+        rows.append(("same open loop, continuous", "p50 time to first token / alone", cont["ttft_p50_s"] / alone_ttft,
+                     "<= 2"))
+        rows.append(("same open loop, static", "p99 classification latency / alone",
+                     static["classification_p99_s"] / alone_cls, "(reference)"))
+        rows.append(("same open loop, static", "p50 time to first token / alone", static["ttft_p50_s"] / alone_ttft,
+                     "(reference)"))
+    finally:
+        engine.runner.continuous = True
+        for slot in gen_slots + cls_slots:
+            engine.release(slot)
+    return out
 
 
 def upload_to_first_answer(settings: Settings, engine: Engine, store: Path, repeat: int) -> list[float]:

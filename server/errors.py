@@ -1,4 +1,4 @@
-"""Domain errors raised by the core; the HTTP edge maps each class to one status (server/api.py)."""
+"""Domain errors raised by the core; the HTTP edge maps each class to one status (server/deps.py)."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ import uuid
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -21,13 +21,12 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .types import ClassificationResult, GenerationParams
+from .deps import ServicesDep, status_of
 from .errors import AdapterNotFound, InvalidInput, LoraswapError
-from .serving import Result, count_tokens, event_stream, generation_params, resolve_model, sse, started
+from .serving import count_tokens, event_stream, generation_params, resolve_model, sse, started
+from .settings import Settings
 from .telemetry import RecordDep, RequestRecord
-
-if TYPE_CHECKING:
-    from .api import Services
+from .types import ClassificationResult, GenerationParams, Result
 
 DEFAULT_TEMPERATURE = 1.0  # OpenAI's default: sampling unless asked otherwise
 
@@ -203,101 +202,97 @@ def _validation_error(exc: RequestValidationError) -> JSONResponse:
     return error_response(400, "; ".join(messages), params[0] if params else None)
 
 
-def _openai_route_class(status_of: Callable[[LoraswapError], int]) -> type[APIRoute]:
-    class OpenAIRoute(APIRoute):
-        """Turns every error of these routes into OpenAI's error shape (the app-wide handlers say `detail`)."""
+class OpenAIRoute(APIRoute):
+    """Turns every error of these routes into OpenAI's error shape (the app-wide handlers say `detail`)."""
 
-        def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-            handler = super().get_route_handler()
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
 
-            async def handle(request: Request) -> Response:
-                try:
-                    return await handler(request)
-                except RequestValidationError as exc:
-                    return _validation_error(exc)
-                except LoraswapError as exc:
-                    return _domain_error(exc, status_of(exc))
+        async def handle(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except RequestValidationError as exc:
+                return _validation_error(exc)
+            except LoraswapError as exc:
+                return _domain_error(exc, status_of(exc))
 
-            return handle
-
-    return OpenAIRoute
+        return handle
 
 
 # ---- routes ----------------------------------------------------------------------------------------------------
 
 
-def openai_router(services: Services, status_of: Callable[[LoraswapError], int]) -> APIRouter:
-    router = APIRouter(prefix="/v1", tags=["openai"], route_class=_openai_route_class(status_of))
-    started_at = int(time.time())
+router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIRoute)
 
-    def params_of(body: Sampling, max_tokens: int | None, chat: bool) -> GenerationParams:
-        return generation_params(
-            services.settings, max_tokens, "max_tokens",
-            temperature=DEFAULT_TEMPERATURE if body.temperature is None else body.temperature,
-            top_p=1.0 if body.top_p is None else body.top_p,
-            seed=body.seed, stop=body.stop, chat=chat,
-        )
 
-    def stream_answer(
-        reply: Reply, body: Sampling, stream: Iterator[str | Result], record: RequestRecord
-    ) -> Response:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return event_stream(reply.events(started(stream), record, include_usage))
 
-    @router.get("/models")
-    def list_models() -> dict:
-        engine = services.ready_engine()
-        base = engine.info.name
+def params_of(settings: Settings, body: Sampling, max_tokens: int | None, chat: bool) -> GenerationParams:
+    return generation_params(
+        settings, max_tokens, "max_tokens",
+        temperature=DEFAULT_TEMPERATURE if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        seed=body.seed, stop=body.stop, chat=chat,
+    )
 
-        def card(name: str, created: int, parent: str | None) -> dict:
-            return {"id": name, "object": "model", "created": created, "owned_by": "loraswap", "root": base,
-                    "parent": parent}
+def stream_answer(
+    reply: Reply, body: Sampling, stream: Iterator[str | Result], record: RequestRecord
+) -> Response:
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    return event_stream(reply.events(started(stream), record, include_usage))
 
-        models = [card(base, started_at, None)]
-        models += [
-            card(r.name, int(datetime.fromisoformat(r.created).timestamp()), base)
-            for r in services.registry.records()
-        ]
-        return {"object": "list", "data": models}
+@router.get("/models")
+def list_models(svc: ServicesDep) -> dict:
+    engine = svc.ready_engine()
+    base = engine.info.name
 
-    @router.post("/completions")
-    def completions(body: CompletionRequest, record: RecordDep):
-        engine = services.ready_engine()
-        location = resolve_model(services.registry, engine, record, body.model)
-        texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        if len(texts) > services.settings.max_inputs:
-            raise InvalidInput("prompt", f"{len(texts)} prompts, over the limit of {services.settings.max_inputs}")
-        if any(not t.strip() for t in texts):
-            raise InvalidInput("prompt", "a prompt is empty")
-        params = params_of(body, body.max_tokens, chat=False)  # a completion continues the raw prompt
-        reply = Reply(body.model, chat=False)
-        if body.stream:
-            if len(texts) != 1:
-                raise InvalidInput("prompt", f"a streamed request takes one prompt, not {len(texts)}")
-            stream = engine.predict_stream(location, texts[0], params)
-            return stream_answer(reply, body, stream, record)
-        _, results = engine.predict(location, texts, params)
-        count_tokens(record, results)
-        return reply.body(results, record)
+    def card(name: str, created: int, parent: str | None) -> dict:
+        return {"id": name, "object": "model", "created": created, "owned_by": "loraswap", "root": base,
+                "parent": parent}
 
-    @router.post("/chat/completions")
-    def chat_completions(body: ChatRequest, record: RecordDep):
-        engine = services.ready_engine()
-        location = resolve_model(services.registry, engine, record, body.model)
-        params = params_of(body, body.max_completion_tokens or body.max_tokens, chat=True)
-        reply = Reply(body.model, chat=True)
-        if location is not None and services.registry.get(location.name).task == "classification":
-            # a classifier reads text as it was trained: the last user message, without the chat template
-            user_texts = [m.text() for m in body.messages if m.role == "user"]
-            if not user_texts or not user_texts[-1].strip():
-                raise InvalidInput("messages", "a classification adapter needs a non-empty user message")
-            prompt: str | list[int] = user_texts[-1]
-        else:
-            prompt = engine.encode_messages([{"role": m.role, "content": m.text()} for m in body.messages], params)
-        if body.stream:
-            return stream_answer(reply, body, engine.predict_stream(location, prompt, params), record)
-        _, results = engine.predict(location, [prompt], params)  # batched with other requests
-        count_tokens(record, results)
-        return reply.body(results, record)
+    models = [card(base, svc.started_at, None)]
+    models += [
+        card(r.name, int(datetime.fromisoformat(r.created).timestamp()), base)
+        for r in svc.registry.records()
+    ]
+    return {"object": "list", "data": models}
 
-    return router
+@router.post("/completions")
+def completions(body: CompletionRequest, svc: ServicesDep, record: RecordDep):
+    engine = svc.ready_engine()
+    location = resolve_model(svc.registry, engine, record, body.model)
+    texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    if len(texts) > svc.settings.max_inputs:
+        raise InvalidInput("prompt", f"{len(texts)} prompts, over the limit of {svc.settings.max_inputs}")
+    if any(not t.strip() for t in texts):
+        raise InvalidInput("prompt", "a prompt is empty")
+    params = params_of(svc.settings, body, body.max_tokens, chat=False)  # a completion continues the raw prompt
+    reply = Reply(body.model, chat=False)
+    if body.stream:
+        if len(texts) != 1:
+            raise InvalidInput("prompt", f"a streamed request takes one prompt, not {len(texts)}")
+        stream = engine.predict_stream(location, texts[0], params)
+        return stream_answer(reply, body, stream, record)
+    _, results = engine.predict(location, texts, params)
+    count_tokens(record, results)
+    return reply.body(results, record)
+
+@router.post("/chat/completions")
+def chat_completions(body: ChatRequest, svc: ServicesDep, record: RecordDep):
+    engine = svc.ready_engine()
+    location = resolve_model(svc.registry, engine, record, body.model)
+    params = params_of(svc.settings, body, body.max_completion_tokens or body.max_tokens, chat=True)
+    reply = Reply(body.model, chat=True)
+    if location is not None and svc.registry.get(location.name).task == "classification":
+        # a classifier reads text as it was trained: the last user message, without the chat template
+        user_texts = [m.text() for m in body.messages if m.role == "user"]
+        if not user_texts or not user_texts[-1].strip():
+            raise InvalidInput("messages", "a classification adapter needs a non-empty user message")
+        prompt: str | list[int] = user_texts[-1]
+    else:
+        prompt = engine.encode_messages([{"role": m.role, "content": m.text()} for m in body.messages], params)
+    if body.stream:
+        return stream_answer(reply, body, engine.predict_stream(location, prompt, params), record)
+    _, results = engine.predict(location, [prompt], params)  # batched with other requests
+    count_tokens(record, results)
+    return reply.body(results, record)
+

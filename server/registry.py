@@ -34,8 +34,8 @@ from typing import BinaryIO
 
 from .adapter_format import CONFIG_FILE, WEIGHTS_FILE, AdapterWeights
 from .archive import ArchiveLimits, check_file_name, extract_archive, is_archive
-from .types import AdapterLocation
 from .errors import AdapterExists, AdapterInvalid, AdapterNotFound, InvalidInput
+from .types import AdapterLocation
 
 log = logging.getLogger(__name__)
 

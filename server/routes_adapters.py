@@ -1,6 +1,6 @@
 """HTTP routes of the adapter registry: list, show, upload (or replace), delete, download.
 
-Thin: the registry stores, the engine checks and (un)loads; domain errors become statuses in api.py's one table.
+Thin: the registry stores, the engine checks and (un)loads; domain errors become statuses in deps.py's one table.
 Write routes need the admin bearer token; the upload body is bounded while it streams, before it is parsed.
 """
 
@@ -18,8 +18,8 @@ from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 
-from .api import ServicesDep
 from .archive import ArchiveLimits, write_zip
+from .deps import ServicesDep
 from .engine import Engine
 from .errors import AdapterChanged, Forbidden, InvalidInput, PayloadTooLarge, Unauthorized
 from .registry import AdapterRecord

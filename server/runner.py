@@ -486,7 +486,7 @@ class ModelRunner:
     def _advance(self, row: Row, token: int) -> bool:
         """Add a token to a row; answer the row and return True if it is finished."""
         params = row.job.params
-        if token == self.eos:
+        if token == self.eos and not params.ignore_eos:
             return self._finish(row, "stop")
         row.ids.append(token)
         if row.job.stream is not None:

@@ -13,12 +13,12 @@ from typing import TypeVar
 from fastapi.responses import StreamingResponse
 
 from .engine import Engine
-from .types import AdapterLocation, GenerationParams, GenerationResult, Result, Task
 from .errors import InvalidInput, LoraswapError
 from .metrics import BASE_LABEL
 from .registry import Registry
 from .settings import Settings
 from .telemetry import RequestRecord
+from .types import AdapterLocation, GenerationParams, GenerationResult, Result, Task
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

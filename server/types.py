@@ -30,6 +30,7 @@ class GenerationParams:
     seed: int | None = None  # seeded sampling: the same answer whatever the row's batch mates
     stop: tuple[str, ...] = ()
     chat: bool = True
+    ignore_eos: bool = False  # generate max_new_tokens whatever comes (benchmarks; as vLLM's SamplingParams)
 
 
 @dataclass

@@ -1,0 +1,89 @@
+"""What every HTTP router depends on: the services (settings, registry, engine, metrics) and the one table from
+domain errors to HTTP statuses. Routers import this module, never each other or the app."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from .engine import Engine
+from .errors import (
+    AdapterChanged,
+    AdapterExists,
+    AdapterInvalid,
+    AdapterNotFound,
+    Forbidden,
+    InvalidInput,
+    LoraswapError,
+    NotReady,
+    PayloadTooLarge,
+    Unauthorized,
+)
+from .metrics import Metrics
+from .registry import Registry
+from .settings import Settings
+from .slots import SlotsBusy
+
+log = logging.getLogger(__name__)
+
+# the one table from domain errors to HTTP statuses
+ERROR_STATUS: dict[type[LoraswapError], int] = {
+    AdapterNotFound: 404,
+    AdapterInvalid: 422,
+    InvalidInput: 422,
+    AdapterExists: 409,
+    AdapterChanged: 409,
+    PayloadTooLarge: 413,
+    Unauthorized: 401,
+    Forbidden: 403,
+    NotReady: 503,
+    SlotsBusy: 503,
+}
+
+
+def status_of(exc: LoraswapError) -> int:
+    return next((code for cls, code in ERROR_STATUS.items() if isinstance(exc, cls)), 400)
+
+
+class Services:
+    """What the routes need; the engine appears once the base model has loaded."""
+
+    def __init__(self, settings: Settings, engine: Engine | None = None):
+        self.settings = settings
+        self.started_at = int(time.time())  # the base's "created" in /v1/models
+        self.registry = Registry(settings.adapters_dir)
+        self.engine: Engine | None = None
+        self.load_error: str | None = None
+        self.metrics = Metrics(lambda: self.engine)
+        if engine is not None:
+            self._attach(engine)
+
+    def _attach(self, engine: Engine) -> None:
+        skipped = self.registry.scan(engine.check_adapter)
+        for problem in skipped:
+            log.warning("adapter skipped: %s", problem)
+        engine.observers.append(self.metrics)
+        self.engine = engine
+
+    def load(self) -> None:
+        try:
+            self._attach(Engine.from_settings(self.settings))
+            log.info("base model %s ready", self.engine.info.name)
+        except Exception as exc:
+            self.load_error = f"{exc.__class__.__name__}: {exc}"
+            log.exception("base model failed to load")
+
+    def ready_engine(self) -> Engine:
+        if self.engine is None:
+            raise NotReady(self.load_error or "the base model is still loading")
+        return self.engine
+
+
+def get_services(request: Request) -> Services:
+    return request.app.state.services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
