@@ -159,7 +159,8 @@ def main() -> None:
     for _ in range(3):
         engine.classify(probe, base_slot)
     elapsed = (time.perf_counter() - started) / 3
-    body_params = sum(p.numel() for p in engine.runner.body.parameters()) - engine.runner.body.embed_tokens.weight.numel()
+    body = engine.runner.body
+    body_params = sum(p.numel() for p in body.parameters()) - body.embed_tokens.weight.numel()
     results["base_forward_gflops"] = 2 * body_params * n_tokens / elapsed / 1e9
 
     # ---- classification stream, 100 adapters -----------------------------------------------------------------

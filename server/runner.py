@@ -298,8 +298,9 @@ class ModelRunner:
                 if self._batch is None:
                     self._wait_for_company()
                 controls, self._controls = self._controls, []
-                classify = self._take(self._classify, lambda job: len(job.rows))
-                generate = self._take(self._generate, lambda job: len(job.prompts))
+                decoding = self.decoding
+                classify = self._take(self._classify, lambda job: len(job.rows), decoding, room=0)
+                generate = self._take(self._generate, lambda job: len(job.prompts), decoding, room=decoding)
             for control in controls:
                 try:
                     _settle(control.future, control.fn())
@@ -328,15 +329,14 @@ class ModelRunner:
                 return
             self._cond.wait(timeout=remaining)
 
-    def _take(self, queue: list, rows_of: Callable[[Any], int]) -> list:
-        """Queued jobs for this turn (lock held): up to max_batch_rows rows, counting the rows decoding now
-        (a request is never split, so one larger than the limit runs alone). Static batching takes nothing while
-        rows decode."""
-        active = len(self._batch) if self._batch is not None else 0
-        if active and not self.continuous:
+    def _take(self, queue: list, rows_of: Callable[[Any], int], decoding: int, room: int) -> list:
+        """Queued jobs for this turn (lock held): rows up to max_batch_rows, `room` of them already taken (the rows
+        decoding, for generation; a request is never split, so one larger than the limit goes alone). Static
+        batching takes nothing while rows decode."""
+        if decoding and not self.continuous:
             return []
-        taken, rows = [], active
-        while queue and (not taken and not active or rows + rows_of(queue[0]) <= self.max_batch_rows):
+        taken, rows = [], room
+        while queue and (rows == 0 or rows + rows_of(queue[0]) <= self.max_batch_rows):
             rows += rows_of(queue[0])
             taken.append(queue.pop(0))
         return taken

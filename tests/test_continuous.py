@@ -157,3 +157,20 @@ def test_a_failing_row_does_not_fail_its_mates(engine, slots, tiny_base, adapter
         [good_result] = good.future.result(timeout=60)
     assert result.token_ids == peft_reference_greedy(tiny_base, adapter_store / "gen-a", ids(engine, PROMPT_LONG, 40), 40)
     assert good_result.token_ids == peft_reference_greedy(tiny_base, adapter_store / "gen-a", ids(engine, "good", 5), 5)
+
+
+def test_a_full_decode_batch_does_not_hold_back_classification(tiny_settings, adapter_store):
+    engine = Engine.from_settings(tiny_settings.model_copy(update={"max_batch_size": 2}))
+    try:
+        gen = engine.acquire(AdapterLocation("gen-a", 1, adapter_store / "gen-a"))
+        cls = engine.acquire(AdapterLocation("sentiment", 1, adapter_store / "sentiment"))
+        longs = [start_streamed(engine, gen, PROMPT_LONG, GenerationParams(max_new_tokens=150), tokens=2)
+                 for _ in range(2)]
+        assert engine.runner.decoding == 2  # the batch is full
+        engine.classify(["a fine film"], cls)
+        assert not any(job.future.done() for job in longs)
+        [job.future.result(timeout=60) for job in longs]
+        engine.release(gen)
+        engine.release(cls)
+    finally:
+        engine.close()
