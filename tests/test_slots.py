@@ -359,6 +359,33 @@ def test_unload_of_an_adapter_in_use_frees_it_at_the_last_release(model: StubMod
     assert names(slots) == ["a", "b"]
 
 
+def test_unload_during_a_first_load_frees_that_slot_at_its_release(model: StubModel) -> None:
+    """An adapter deleted or replaced while its first load runs: the loading request is served, and then the slot
+    is freed like any unloaded one (it must not stay behind as loaded, or pinned for good under a pinned name)."""
+    started, proceed = threading.Event(), threading.Event()
+
+    def slow_prepare(location: AdapterLocation) -> Installer:
+        started.set()
+        proceed.wait(timeout=10)
+        return model.prepare(location)
+
+    slots = AdapterSlots(2, slow_prepare, model.clear, pinned=("a",))
+    acquired: list[Slot] = []
+    loader = threading.Thread(target=lambda: acquired.append(slots.acquire(at("a"))))
+    loader.start()
+    assert started.wait(timeout=10)
+    slots.unload("a")
+    proceed.set()
+    loader.join(timeout=10)
+
+    assert len(acquired) == 1 and acquired[0].retired
+    assert names(slots) == [] and not slots.is_loaded("a")
+    slots.release(acquired[0])
+    assert model.cleared == [acquired[0].index]
+    use(slots, at("a"))  # a later load of that location is an ordinary one
+    assert names(slots) == ["a"]
+
+
 def test_observers_hear_loads_and_evictions_by_name(model: StubModel) -> None:
     model.prepare_seconds = 0.02
     observer = RecordingObserver()
