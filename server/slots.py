@@ -78,8 +78,9 @@ class AdapterSlots:
         self.observers: list[SlotObserver] = []
         self._slots: OrderedDict[AdapterLocation, Slot] = OrderedDict()  # LRU order: oldest first
         self._free = list(range(capacity, 0, -1))  # indices 1..capacity; BASE_SLOT is never handed out
-        self._lock = threading.Lock()  # guards _slots/_free/_loading/_pinned
+        self._lock = threading.Lock()  # guards _slots/_free/_loading/_unloaded_while_loading/_pinned
         self._loading: dict[AdapterLocation, threading.Event] = {}
+        self._unloaded_while_loading: set[AdapterLocation] = set()  # unload() ran during their first load
         self._pinned: set[str] = set(pinned)
         self.evictions = 0
 
@@ -123,6 +124,7 @@ class AdapterSlots:
         finally:
             with self._lock:
                 del self._loading[location]
+                self._unloaded_while_loading.discard(location)
             pending.set()
 
     def release(self, slot: Slot) -> None:
@@ -137,6 +139,7 @@ class AdapterSlots:
         each slot is freed once its last in-flight request releases it, so those finish unchanged."""
         with self._lock:
             slots = [self._slots.pop(k) for k in [k for k in self._slots if k.name == name]]
+            self._unloaded_while_loading.update(k for k in self._loading if k.name == name)
             for slot in slots:
                 slot.retired = True
             idle = [slot for slot in slots if slot.in_use == 0]
@@ -157,7 +160,10 @@ class AdapterSlots:
         with self._lock:
             slot.in_use = 1  # acquired before it becomes visible: nothing can evict or retire it in between
             slot.pinned = location.name in self._pinned
-            self._slots[location] = slot
+            if location in self._unloaded_while_loading:  # serve the loading request, then free it as unloaded
+                slot.retired = True
+            else:
+                self._slots[location] = slot
         for observer in self.observers:
             observer.adapter_loaded(location.name, slot.load_ms / 1000)
         log.info("loaded adapter %s v%d (%s) into slot %d in %.1f ms", location.name, location.version,
