@@ -125,7 +125,10 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 
     @app.exception_handler(LoraswapError)
     async def domain_error(_request: Request, exc: LoraswapError) -> JSONResponse:
-        return JSONResponse(status_code=status_of(exc), content={"detail": str(exc)}, headers=exc.headers)
+        content: dict = {"detail": str(exc)}
+        if isinstance(exc, AdapterInvalid):
+            content["problems"] = exc.problems  # one entry per problem, for clients that list them
+        return JSONResponse(status_code=status_of(exc), content=content, headers=exc.headers)
 
     @app.get("/health")
     def health(svc: ServicesDep):
