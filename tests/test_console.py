@@ -167,9 +167,13 @@ def curl_request(driver) -> tuple[str, dict]:
     return words[4], json.loads(words[8])
 
 
+def post(url: str, **kwargs) -> httpx.Response:
+    return httpx.post(url, timeout=TIMEOUT, **kwargs)
+
+
 def streamed_result(url: str, body: dict) -> dict:
     """The `result` event of a streamed /predict answer."""
-    text = httpx.post(url, json=body, timeout=TIMEOUT).text
+    text = post(url, json=body).text
     return json.loads(text.split("event: result\ndata: ")[1].split("\n")[0])
 
 
@@ -266,7 +270,7 @@ def test_live_panel_moves_after_traffic(browser, console_url):
         "return [...document.querySelectorAll('#live-batch-chart rect')].reduce((s, r) => s + +r.dataset.value, 0)"
     )
     for text in ("good", "bad", "fine"):
-        assert httpx.post(f"{console_url}/predict?adapter=sentiment", json={"inputs": text}).status_code == 200
+        assert post(f"{console_url}/predict?adapter=sentiment", json={"inputs": text}).status_code == 200
     wait_for(browser, lambda d: live_row(d, "sentiment") and live_row(d, "sentiment")[4] == str(count_before + 3),
              "the live panel did not count the requests")
     name, rate, p50, p99, _ = live_row(browser, "sentiment")
@@ -284,13 +288,48 @@ def test_live_panel_moves_after_traffic(browser, console_url):
         "return document.querySelector('#live-rate-chart polyline[data-series=\"sentiment\"]').getAttribute('points')"
     )
     assert len(line.split()) >= 1
-    # the adapters table shows the same totals
+    # the adapters table shows the same totals, and that the adapter is in memory now
     wait_for(browser, lambda d: row_cells(d, "sentiment")[7] == str(count_before + 3), "table totals not updated")
+    wait_for(browser, lambda d: row_cells(d, "sentiment")[5] == "yes", "the table does not show sentiment loaded")
+
+
+def test_metrics_are_read_and_quantiles_estimated_as_prometheus_does(browser, console_url):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    open_page(browser, console_url)
+    body = {"inputs": "hi", "parameters": {"max_new_tokens": 2}}
+    assert post(f"{console_url}/predict?adapter=gen-a", json=body).status_code == 200
+    text = httpx.get(f"{console_url}/metrics").text
+    parsed = browser.execute_async_script(
+        """const [text, done] = arguments;
+        import("/console/prometheus.js").then(({parseMetrics, quantile}) => {
+          const scrape = parseMetrics(text);
+          const requests = Object.fromEntries(Object.entries(scrape.adapters).map(([k, v]) => [k, v.requests]));
+          const histogram = {count: 10, sum: 0, buckets: new Map([[0.1, 2], [0.25, 6], [Infinity, 10]])};
+          done({requests, batches: scrape.batch.count, loaded: scrape.loaded,
+                p50: quantile(histogram, 0.5), p99: quantile(histogram, 0.99), p10: quantile(histogram, 0.1)});
+        });""",
+        text,
+    )
+    expected: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "loraswap_requests_total":
+                expected[sample.labels["adapter"]] = expected.get(sample.labels["adapter"], 0) + sample.value
+            elif sample.name == "loraswap_batch_size_count":
+                assert parsed["batches"] == sample.value
+            elif sample.name == "loraswap_loaded_adapters":
+                assert parsed["loaded"] == sample.value
+    assert parsed["requests"] == expected and expected["gen-a"] >= 1
+    # rank 5 of 10 lies in the (0.1, 0.25] bucket holding ranks 3..6; rank 9.9 in +Inf: the highest finite bound
+    assert parsed["p50"] == pytest.approx(0.1 + 0.15 * 3 / 4)
+    assert parsed["p10"] == pytest.approx(0.05)
+    assert parsed["p99"] == 0.25
 
 
 def test_classification_shows_a_bar_per_label_and_its_curl(browser, console_url):
     text = "a warm and funny film"
-    expected = httpx.post(f"{console_url}/predict?adapter=sentiment", json={"inputs": text}).json()["outputs"][0]
+    expected = post(f"{console_url}/predict?adapter=sentiment", json={"inputs": text}).json()["outputs"][0]
     open_page(browser, console_url)
     run_prediction(browser, "sentiment", text)
     assert text_of(browser, "#try-output") == [expected["label"]]
@@ -309,7 +348,7 @@ def test_classification_shows_a_bar_per_label_and_its_curl(browser, console_url)
 
 def test_generation_streams_the_answer_and_its_curl_repeats_it(browser, console_url):
     text = "Write a haiku about 'rain'"
-    expected = httpx.post(
+    expected = post(
         f"{console_url}/predict?adapter=gen-a", json={"inputs": text, "parameters": {"max_new_tokens": 6}}
     ).json()["outputs"][0]
     open_page(browser, console_url)
@@ -358,7 +397,7 @@ def test_a_refused_upload_lists_every_problem(browser, console_url, adapter_stor
     pickle = tmp_path / "weights.bin"
     pickle.write_bytes(b"not really a pickle")
     files = [adapter_store / "gen-b" / "adapter_config.json", pickle]
-    direct = httpx.post(
+    direct = post(
         f"{console_url}/adapters", headers={"Authorization": f"Bearer {TOKEN}"}, data={"name": "refused"},
         files=[("files", (f.name, f.read_bytes())) for f in files],
     )

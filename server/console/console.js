@@ -6,7 +6,9 @@ import { cell, element, formatLatency, metricSummary, percent } from "./format.j
 import { onScrape, scrape, startLivePanel } from "./live.js";
 
 const $ = (id) => document.getElementById(id);
-let adapters = [];  // records from GET /adapters
+let shownAdapters = "";  // the names and versions the table shows
+let lastScrape = null;  // the latest /metrics scrape
+let baseReady = false;
 
 // The message of an error answer, and its list of problems when it has one (an adapter refused at upload lists
 // every problem; a request FastAPI refused lists every invalid field).
@@ -32,6 +34,7 @@ async function errorText(response) {
 async function loadHealth() {
   try {
     const body = await (await fetch("/health")).json();
+    baseReady = body.status === "ready";
     $("health").textContent = body.status === "ready" ? `base ${body.base.name} ready` : `base ${body.status}`;
   } catch (err) {
     $("health").textContent = `unreachable: ${err}`;
@@ -47,6 +50,25 @@ function metricsCell(row, adapter) {
   }
 }
 
+function adapterRow(tbody, a) {
+  const row = tbody.insertRow();
+  row.dataset.name = a.name;
+  row.tabIndex = 0;
+  row.title = `details of ${a.name}`;
+  row.addEventListener("click", () => openDetail(a));
+  row.addEventListener("keydown", (event) => { if (event.key === "Enter") openDetail(a); });
+  cell(row, a.name).className = "name";
+  cell(row, a.task);
+  cell(row, a.rank);
+  cell(row, a.labels ? a.labels.join(", ") : "");
+  cell(row, a.version);
+  cell(row, "").className = "loaded";
+  metricsCell(row, a);
+  cell(row, "0").className = "requests";
+  cell(row, "").className = "latency";
+}
+
+// Rebuilt when an adapter comes, goes or changes version; otherwise only whether each is loaded changes.
 async function loadAdapters() {
   const response = await fetch("/adapters");
   if (!response.ok) {
@@ -56,33 +78,23 @@ async function loadAdapters() {
   }
   $("adapters-error").hidden = true;
   const body = await response.json();
-  adapters = body.adapters;
-  const tbody = $("adapters").tBodies[0];
-  tbody.replaceChildren();
-  for (const a of adapters) {
-    const row = tbody.insertRow();
-    row.dataset.name = a.name;
-    row.tabIndex = 0;
-    row.title = `details of ${a.name}`;
-    row.addEventListener("click", () => openDetail(a));
-    row.addEventListener("keydown", (event) => { if (event.key === "Enter") openDetail(a); });
-    cell(row, a.name).className = "name";
-    cell(row, a.task);
-    cell(row, a.rank);
-    cell(row, a.labels ? a.labels.join(", ") : "");
-    cell(row, a.version);
-    cell(row, a.loaded ? "yes" : "no");
-    metricsCell(row, a);
-    cell(row, "0").className = "requests";
-    cell(row, "").className = "latency";
+  const key = body.adapters.map((a) => `${a.name}@${a.version}`).join(" ");
+  if (key !== shownAdapters) {
+    shownAdapters = key;
+    const tbody = $("adapters").tBodies[0];
+    tbody.replaceChildren();
+    for (const a of body.adapters) adapterRow(tbody, a);
+    const select = $("try-adapter");
+    const chosen = select.value;
+    select.replaceChildren(new Option(`${body.base} (base)`, ""));
+    for (const a of body.adapters) select.add(new Option(`${a.name} (${a.task})`, a.name));
+    if ([...select.options].some((o) => o.value === chosen)) select.value = chosen;
+    showCurl();
+    if (lastScrape) showTotals(lastScrape);
   }
-  const select = $("try-adapter");
-  const chosen = select.value;
-  select.replaceChildren(new Option(`${body.base} (base)`, ""));
-  for (const a of adapters) select.add(new Option(`${a.name} (${a.task})`, a.name));
-  if ([...select.options].some((o) => o.value === chosen)) select.value = chosen;
-  showCurl();
-  await scrape();
+  for (const a of body.adapters) {
+    $("adapters").querySelector(`tr[data-name="${a.name}"] .loaded`).textContent = a.loaded ? "yes" : "no";
+  }
 }
 
 // Requests and mean latency since start, from each scrape of /metrics.
@@ -214,7 +226,7 @@ async function tryAdapter(event) {
   } catch (err) {
     $("try-status").textContent = `error: ${err}`;
   }
-  loadAdapters();
+  scrape();
 }
 
 // ---- upload ------------------------------------------------------------------------------------------------
@@ -271,7 +283,13 @@ function upload(event) {
   request.send(form);
 }
 
-onScrape(showTotals);
+// every scrape (every few seconds) also refreshes the table: totals, and which adapters are loaded
+onScrape((metrics) => {
+  lastScrape = metrics;
+  showTotals(metrics);
+  if (!baseReady) loadHealth();
+  loadAdapters();
+});
 setUpDetail();
 $("try-form").addEventListener("submit", tryAdapter);
 $("try-form").addEventListener("input", showCurl);

@@ -7,6 +7,7 @@ import { histogramDelta, parseMetrics, quantile } from "./prometheus.js";
 export const REFRESH_MS = 2000;
 const WINDOW_SECONDS = 30;  // requests/s and p50/p99 are over this much of the recent past
 const CHART_SECONDS = 120;
+const SMOOTHING_SECONDS = 10;
 const BASE_LABEL = "__base__";
 
 const $ = (id) => document.getElementById(id);
@@ -44,13 +45,15 @@ function adapterRows(now, start) {
   return rows.sort((a, b) => b.requests - a.requests || a.name.localeCompare(b.name));
 }
 
+// Each point: the rate over the SMOOTHING_SECONDS before that sample (one scrape apart is too jumpy to read).
 function rateSeries(names) {
+  const newest = samples.at(-1).time;
   return names.map((name) => ({
     name: displayName(name),
     points: samples.slice(1).map((s, i) => {
-      const previous = samples[i];
+      const previous = samples.slice(0, i + 1).find((p) => s.time - p.time <= SMOOTHING_SECONDS + 0.5) ?? samples[i];
       const delta = (s.scrape.adapters[name]?.requests ?? 0) - (previous.scrape.adapters[name]?.requests ?? 0);
-      return [samples.at(-1).time - s.time, delta / (s.time - previous.time)];
+      return [newest - s.time, delta / (s.time - previous.time)];
     }),
   }));
 }
