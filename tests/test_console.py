@@ -56,7 +56,8 @@ def console_store(tmp_path_factory, tiny_base, adapter_store) -> Path:
         else:
             make_adapter(tiny_base, store / name, seed=seed)
         # all of it but the real base's fingerprint, which the tiny base would refuse
-        (store / name / "loraswap.json").write_text(json.dumps({k: v for k, v in metadata.items() if k != "base_model"}))
+        del metadata["base_model"]
+        (store / name / "loraswap.json").write_text(json.dumps(metadata))
         shutil.copy(REPO / "adapters" / name / "training.png", store / name / "training.png")
     hostile = make_adapter(tiny_base, store / "hostile", task="SEQ_CLS", labels=HOSTILE_LABELS, seed=20)
     per_class = {label: {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2} for label in HOSTILE_LABELS}
@@ -201,16 +202,24 @@ def test_page_lists_the_adapters_with_rounded_metrics(browser, console_url):
 def test_no_raw_values_anywhere_on_the_page(browser, console_url):
     open_page(browser, console_url)
     texts = {"page": browser.execute_script("return document.body.innerText")}
+    settings = {}
     for name in SHIPPED:
         open_detail(browser, name)
         texts[name] = browser.execute_script("return document.getElementById('detail').innerText")
+        settings[name] = dict(browser.execute_script(
+            "return [...document.querySelectorAll('#detail-settings tr')]"
+            ".map(tr => [...tr.cells].map(c => c.textContent))"
+        ))
         close_detail(browser)
     for where, text in texts.items():
         for raw in ("[object Object]", "undefined", "NaN"):
             assert raw not in text, f"{raw} in {where}"
         assert not UNROUNDED.findall(text), f"unrounded floats in {where}: {UNROUNDED.findall(text)}"
     # the settings and data hashes are there, as people read them
-    assert "lr\t8e-4" in texts["spam"] and "train seconds\t29.7 min" in texts["spam"]
+    shown = {key: settings["spam"][key] for key in ("lr", "dropout", "top layers", "train seconds", "final train loss")}
+    assert shown == {"lr": "8e-4", "dropout": "0.05", "top layers": "16", "train seconds": "29.7 min",
+                     "final train loss": "0.0028"}
+    assert (settings["pubmedqa"]["truncate columns"], settings["pubmedqa"]["top layers"]) == ("context -1600", "–")
     assert "decision macro F1 0.344" in texts["pubmedqa"]
 
 

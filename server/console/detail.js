@@ -41,7 +41,8 @@ function renderConfusion(matrix) {
       td.dataset.gold = gold;
       td.dataset.predicted = predicted;
       const share = total ? count / total : 0;
-      td.style.background = `rgba(${gold === predicted ? "58, 158, 110" : "208, 103, 74"}, ${(0.08 + 0.6 * share).toFixed(2)})`;
+      const color = gold === predicted ? "58, 158, 110" : "208, 103, 74";  // green diagonal, red mistakes
+      td.style.background = `rgba(${color}, ${(0.08 + 0.6 * share).toFixed(2)})`;
     });
   });
 }
@@ -80,7 +81,8 @@ function renderSettings(record, metadata) {
   factRow(table, "version", `${record.version}, created ${record.created}`);
   if (isObject(metadata.hyperparameters)) {
     for (const [key, value] of Object.entries(metadata.hyperparameters)) {
-      if (!["rank", "alpha", "target_modules"].includes(key)) factRow(table, key.replaceAll("_", " "), formatValue(value));
+      if (["rank", "alpha", "target_modules"].includes(key)) continue;  // shown above, from the weights
+      factRow(table, key.replaceAll("_", " "), formatValue(value));
     }
   }
   for (const [key, value] of Object.entries(metadata)) {

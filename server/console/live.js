@@ -1,7 +1,7 @@
 // The live panel: scrapes /metrics every few seconds and shows the traffic of the last moments.
 
 import { barChart, lineChart } from "./charts.js";
-import { cell, formatLatency, formatRate } from "./format.js";
+import { cell, element, formatLatency, formatRate } from "./format.js";
 import { histogramDelta, parseMetrics, quantile } from "./prometheus.js";
 
 export const REFRESH_MS = 2000;
@@ -79,7 +79,7 @@ function render(now) {
   const tbody = $("live-adapters").tBodies[0];
   tbody.replaceChildren();
   if (!rows.length) {
-    tbody.insertRow().append(Object.assign(document.createElement("td"), { colSpan: 5, textContent: "no requests yet" }));
+    tbody.insertRow().append(element("td", "no requests yet", { colspan: 5, class: "muted" }));
   }
   for (const r of rows) {
     const row = tbody.insertRow();
