@@ -20,7 +20,7 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
-from tests.helpers import make_adapter
+from tests.helpers import archive_bytes, make_adapter
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(
@@ -400,6 +400,16 @@ def test_upload_shows_its_progress_and_lists_the_new_adapter(browser, console_ur
     open_detail(browser, "uploaded")
     wait_for(browser, lambda d: d.execute_script("return document.getElementById('detail-plot').naturalWidth") > 0,
              "the uploaded training.png did not load")
+
+
+def test_upload_of_one_archive(browser, console_url, adapter_store, tmp_path):
+    archive = tmp_path / "gen-mlp.zip"
+    archive.write_bytes(archive_bytes(adapter_store / "gen-mlp", "zip"))
+    open_page(browser, console_url)
+    upload_files(browser, "from-zip", [archive])
+    assert text_of(browser, "#upload-status") == ["uploaded from-zip v1"]
+    wait_for(browser, lambda d: row_cells(d, "from-zip"), "the adapter uploaded as a zip is not listed")
+    assert row_cells(browser, "from-zip")[1:3] == ["generation", "8"]
 
 
 def test_a_refused_upload_lists_every_problem(browser, console_url, adapter_store, tmp_path):
