@@ -14,6 +14,8 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -69,15 +71,14 @@ def console_store(tmp_path_factory, tiny_base, adapter_store) -> Path:
     return store
 
 
-@pytest.fixture(scope="module")
-def console_url(tiny_settings, console_store):
-    """A real uvicorn server (in a thread) on its own store: the upload must not change the shared one."""
+@contextmanager
+def serving(settings) -> Iterator[str]:
+    """A real uvicorn server (in a thread) of an app on `settings`; yields its URL."""
     import uvicorn
 
     from server.api import create_app
     from server.engine import Engine
 
-    settings = tiny_settings.model_copy(update={"adapters_dir": console_store, "admin_token": SecretStr(TOKEN)})
     engine = Engine.from_settings(settings)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -86,14 +87,24 @@ def console_url(tiny_settings, console_store):
                                            log_config=None, access_log=False))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    deadline = time.monotonic() + TIMEOUT
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
-    engine.close()
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        engine.close()
+
+
+@pytest.fixture(scope="module")
+def console_url(tiny_settings, console_store):
+    """On its own store: the uploads must not change the shared one."""
+    settings = tiny_settings.model_copy(update={"adapters_dir": console_store, "admin_token": SecretStr(TOKEN)})
+    with serving(settings) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +140,9 @@ def row_cells(driver, name: str) -> list[str]:
 
 def open_page(driver, url: str) -> None:
     driver.get(url)
-    wait_for(driver, lambda d: row_cells(d, "gen-a") and text_of(d, "#live-adapters tbody td"), "page not loaded")
+    # the table is filled at once: one row means all of them
+    wait_for(driver, lambda d: text_of(d, "#adapters tbody tr") and text_of(d, "#live-adapters tbody td"),
+             "page not loaded")
 
 
 def open_detail(driver, name: str) -> None:
@@ -199,28 +212,56 @@ def test_page_lists_the_adapters_with_rounded_metrics(browser, console_url):
     assert options == ["", "gen-a", "hostile", "pubmedqa", "sentiment", "spam"]
 
 
+def shown_texts(driver, url: str, names: tuple[str, ...]) -> dict[str, str]:
+    """The page's text, and the text of each adapter's detail view."""
+    open_page(driver, url)
+    texts = {"page": driver.execute_script("return document.body.innerText")}
+    for name in names:
+        open_detail(driver, name)
+        texts[name] = driver.execute_script("return document.getElementById('detail').innerText")
+        close_detail(driver)
+    return texts
+
+
+def assert_no_raw_values(texts: dict[str, str]) -> None:
+    for where, text in texts.items():
+        for raw in ("[object Object]", "undefined", "NaN"):
+            assert raw not in text, f"{raw} in {where}"
+        assert not UNROUNDED.findall(text), f"unrounded floats in {where}: {UNROUNDED.findall(text)}"
+
+
 def test_no_raw_values_anywhere_on_the_page(browser, console_url):
-    open_page(browser, console_url)
-    texts = {"page": browser.execute_script("return document.body.innerText")}
+    texts = shown_texts(browser, console_url, SHIPPED)
+    assert_no_raw_values(texts)
     settings = {}
-    for name in SHIPPED:
+    for name in ("spam", "pubmedqa"):
         open_detail(browser, name)
-        texts[name] = browser.execute_script("return document.getElementById('detail').innerText")
         settings[name] = dict(browser.execute_script(
             "return [...document.querySelectorAll('#detail-settings tr')]"
             ".map(tr => [...tr.cells].map(c => c.textContent))"
         ))
         close_detail(browser)
-    for where, text in texts.items():
-        for raw in ("[object Object]", "undefined", "NaN"):
-            assert raw not in text, f"{raw} in {where}"
-        assert not UNROUNDED.findall(text), f"unrounded floats in {where}: {UNROUNDED.findall(text)}"
     # the settings and data hashes are there, as people read them
     shown = {key: settings["spam"][key] for key in ("lr", "dropout", "top layers", "train seconds", "final train loss")}
     assert shown == {"lr": "8e-4", "dropout": "0.05", "top layers": "16", "train seconds": "29.7 min",
                      "final train loss": "0.0028"}
     assert (settings["pubmedqa"]["truncate columns"], settings["pubmedqa"]["top layers"]) == ("context -1600", "–")
     assert "decision macro F1 0.344" in texts["pubmedqa"]
+
+
+@pytest.mark.real_base
+def test_no_raw_values_with_the_shipped_adapters_on_the_real_base(browser):
+    """The same check on adapters/ itself, served on the embedded base."""
+    import os
+
+    from server.settings import Settings
+
+    cache = Path(os.environ.get("LORASWAP_CACHE_DIR", Path.home() / ".cache" / "loraswap"))
+    with serving(Settings(adapters_dir=REPO / "adapters", dtype="float32", cache_dir=cache)) as url:
+        texts = shown_texts(browser, url, SHIPPED)
+        assert all(row_cells(browser, name) for name in SHIPPED)
+    assert_no_raw_values(texts)
+    assert "accuracy 98.8 %" in texts["page"] and "decision accuracy 60.8 %" in texts["page"]
 
 
 @pytest.mark.parametrize("name", ["spam", "pubmedqa"])
@@ -278,12 +319,15 @@ def test_live_panel_moves_after_traffic(browser, console_url):
     batches_before = browser.execute_script(
         "return [...document.querySelectorAll('#live-batch-chart rect')].reduce((s, r) => s + +r.dataset.value, 0)"
     )
+    unknown_before = int(live_row(browser, "__unknown__")[5]) if live_row(browser, "__unknown__") else 0
+    assert post(f"{console_url}/predict?adapter=nope", json={"inputs": "x"}).status_code == 404
     for text in ("good", "bad", "fine"):
         assert post(f"{console_url}/predict?adapter=sentiment", json={"inputs": text}).status_code == 200
     wait_for(browser, lambda d: live_row(d, "sentiment") and live_row(d, "sentiment")[4] == str(count_before + 3),
              "the live panel did not count the requests")
-    name, rate, p50, p99, _ = live_row(browser, "sentiment")
-    assert name == "sentiment" and float(rate) > 0
+    name, rate, p50, p99, _, errors = live_row(browser, "sentiment")
+    assert name == "sentiment" and float(rate) > 0 and errors == "0"
+    assert live_row(browser, "__unknown__")[5] == str(unknown_before + 1)  # the 404 is an error
     for latency in (p50, p99):
         assert re.fullmatch(r"\d+(\.\d)? ms|\d+\.\d\d s", latency), latency
     batches = browser.execute_script(

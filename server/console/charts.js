@@ -4,7 +4,7 @@ const NS = "http://www.w3.org/2000/svg";
 const WIDTH = 480;
 const HEIGHT = 180;
 const MARGIN = { left: 44, right: 12, top: 12, bottom: 24 };
-export const COLORS = ["#4a7bd0", "#d0674a", "#3a9e6e", "#9a5bc4", "#c49a1f", "#2a9bb0", "#b04a7b", "#6b6b6b"];
+const COLORS = ["#4a7bd0", "#d0674a", "#3a9e6e", "#9a5bc4", "#c49a1f", "#2a9bb0", "#b04a7b", "#6b6b6b"];
 
 function svgNode(tag, attributes = {}, text) {
   const node = document.createElementNS(NS, tag);

@@ -37,6 +37,7 @@ function adapterRows(now, start) {
     rows.push({
       name,
       requests: stats.requests,
+      errors: stats.errors,
       rate: start ? (stats.requests - (before?.requests ?? 0)) / (now.time - start.time) : null,
       p50: recent ? quantile(recent, 0.5) : null,
       p99: recent ? quantile(recent, 0.99) : null,
@@ -79,7 +80,7 @@ function render(now) {
   const tbody = $("live-adapters").tBodies[0];
   tbody.replaceChildren();
   if (!rows.length) {
-    tbody.insertRow().append(element("td", "no requests yet", { colspan: 5, class: "muted" }));
+    tbody.insertRow().append(element("td", "no requests yet", { colspan: 6, class: "muted" }));
   }
   for (const r of rows) {
     const row = tbody.insertRow();
@@ -89,6 +90,7 @@ function render(now) {
     cell(row, formatLatency(r.p50));
     cell(row, formatLatency(r.p99));
     cell(row, String(r.requests));
+    cell(row, String(r.errors));
   }
   const total = start ? rows.reduce((sum, r) => sum + r.rate, 0) : null;
   $("live-rate").textContent = formatRate(total);
