@@ -20,8 +20,8 @@ from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 
-from .api import ServicesDep
 from .adapter_format import METADATA_FILE
+from .api import ServicesDep
 from .archive import ArchiveLimits, write_zip
 from .engine import Engine
 from .errors import AdapterChanged, Forbidden, InvalidInput, PayloadTooLarge, Unauthorized

@@ -10,8 +10,8 @@ let shownAdapters = "";  // the names and versions the table shows
 let lastScrape = null;  // the latest /metrics scrape
 let baseReady = false;
 
-// The message of an error answer, and its list of problems when it has one (an adapter refused at upload lists
-// every problem; a request FastAPI refused lists every invalid field).
+// An error answer as one line of text, and its problems one by one when it lists them (an adapter refused at
+// upload lists every problem; a request FastAPI refused lists every invalid field).
 function errorOf(status, text) {
   let body;
   try {
@@ -21,14 +21,14 @@ function errorOf(status, text) {
   }
   if (Array.isArray(body?.problems)) return { message: String(body.detail), problems: body.problems.map(String) };
   if (Array.isArray(body?.detail)) {
-    return { message: "invalid request", problems: body.detail.map((d) => `${(d.loc ?? []).join(".")}: ${d.msg}`) };
+    const problems = body.detail.map((d) => `${(d.loc ?? []).join(".")}: ${d.msg}`);
+    return { message: problems.join("; "), problems };
   }
   return { message: typeof body?.detail === "string" ? body.detail : JSON.stringify(body), problems: [] };
 }
 
 async function errorText(response) {
-  const { message, problems } = errorOf(response.status, await response.text());
-  return [message, ...problems].join("; ");
+  return errorOf(response.status, await response.text()).message;
 }
 
 async function loadHealth() {
@@ -93,7 +93,8 @@ async function loadAdapters() {
     if (lastScrape) showTotals(lastScrape);
   }
   for (const a of body.adapters) {
-    $("adapters").querySelector(`tr[data-name="${a.name}"] .loaded`).textContent = a.loaded ? "yes" : "no";
+    const loaded = $("adapters").querySelector(`tr[data-name="${a.name}"] .loaded`);  // gone if a newer call rebuilt
+    if (loaded) loaded.textContent = a.loaded ? "yes" : "no";
   }
 }
 
