@@ -15,7 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from .deps import Services, ServicesDep, status_of
 from .engine import Engine
-from .errors import InvalidInput, LoraswapError
+from .errors import AdapterInvalid, InvalidInput, LoraswapError
 from .openai_api import router as openai_router
 from .routes_adapters import router as adapters_router
 from .schemas import PredictRequest
@@ -95,6 +95,9 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 
     @app.exception_handler(LoraswapError)
     async def domain_error(_request: Request, exc: LoraswapError) -> JSONResponse:
-        return JSONResponse(status_code=status_of(exc), content={"detail": str(exc)}, headers=exc.headers)
+        content: dict = {"detail": str(exc)}
+        if isinstance(exc, AdapterInvalid):
+            content["problems"] = exc.problems  # one entry per problem, for clients that list them
+        return JSONResponse(status_code=status_of(exc), content=content, headers=exc.headers)
 
     return app

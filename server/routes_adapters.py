@@ -1,4 +1,5 @@
-"""HTTP routes of the adapter registry: list, show, upload (or replace), delete, download.
+"""HTTP routes of the adapter registry: list, show, upload (or replace), delete, download, and the two files of an
+adapter the console shows (its loraswap.json and its training.png).
 
 Thin: the registry stores, the engine checks and (un)loads; domain errors become statuses in deps.py's one table.
 Write routes need the admin bearer token; the upload body is bounded while it streams, before it is parsed.
@@ -6,18 +7,20 @@ Write routes need the admin bearer token; the upload body is bounded while it st
 
 from __future__ import annotations
 
+import json
 import logging
 import secrets
 import tempfile
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header, Request
+from fastapi import APIRouter, Depends, Header, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
 
+from .adapter_format import METADATA_FILE
 from .archive import ArchiveLimits, write_zip
 from .deps import ServicesDep
 from .engine import Engine
@@ -27,6 +30,7 @@ from .registry import AdapterRecord
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["adapters"])
 FORM_FIELDS = {"name", "replace"}
+TRAINING_PLOT = "training.png"  # the loss curves train-adapter draws beside the adapter
 
 
 def require_admin(svc: ServicesDep, authorization: Annotated[str | None, Header()] = None) -> None:
@@ -109,6 +113,32 @@ def download_adapter(name: str, svc: ServicesDep) -> FileResponse:
             raise
     return FileResponse(path, media_type="application/zip", filename=f"{name}-v{record.version}.zip",
                         background=BackgroundTask(path.unlink))
+
+
+@router.get("/adapters/{name}/metadata")
+def adapter_metadata(name: str, svc: ServicesDep) -> dict:
+    """The adapter's loraswap.json as stored: task, labels, metrics, training settings and data hashes."""
+    record = svc.registry.get(name)
+    try:
+        text = (record.folder / METADATA_FILE).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        if not record.folder.is_dir():
+            raise AdapterChanged(name) from None
+        raise HTTPException(404, f"adapter {name!r} has no {METADATA_FILE}") from None
+    return json.loads(text)  # valid: the registry's check parsed it before the adapter became visible
+
+
+@router.get("/adapters/{name}/training.png")
+def training_plot(name: str, svc: ServicesDep) -> FileResponse:
+    """The adapter's loss plot and no other file of its folder."""
+    record = svc.registry.get(name)
+    path = record.folder / TRAINING_PLOT
+    if not path.is_file():
+        if not record.folder.is_dir():
+            raise AdapterChanged(name)
+        raise HTTPException(404, f"adapter {name!r} has no {TRAINING_PLOT}")
+    # an uploaded file is untrusted: never let a browser sniff it into HTML
+    return FileResponse(path, media_type="image/png", headers={"X-Content-Type-Options": "nosniff"})
 
 
 async def _bounded_form(request: Request, limit: int, max_files: int) -> FormData:

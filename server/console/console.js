@@ -1,51 +1,74 @@
-// loraswap console: lists the adapters, tries one, uploads new ones. Plain browser JavaScript, no build step.
-"use strict";
+// loraswap console: lists the adapters (a row opens its detail view), shows live traffic, tries an adapter (with
+// the same request as a curl command), uploads new ones. Plain browser JavaScript modules, no build step.
+
+import { openDetail, setUpDetail } from "./detail.js";
+import { cell, element, formatLatency, metricSummary, percent } from "./format.js";
+import { onScrape, scrape, startLivePanel } from "./live.js";
 
 const $ = (id) => document.getElementById(id);
-let adapters = [];  // records from GET /adapters
+let shownAdapters = "";  // the names and versions the table shows
+let lastScrape = null;  // the latest /metrics scrape
+let baseReady = false;
 
-function cell(row, text) {
-  const td = row.insertCell();
-  td.textContent = text;
-  return td;
+// An error answer as one line of text, and its problems one by one when it lists them (an adapter refused at
+// upload lists every problem; a request FastAPI refused lists every invalid field).
+function errorOf(status, text) {
+  let body;
+  try {
+    body = JSON.parse(text);
+  } catch {
+    return { message: text || `HTTP ${status}`, problems: [] };
+  }
+  if (Array.isArray(body?.problems)) return { message: String(body.detail), problems: body.problems.map(String) };
+  if (Array.isArray(body?.detail)) {
+    const problems = body.detail.map((d) => `${(d.loc ?? []).join(".")}: ${d.msg}`);
+    return { message: problems.join("; "), problems };
+  }
+  return { message: typeof body?.detail === "string" ? body.detail : JSON.stringify(body), problems: [] };
 }
 
 async function errorText(response) {
-  const text = await response.text();
-  try {
-    const body = JSON.parse(text);
-    return typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail ?? body);
-  } catch {
-    return text || response.statusText;
-  }
-}
-
-// Per-adapter request counts and mean latency from the Prometheus text at /metrics.
-function parseMetrics(text) {
-  const stats = {};
-  const line = /^(loraswap_requests_total|loraswap_request_duration_seconds_(?:sum|count))\{([^}]*)\} (\S+)$/;
-  for (const row of text.split("\n")) {
-    const match = line.exec(row);
-    if (!match) continue;
-    const adapter = /adapter="([^"]*)"/.exec(match[2])[1];
-    const s = (stats[adapter] ??= { requests: 0, sum: 0, count: 0 });
-    const value = Number(match[3]);
-    if (match[1] === "loraswap_requests_total") s.requests += value;
-    else if (match[1].endsWith("_sum")) s.sum += value;
-    else s.count += value;
-  }
-  return stats;
+  return errorOf(response.status, await response.text()).message;
 }
 
 async function loadHealth() {
   try {
     const body = await (await fetch("/health")).json();
+    baseReady = body.status === "ready";
     $("health").textContent = body.status === "ready" ? `base ${body.base.name} ready` : `base ${body.status}`;
   } catch (err) {
     $("health").textContent = `unreachable: ${err}`;
   }
 }
 
+// ---- adapters table ----------------------------------------------------------------------------------------
+
+function metricsCell(row, adapter) {
+  const td = row.insertCell();
+  for (const [name, shown] of metricSummary(adapter.task, adapter.metrics)) {
+    td.append(element("span", `${name} ${shown}`, { class: "metric" }));
+  }
+}
+
+function adapterRow(tbody, a) {
+  const row = tbody.insertRow();
+  row.dataset.name = a.name;
+  row.tabIndex = 0;
+  row.title = `details of ${a.name}`;
+  row.addEventListener("click", () => openDetail(a));
+  row.addEventListener("keydown", (event) => { if (event.key === "Enter") openDetail(a); });
+  cell(row, a.name).className = "name";
+  cell(row, a.task);
+  cell(row, a.rank);
+  cell(row, a.labels ? a.labels.join(", ") : "");
+  cell(row, a.version);
+  cell(row, "").className = "loaded";
+  metricsCell(row, a);
+  cell(row, "0").className = "requests";
+  cell(row, "").className = "latency";
+}
+
+// Rebuilt when an adapter comes, goes or changes version; otherwise only whether each is loaded changes.
 async function loadAdapters() {
   const response = await fetch("/adapters");
   if (!response.ok) {
@@ -55,41 +78,87 @@ async function loadAdapters() {
   }
   $("adapters-error").hidden = true;
   const body = await response.json();
-  adapters = body.adapters;
-  const stats = parseMetrics(await (await fetch("/metrics")).text());
-  const tbody = $("adapters").tBodies[0];
-  tbody.replaceChildren();
-  for (const a of adapters) {
-    const row = tbody.insertRow();
-    row.dataset.name = a.name;
-    cell(row, a.name);
-    cell(row, a.task);
-    cell(row, a.rank);
-    cell(row, a.labels ? a.labels.join(", ") : "");
-    cell(row, a.version);
-    cell(row, a.loaded ? "yes" : "no");
-    cell(row, a.metrics ? Object.entries(a.metrics).map(([k, v]) => `${k}=${v}`).join(", ") : "");
-    const s = stats[a.name];
-    cell(row, s ? s.requests : 0);
-    cell(row, s && s.count ? `${(1000 * s.sum / s.count).toFixed(1)} ms` : "");
+  const key = body.adapters.map((a) => `${a.name}@${a.version}`).join(" ");
+  if (key !== shownAdapters) {
+    shownAdapters = key;
+    const tbody = $("adapters").tBodies[0];
+    tbody.replaceChildren();
+    for (const a of body.adapters) adapterRow(tbody, a);
+    const select = $("try-adapter");
+    const chosen = select.value;
+    select.replaceChildren(new Option(`${body.base} (base)`, ""));
+    for (const a of body.adapters) select.add(new Option(`${a.name} (${a.task})`, a.name));
+    if ([...select.options].some((o) => o.value === chosen)) select.value = chosen;
+    showCurl();
+    if (lastScrape) showTotals(lastScrape);
   }
-  const select = $("try-adapter");
-  const chosen = select.value;
-  select.replaceChildren(new Option(`${body.base} (base)`, ""));
-  for (const a of adapters) select.add(new Option(`${a.name} (${a.task})`, a.name));
-  if ([...select.options].some((o) => o.value === chosen)) select.value = chosen;
+  for (const a of body.adapters) {
+    const loaded = $("adapters").querySelector(`tr[data-name="${a.name}"] .loaded`);  // gone if a newer call rebuilt
+    if (loaded) loaded.textContent = a.loaded ? "yes" : "no";
+  }
+}
+
+// Requests and mean latency since start, from each scrape of /metrics.
+function showTotals(metrics) {
+  for (const row of $("adapters").tBodies[0].rows) {
+    const stats = metrics.adapters[row.dataset.name];
+    row.querySelector(".requests").textContent = String(stats?.requests ?? 0);
+    row.querySelector(".latency").textContent = stats?.latency.count
+      ? formatLatency(stats.latency.sum / stats.latency.count)
+      : "";
+  }
+}
+
+// ---- try ---------------------------------------------------------------------------------------------------
+
+function tryRequest() {
+  const adapter = $("try-adapter").value;
+  const path = adapter ? `/predict?adapter=${encodeURIComponent(adapter)}` : "/predict";
+  const body = {
+    inputs: $("try-input").value,
+    stream: true,
+    parameters: {
+      max_new_tokens: Number($("try-max-tokens").value),
+      temperature: Number($("try-temperature").value),
+    },
+  };
+  return { path, body };
+}
+
+const shellQuote = (text) => `'${text.replaceAll("'", "'\\''")}'`;
+
+function showCurl() {
+  const { path, body } = tryRequest();
+  $("try-curl").textContent = [
+    `curl -sN -X POST ${shellQuote(location.origin + path)}`,
+    "  -H 'content-type: application/json'",
+    `  -d ${shellQuote(JSON.stringify(body))}`,
+  ].join(" \\\n");
+}
+
+async function copyCurl() {
+  const text = $("try-curl").textContent;
+  try {
+    await navigator.clipboard.writeText(text);
+    $("try-copy").textContent = "copied";
+  } catch {
+    window.getSelection().selectAllChildren($("try-curl"));  // no clipboard access: select it for Ctrl+C
+    $("try-copy").textContent = "selected";
+  }
+  setTimeout(() => { $("try-copy").textContent = "copy"; }, 1500);
 }
 
 function showScores(scores) {
   const tbody = $("try-scores").tBodies[0];
   tbody.replaceChildren();
-  for (const [label, p] of Object.entries(scores).sort((x, y) => y[1] - x[1])) {
+  const ranked = Object.entries(scores).sort((x, y) => y[1] - x[1]);
+  for (const [label, p] of ranked) {
     const row = tbody.insertRow();
     row.dataset.label = label;
+    if (label === ranked[0][0]) row.className = "top";
     cell(row, label);
-    cell(row, `${(100 * p).toFixed(1)} %`);
-    const bar = document.createElement("span");
-    bar.className = "bar";
+    cell(row, percent(p));
+    const bar = element("span", null, { class: "bar" });
     bar.style.width = `${(100 * p).toFixed(1)}%`;
     row.insertCell().append(bar);
   }
@@ -121,23 +190,14 @@ async function readEvents(response, onEvent) {
 
 async function tryAdapter(event) {
   event.preventDefault();
-  const adapter = $("try-adapter").value;
   const output = $("try-output");
   output.textContent = "";
   $("try-scores").hidden = true;
   $("try-status").textContent = "running…";
-  const url = adapter ? `/predict?adapter=${encodeURIComponent(adapter)}` : "/predict";
-  const body = {
-    inputs: $("try-input").value,
-    stream: true,
-    parameters: {
-      max_new_tokens: Number($("try-max-tokens").value),
-      temperature: Number($("try-temperature").value),
-    },
-  };
+  const { path, body } = tryRequest();
   const started = performance.now();
   try {
-    const response = await fetch(url, {
+    const response = await fetch(path, {
       method: "POST",
       headers: { "content-type": "application/json" },
       body: JSON.stringify(body),
@@ -167,46 +227,76 @@ async function tryAdapter(event) {
   } catch (err) {
     $("try-status").textContent = `error: ${err}`;
   }
-  loadAdapters();
+  scrape();
 }
 
-// POST /adapters (multipart, bearer token): the three files by name, or one archive.
-async function upload(event) {
+// ---- upload ------------------------------------------------------------------------------------------------
+
+function showProblems(problems) {
+  $("upload-problems").replaceChildren(...problems.map((p) => element("li", p)));
+  $("upload-problems").hidden = problems.length === 0;
+}
+
+// POST /adapters (multipart, bearer token) with the chosen files under their own names; one archive is sent as
+// is. XMLHttpRequest rather than fetch: only it reports upload progress.
+function upload(event) {
   event.preventDefault();
   const form = new FormData();
   form.append("name", $("upload-name").value);
-  const archive = $("upload-archive").files[0];
-  if (archive) {
-    form.append("archive", archive, archive.name);
-  } else {
-    const files = [
-      ["upload-config", "adapter_config.json"],
-      ["upload-weights", "adapter_model.safetensors"],
-      ["upload-metadata", "loraswap.json"],
-    ];
-    for (const [id, field] of files) {
-      const file = $(id).files[0];
-      if (file) form.append(field, file, field);
-    }
-  }
+  for (const file of $("upload-files").files) form.append("files", file, file.name);
   if ($("upload-replace").checked) form.append("replace", "true");
-  $("upload-status").textContent = "uploading…";
-  const response = await fetch("/adapters", {
-    method: "POST",
-    headers: { Authorization: `Bearer ${$("upload-token").value}` },
-    body: form,
+  const progress = $("upload-progress");
+  const status = $("upload-status");
+  progress.hidden = false;
+  progress.value = 0;
+  showProblems([]);
+  status.textContent = "uploading…";
+  $("upload-run").disabled = true;
+  const request = new XMLHttpRequest();
+  request.open("POST", "/adapters");
+  request.setRequestHeader("Authorization", `Bearer ${$("upload-token").value}`);
+  request.upload.addEventListener("progress", (e) => {
+    if (!e.lengthComputable) return;
+    progress.max = e.total;
+    progress.value = e.loaded;
+    status.textContent = `uploading… ${percent(e.loaded / e.total)}`;
   });
-  if (response.status === 201) {
-    const record = await response.json();
-    $("upload-status").textContent = `uploaded ${record.name} v${record.version}`;
-    $("upload-form").reset();
-    await loadAdapters();
-  } else {
-    $("upload-status").textContent = `error ${response.status}: ${await errorText(response)}`;
-  }
+  request.upload.addEventListener("load", () => { status.textContent = "uploaded, checking the adapter…"; });
+  request.addEventListener("load", async () => {
+    $("upload-run").disabled = false;
+    if (request.status === 201) {
+      const record = JSON.parse(request.responseText);
+      status.textContent = `uploaded ${record.name} v${record.version}`;
+      $("upload-form").reset();
+      await loadAdapters();
+    } else {
+      const { message, problems } = errorOf(request.status, request.responseText);
+      status.textContent = problems.length
+        ? `error ${request.status}: refused, ${problems.length} problem${problems.length > 1 ? "s" : ""} found`
+        : `error ${request.status}: ${message}`;
+      showProblems(problems);
+    }
+  });
+  request.addEventListener("error", () => {
+    $("upload-run").disabled = false;
+    status.textContent = "error: the upload did not reach the server";
+  });
+  request.send(form);
 }
 
+// every scrape (every few seconds) also refreshes the table: totals, and which adapters are loaded
+onScrape((metrics) => {
+  lastScrape = metrics;
+  showTotals(metrics);
+  if (!baseReady) loadHealth();
+  loadAdapters();
+});
+setUpDetail();
 $("try-form").addEventListener("submit", tryAdapter);
+$("try-form").addEventListener("input", showCurl);
+$("try-form").addEventListener("change", showCurl);
+$("try-copy").addEventListener("click", copyCurl);
 $("upload-form").addEventListener("submit", upload);
 loadHealth();
 loadAdapters();
+startLivePanel();
