@@ -9,8 +9,10 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from .engine import Engine, SlotsBusy
@@ -31,7 +33,15 @@ from .openai_api import openai_router
 from .registry import Registry
 from .schemas import PredictRequest
 from .serving import (
-    count_tokens, event_stream, generation_params, predict_body, predict_events, resolve_model, started
+    count_tokens,
+    event_stream,
+    generation_params,
+    predict_body,
+    predict_events,
+    refuse_generation_parameters,
+    resolve_model,
+    started,
+    validation_message,
 )
 from .settings import Settings
 from .telemetry import RecordDep, RequestTelemetry
@@ -113,7 +123,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             if engine is None:
                 services.engine.close()
 
-    app = FastAPI(title="loraswap", lifespan=lifespan)
+    app = FastAPIOffline(title="loraswap", lifespan=lifespan)  # /docs and /redoc work offline
     app.state.services = services
     from .routes_adapters import router as adapters_router  # it imports ServicesDep from here
 
@@ -126,6 +136,11 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     @app.exception_handler(LoraswapError)
     async def domain_error(_request: Request, exc: LoraswapError) -> JSONResponse:
         return JSONResponse(status_code=status_of(exc), content={"detail": str(exc)}, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        """The same {"detail": "field: problem"} string as every other error, not pydantic's list of dicts."""
+        return JSONResponse(status_code=422, content={"detail": validation_message(exc)})
 
     @app.get("/health")
     def health(svc: ServicesDep):
@@ -151,6 +166,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     ):
         engine = svc.ready_engine()
         location = resolve_model(svc.registry, engine, record, adapter)
+        if location is not None:
+            refuse_generation_parameters(svc.registry.get(location.name).task, location.name, body.parameters)
         texts = body.texts()
         if len(texts) > svc.settings.max_inputs:
             raise InvalidInput("inputs", f"{len(texts)} inputs, over the limit of {svc.settings.max_inputs}")
