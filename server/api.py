@@ -15,6 +15,7 @@ from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from .base_model import choose_dtype
 from .engine import Engine, SlotsBusy
 from .errors import (
     AdapterChanged,
@@ -90,7 +91,8 @@ class Services:
     def load(self) -> None:
         try:
             self._attach(Engine.from_settings(self.settings))
-            log.info("base model %s ready", self.engine.info.name)
+            dtype = choose_dtype(self.settings.dtype, self.settings.device)  # what load_base resolved `auto` to
+            log.info("base model %s ready (dtype %s)", self.engine.info.name, dtype)
         except Exception as exc:
             self.load_error = f"{exc.__class__.__name__}: {exc}"
             log.exception("base model failed to load")

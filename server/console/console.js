@@ -76,7 +76,11 @@ async function loadAdapters() {
   const select = $("try-adapter");
   const chosen = select.value;
   select.replaceChildren(new Option(`${body.base} (base)`, ""));
-  for (const a of adapters) select.add(new Option(`${a.name} (${a.task})`, a.name));
+  for (const a of adapters) {
+    const option = new Option(`${a.name} (${a.task})`, a.name);
+    option.dataset.task = a.task;
+    select.add(option);
+  }
   if ([...select.options].some((o) => o.value === chosen)) select.value = chosen;
 }
 
@@ -122,19 +126,20 @@ async function readEvents(response, onEvent) {
 async function tryAdapter(event) {
   event.preventDefault();
   const adapter = $("try-adapter").value;
+  const task = $("try-adapter").selectedOptions[0]?.dataset.task;
   const output = $("try-output");
   output.textContent = "";
   $("try-scores").hidden = true;
   $("try-status").textContent = "running…";
   const url = adapter ? `/predict?adapter=${encodeURIComponent(adapter)}` : "/predict";
-  const body = {
-    inputs: $("try-input").value,
-    stream: true,
-    parameters: {
+  const body = { inputs: $("try-input").value, stream: true };
+  if (task !== "classification") {
+    // a classifier takes no generation parameters (the server refuses them)
+    body.parameters = {
       max_new_tokens: Number($("try-max-tokens").value),
       temperature: Number($("try-temperature").value),
-    },
-  };
+    };
+  }
   const started = performance.now();
   try {
     const response = await fetch(url, {
