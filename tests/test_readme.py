@@ -3,9 +3,11 @@ cannot drift from the code.
 
 Blocks run in document order in one shell each, as a reader would run them after `source .venv/bin/activate` in a
 working directory laid out like the repository (its files, a copy of the adapter store that the server serves, and
-`../shared` beside it). Two things differ from a reader's machine, both visible here: the server listens on a free port
-(`127.0.0.1:8000` in a block becomes that port), and every `curl` fails on an HTTP error status (a `.curlrc` with
-`fail-with-body`), so an example answered with 4xx or 5xx fails its block instead of printing an error body. A block
+`../shared` beside it). Three things differ from a reader's machine, all set here: the server listens on a free port
+(`127.0.0.1:8000` in a block becomes that port); every `curl` fails on an HTTP error status (a `.curlrc` with
+`fail-with-body`), so an example answered with 4xx or 5xx fails its block instead of printing an error body; and torch
+uses one thread (OMP_NUM_THREADS=1, as the README's own training commands set it): on a 2-core machine shared with
+other jobs, torch's default of two threads made one 8-token answer take 33-42 s instead of 3-5 s. A block
 that cannot run here has an HTML comment `<!-- readme-test: skip: REASON -->` right above it and is reported skipped
 with that reason.
 """
@@ -111,7 +113,7 @@ def reader(tmp_path_factory) -> Reader:
     (curl_home / ".curlrc").write_text("fail-with-body\nshow-error\n")
 
     port = _free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CURL_HOME": str(curl_home)}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CURL_HOME": str(curl_home), "OMP_NUM_THREADS": "1"}
     server_env = {**env, "LORASWAP_PORT": str(port), "LORASWAP_ADMIN_TOKEN": ADMIN_TOKEN,
                   "LORASWAP_ADAPTERS_DIR": str(workdir / "adapters")}
     log_path = root / "server.log"
