@@ -10,8 +10,11 @@ ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 HF_HUB_OFFLINE=1 \
 RUN useradd --create-home --uid 1000 loraswap
 WORKDIR /opt/loraswap/app
 
-# the CPU wheel first (its own layer: it is the big one); an unpinned torch would pull a multi-GB CUDA build
-RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+# torch first (its own layer: it is the big one), from PyPI like every other package. PyPI's Linux wheel bundles
+# CUDA (a few GB more than the CPU-only wheel); where PyTorch's own index is reachable,
+# --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu installs the same version as the CPU-only wheel
+ARG TORCH_INDEX_URL=https://pypi.org/simple
+RUN pip install torch==2.13.0 --index-url "$TORCH_INDEX_URL"
 COPY pyproject.toml README.md ./
 COPY server ./server
 COPY scripts ./scripts

@@ -61,12 +61,11 @@ def inputs_and_gold(spec: EvalSpec, rows: list[dict], path: Path) -> tuple[list[
     return prompts, answers, decisions
 
 
-def predict(client: Poster, adapter: str, inputs: list[str], batch_size: int, max_new_tokens: int,
+def predict(client: Poster, adapter: str, inputs: list[str], batch_size: int, parameters: dict,
             headers: dict | None = None) -> list[dict]:
     outputs: list[dict] = []
     for start in range(0, len(inputs), batch_size):
-        body = {"inputs": inputs[start:start + batch_size],
-                "parameters": {"max_new_tokens": max_new_tokens, "temperature": 0}}
+        body = {"inputs": inputs[start:start + batch_size], "parameters": parameters}
         response = client.post("/predict", params={"adapter": adapter}, json=body, headers=headers or {})
         if response.status_code != 200:
             raise RuntimeError(f"/predict?adapter={adapter} answered HTTP {response.status_code}: {response.text}")
@@ -83,7 +82,9 @@ def evaluate(client: Poster, adapter: str, spec: EvalSpec, rows: list[dict], pat
         check_labels_known(spec.labels, gold, path, known_by="the adapter")
     if spec.decision_labels and decisions:
         check_labels_known(spec.decision_labels, decisions, path, "decision", "the adapter")
-    outputs = predict(client, adapter, inputs, batch_size, max_new_tokens, headers)
+    # a classifier takes no generation parameters (the server refuses them)
+    parameters = {} if spec.task == "classification" else {"max_new_tokens": max_new_tokens, "temperature": 0}
+    outputs = predict(client, adapter, inputs, batch_size, parameters, headers)
     if spec.task == "classification":
         labels = spec.labels or list(outputs[0]["scores"])
         if not spec.labels:

@@ -4,6 +4,9 @@
     train-adapter --task generation --name qa --train train.jsonl --eval dev.jsonl \
         --prompt-template "Question: {question}" --answer-template "{answer}"
 
+The adapter is written to trained/NAME (never into the served store: a running server reads its store only at start
+and refuses an upload whose name a folder written there behind its back already takes); --push uploads it.
+
 The base is loaded by the server's own code (server.base_model), classification inputs are tokenized exactly as
 the server tokenizes them (raw text, right padding, rightmost non-pad token pooled) and generation prompts go
 through the base's chat template as the server wraps them. The final metrics are measured by the server's Engine
@@ -18,7 +21,9 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -41,12 +46,13 @@ from scripts.adapter_data import (
 )
 from scripts.metrics import classification_metrics, format_metrics, generation_metrics
 from server.adapter_format import CONFIG_FILE, METADATA_FILE, WEIGHTS_FILE
-from server.base_model import BaseInfo, load_base
+from server.base_model import BaseInfo, load_base, make_readable
 from server.encoding import encode_prompt
 from server.settings import Settings
 
 PROG = "train-adapter"
 PLOT_FILE = "training.png"
+OUTPUT_ROOT = Path("trained")  # the default output is OUTPUT_ROOT/NAME, relative to the working directory
 
 
 @dataclass
@@ -72,10 +78,13 @@ class Prepared:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--task", choices=["classification", "generation"], required=True)
-    p.add_argument("--name", required=True, help="adapter name (also the default output folder adapters/NAME)")
+    p.add_argument("--name", required=True, help=f"adapter name (also the default output folder {OUTPUT_ROOT}/NAME)")
     p.add_argument("--train", type=Path, nargs="+", required=True, help="training file(s), .csv or .jsonl")
     p.add_argument("--eval", type=Path, help="eval file: metrics at the end and the eval-loss curve")
-    p.add_argument("--output", type=Path, help="output folder (default: adapters/NAME)")
+    p.add_argument("--output", type=Path, help=f"output folder (default: {OUTPUT_ROOT}/NAME)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--limit", type=int, metavar="N",
+                   help="only the first N rows of each training and eval file: a quick check of data and setup")
     d = p.add_argument_group("data")
     d.add_argument("--text-column", default="text", help="classification: the input text column")
     d.add_argument("--label-column", default="label", help="classification: the label column")
@@ -130,10 +139,15 @@ def _check_length(ids: list[int], max_length: int, truncation: bool, path: Path,
                     f"(raise --max-length or pass --truncation)")
 
 
+def rows_of(args, path: Path) -> list[dict]:
+    """The file's rows, cut to --limit."""
+    return read_rows(path)[: args.limit]
+
+
 def classification_examples(
     args, tokenizer, path: Path, labels: list[str]
 ) -> tuple[list[Example], list[str], list[str]]:
-    rows = read_rows(path)
+    rows = rows_of(args, path)
     texts = column(rows, args.text_column, path)
     gold = column(rows, args.label_column, path)
     index = {label: i for i, label in enumerate(labels)}
@@ -146,7 +160,7 @@ def classification_examples(
 
 
 def generation_examples(args, tokenizer, path: Path) -> tuple[list[Example], list[str], list[str], list[str] | None]:
-    rows = read_rows(path)
+    rows = rows_of(args, path)
     truncate = parse_truncate(args.truncate_column)
     prompts = render(args.prompt_template, rows, path, truncate)
     answers = render(args.answer_template, rows, path, truncate)
@@ -172,7 +186,7 @@ def prepare(args, tokenizer) -> Prepared:
     if args.task == "classification":
         train, gold = [], []
         for path in args.train:
-            gold += column(read_rows(path), args.label_column, path)
+            gold += column(rows_of(args, path), args.label_column, path)
         labels = sorted(set(gold))
         if len(labels) < 2:
             raise DataError(f"{args.train[0]}: classification needs at least 2 labels, found {labels}")
@@ -180,7 +194,7 @@ def prepare(args, tokenizer) -> Prepared:
             train += classification_examples(args, tokenizer, path, labels)[0]
         prepared = Prepared(train, [], labels=labels)
         if args.eval:
-            eval_gold = column(read_rows(args.eval), args.label_column, args.eval)
+            eval_gold = column(rows_of(args, args.eval), args.label_column, args.eval)
             check_labels_known(labels, eval_gold, args.eval)
             prepared.eval, prepared.eval_inputs, prepared.eval_gold = classification_examples(
                 args, tokenizer, args.eval, labels)
@@ -199,6 +213,7 @@ def prepare(args, tokenizer) -> Prepared:
     prepared.data = {
         "train": [{"file": str(p), "sha256": h} for p, h in zip(args.train, train_hashes)],
         "train_rows": len(prepared.train),
+        "limit": args.limit,
         "eval": {"file": str(args.eval), "sha256": eval_hash, "rows": len(prepared.eval)}
         if args.eval else None,
     }
@@ -422,13 +437,31 @@ def fail(message: str) -> int:
     return 2
 
 
+def check_output(output: Path, overwrite: bool) -> None:
+    """Refuse, before any work, to write over an existing folder unless told to."""
+    if output.exists() and not overwrite:
+        raise DataError(f"{output} already exists; pass --overwrite to replace it, or choose another --output")
+    if output.exists() and not output.is_dir():
+        raise DataError(f"{output} exists and is not a folder")
+
+
+def install_output(staged: Path, output: Path) -> None:
+    """Move the finished adapter into place; an existing folder (--overwrite) is replaced only now."""
+    if output.exists():
+        shutil.rmtree(output)
+    os.replace(staged, output)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     started = time.perf_counter()
     if args.threads:
         torch.set_num_threads(args.threads)
-    output = args.output or Path("adapters") / args.name
+    if args.limit is not None and args.limit < 1:
+        return fail(f"--limit must be at least 1, not {args.limit}")
+    output = args.output or OUTPUT_ROOT / args.name
     try:
+        check_output(output, args.overwrite)
         base, tokenizer, info = load_base(args.base_model, args.cache_dir, "float32")
         del base
         prepared = prepare(args, tokenizer)
@@ -444,22 +477,29 @@ def main(argv: list[str] | None = None) -> int:
     train_started = time.perf_counter()
     losses, curve = train(model, prepared, args, tokenizer.pad_token_id)
     train_seconds = time.perf_counter() - train_started
-    output.mkdir(parents=True, exist_ok=True)
-    model.peft_config["default"].base_model_name_or_path = info.name  # not this machine's cache path
-    model.save_pretrained(output)
-    del model
-    gc.collect()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    # written next to the output and moved into place when complete: an interrupted run leaves no half adapter
+    staged = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
+    try:
+        model.peft_config["default"].base_model_name_or_path = info.name  # not this machine's cache path
+        model.save_pretrained(staged)
+        del model
+        gc.collect()
 
-    metadata = metadata_for(args, info, prepared, losses, curve, train_seconds)
-    (output / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
-    if args.eval:
-        eval_started = time.perf_counter()
-        metadata["metrics"] = evaluate(args, output, prepared)
-        metadata["eval_seconds"] = round(time.perf_counter() - eval_started, 1)
-        print(format_metrics(metadata["metrics"]))
-    metadata["wall_seconds"] = round(time.perf_counter() - started, 1)
-    (output / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
-    plot(losses, curve, output / PLOT_FILE, f"{args.name}: {args.task}, r={args.rank}, lr={args.lr}")
+        metadata = metadata_for(args, info, prepared, losses, curve, train_seconds)
+        (staged / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+        if args.eval:
+            eval_started = time.perf_counter()
+            metadata["metrics"] = evaluate(args, staged, prepared)
+            metadata["eval_seconds"] = round(time.perf_counter() - eval_started, 1)
+            print(format_metrics(metadata["metrics"]))
+        metadata["wall_seconds"] = round(time.perf_counter() - started, 1)
+        (staged / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+        plot(losses, curve, staged / PLOT_FILE, f"{args.name}: {args.task}, r={args.rank}, lr={args.lr}")
+        make_readable(staged)
+        install_output(staged, output)
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
     print(f"{PROG}: wrote {output} in {metadata['wall_seconds']:.0f} s", file=sys.stderr)
 
     if args.push:

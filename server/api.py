@@ -9,8 +9,10 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from .deps import Services, ServicesDep, status_of
@@ -19,7 +21,17 @@ from .errors import AdapterInvalid, InvalidInput, LoraswapError
 from .openai_api import router as openai_router
 from .routes_adapters import router as adapters_router
 from .schemas import PredictRequest
-from .serving import count_tokens, event_stream, generation_params, predict_body, predict_events, resolve_model, started
+from .serving import (
+    count_tokens,
+    event_stream,
+    generation_params,
+    predict_body,
+    predict_events,
+    refuse_generation_parameters,
+    resolve_model,
+    started,
+    validation_message,
+)
 from .settings import Settings
 from .telemetry import RecordDep, RequestTelemetry
 
@@ -52,6 +64,8 @@ def predict(
 ):
     engine = svc.ready_engine()
     location = resolve_model(svc.registry, engine, record, adapter)
+    if location is not None:
+        refuse_generation_parameters(svc.registry.get(location.name).task, location.name, body.parameters)
     texts = body.texts()
     if len(texts) > svc.settings.max_inputs:
         raise InvalidInput("inputs", f"{len(texts)} inputs, over the limit of {svc.settings.max_inputs}")
@@ -85,7 +99,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             if engine is None:
                 services.engine.close()
 
-    app = FastAPI(title="loraswap", lifespan=lifespan)
+    app = FastAPIOffline(title="loraswap", lifespan=lifespan)  # /docs and /redoc work offline
     app.state.services = services
     app.add_middleware(RequestTelemetry, metrics=services.metrics)
     app.include_router(router)
@@ -99,5 +113,10 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         if isinstance(exc, AdapterInvalid):
             content["problems"] = exc.problems  # one entry per problem, for clients that list them
         return JSONResponse(status_code=status_of(exc), content=content, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        """The same {"detail": "field: problem"} string as every other error, not pydantic's list of dicts."""
+        return JSONResponse(status_code=422, content={"detail": validation_message(exc)})
 
     return app

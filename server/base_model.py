@@ -100,12 +100,21 @@ def ensure_embedded_converted(cache_dir: Path) -> Path:
     try:
         model, tokenizer = load_gguf(gguf)
         save_as_safetensors(model, tokenizer, tmp)
+        make_readable(tmp)
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def make_readable(folder: Path) -> None:
+    """Give a folder made by mkdtemp (0700) and the files in it (safetensors writes 0600) the modes of a plain
+    mkdir and write, 0755 and 0644: the image converts the base as root and serves it as another user."""
+    folder.chmod(0o755)
+    for path in folder.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
 
 
 def resolve_base_path(base_model: Path | None, cache_dir: Path) -> Path:

@@ -9,6 +9,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from .base_model import choose_dtype
 from .engine import Engine
 from .errors import (
     AdapterChanged,
@@ -71,7 +72,8 @@ class Services:
     def load(self) -> None:
         try:
             self._attach(Engine.from_settings(self.settings))
-            log.info("base model %s ready", self.engine.info.name)
+            dtype = choose_dtype(self.settings.dtype, self.settings.device)  # what load_base resolved `auto` to
+            log.info("base model %s ready (dtype %s)", self.engine.info.name, dtype)
         except Exception as exc:
             self.load_error = f"{exc.__class__.__name__}: {exc}"
             log.exception("base model failed to load")

@@ -34,3 +34,12 @@ def configure_logging(log_format: Literal["text", "json"], level: int = logging.
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
     logging.basicConfig(level=level, handlers=[handler], force=True)
+    if log_format == "json":
+        # transformers writes progress bars ("Loading weights") and its log lines to stderr itself, and Python
+        # warnings go there too: as plain text, which log collectors cannot parse. Bars off, the rest through us.
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+        transformers_logging.disable_default_handler()
+        transformers_logging.enable_propagation()
+        logging.captureWarnings(True)

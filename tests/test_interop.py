@@ -37,7 +37,7 @@ CLASSIFICATION = {"sentiment": LABELS, "topic": ["a", "b"]}
 
 def served(client, adapter: str, name: str) -> dict:
     """The answer of the served `adapter`, a copy of the test adapter `name`."""
-    payload = {"inputs": TEXTS if name in CLASSIFICATION else PROMPT, "parameters": {"max_new_tokens": 10}}
+    payload = {"inputs": TEXTS} if name in CLASSIFICATION else {"inputs": PROMPT, "parameters": {"max_new_tokens": 10}}
     response = client.post(f"/predict?adapter={adapter}", json=payload)
     assert response.status_code == 200, response.text
     return response.json()

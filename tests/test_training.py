@@ -163,6 +163,40 @@ def test_same_seed_same_metrics(cls_adapter, tiny_base, data, tmp_path):
     assert (cls_adapter / WEIGHTS_FILE).read_bytes() == (tmp_path / "again" / WEIGHTS_FILE).read_bytes()
 
 
+def test_default_output_is_outside_the_store_and_never_overwritten_silently(tiny_base, data, tmp_path, monkeypatch,
+                                                                          capsys):
+    monkeypatch.chdir(tmp_path)
+    args = ["--task", "classification", "--name", "quick", "--train", str(data["cls_train"]), "--eval",
+            str(data["cls_dev"]), "--base-model", str(tiny_base), "--limit", "10", "--batch-size", "4", "--rank", "4"]
+    assert train_adapter.main(args) == 0
+    output = tmp_path / "trained" / "quick"
+    meta = json.loads((output / METADATA_FILE).read_text())
+    assert (meta["data"]["train_rows"], meta["data"]["eval"]["rows"], meta["data"]["limit"]) == (10, 10, 10)
+    assert meta["steps"] == 3  # ceil(10 rows / batch 4) in one epoch
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["trained"]  # nothing but the adapter, no adapters/ folder
+    assert (output.stat().st_mode & 0o777, (output / WEIGHTS_FILE).stat().st_mode & 0o777) == (0o755, 0o644)
+    weights = (output / WEIGHTS_FILE).read_bytes()
+
+    monkeypatch.setattr(train_adapter, "build_model", lambda *a: pytest.fail("training started"))
+    capsys.readouterr()
+    assert train_adapter.main([*args, "--seed", "1"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "train-adapter: error: trained/quick already exists; pass --overwrite to replace it, or choose another "
+        "--output")
+    assert (output / WEIGHTS_FILE).read_bytes() == weights
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)
+
+    assert train_adapter.main([*args, "--seed", "1", "--overwrite"]) == 0
+    assert (output / WEIGHTS_FILE).read_bytes() != weights
+    assert sorted(p.name for p in (tmp_path / "trained").iterdir()) == ["quick"]  # no staging folder left
+
+
+def test_limit_must_be_positive(tiny_base, data, tmp_path, capsys):
+    assert train_adapter.main(cls_args(tiny_base, data, tmp_path / "out", "--limit", "0")) == 2
+    assert capsys.readouterr().err.strip() == "train-adapter: error: --limit must be at least 1, not 0"
+
+
 def bad_data(root: Path) -> dict[str, tuple[list[str], str]]:
     """case -> (files to pass as train, eval; the expected message part)."""
     rows = sentiment_rows(8, 5)

@@ -157,6 +157,19 @@ def test_a_name_held_by_a_skipped_folder_is_409(tiny_settings, engine, store, ad
         assert tree(store) == before
 
 
+def test_a_name_taken_by_a_folder_written_after_start_is_409_saying_so(admin, store, adapter_store):
+    """What `train-adapter --output adapters/NAME` did to a running server: the folder is not served (the store is
+    read at start only) and blocks the upload of that name; the answer must say why."""
+    shutil.copytree(adapter_store / "gen-a", store / "late")
+    before = tree(store)
+    response = upload(admin, "late", folder_files(adapter_store / "gen-a"))
+    assert response.status_code == 409
+    assert response.json()["detail"] == (
+        f"the store holds a 'late' written after the server started: the store is read only at start, so it is not "
+        f"served; remove it from {store} (or restart the server to serve it) first")
+    assert tree(store) == before
+
+
 def test_delete_unloads_and_frees_the_slot(admin, store, engine):
     files = folder_files(store / "sentiment")
     assert upload(admin, "doomed", files).status_code == 201

@@ -87,7 +87,11 @@ async function loadAdapters() {
     const select = $("try-adapter");
     const chosen = select.value;
     select.replaceChildren(new Option(`${body.base} (base)`, ""));
-    for (const a of body.adapters) select.add(new Option(`${a.name} (${a.task})`, a.name));
+    for (const a of body.adapters) {
+      const option = new Option(`${a.name} (${a.task})`, a.name);
+      option.dataset.task = a.task;
+      select.add(option);
+    }
     if ([...select.options].some((o) => o.value === chosen)) select.value = chosen;
     showCurl();
     if (lastScrape) showTotals(lastScrape);
@@ -114,14 +118,14 @@ function showTotals(metrics) {
 function tryRequest() {
   const adapter = $("try-adapter").value;
   const path = adapter ? `/predict?adapter=${encodeURIComponent(adapter)}` : "/predict";
-  const body = {
-    inputs: $("try-input").value,
-    stream: true,
-    parameters: {
+  const body = { inputs: $("try-input").value, stream: true };
+  if ($("try-adapter").selectedOptions[0]?.dataset.task !== "classification") {
+    // a classifier takes no generation parameters (the server refuses them)
+    body.parameters = {
       max_new_tokens: Number($("try-max-tokens").value),
       temperature: Number($("try-temperature").value),
-    },
-  };
+    };
+  }
   return { path, body };
 }
 

@@ -1,0 +1,173 @@
+"""Every command block of README.md, run as written against a fresh server on the embedded base, so that the README
+cannot drift from the code.
+
+Blocks run in document order in one shell each, as a reader would run them after `source .venv/bin/activate` in a
+working directory laid out like the repository (its files, a copy of the adapter store that the server serves, and
+`../shared` beside it). Three things differ from a reader's machine, all set here: the server listens on a free port
+(`127.0.0.1:8000` in a block becomes that port); every `curl` fails on an HTTP error status (a `.curlrc` with
+`fail-with-body`), so an example answered with 4xx or 5xx fails its block instead of printing an error body; and torch
+uses one thread (OMP_NUM_THREADS=1, as the README's own training commands set it): on a 2-core machine shared with
+other jobs, torch's default of two threads made one 8-token answer take 33-42 s instead of 3-5 s. A block
+that cannot run here has an HTML comment `<!-- readme-test: skip: REASON -->` right above it and is reported skipped
+with that reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+README_PORT = "127.0.0.1:8000"
+ADMIN_TOKEN = "my-token"  # the token the README's examples send
+SKIP_MARKER = re.compile(r"<!-- readme-test: skip: (?P<reason>.+) -->")
+FENCE = re.compile(r"```(?P<language>\S*)\s*$")
+RUNNABLE = {"bash", "python"}
+CHECKED = {"json"}  # not commands: each line must parse
+BLOCK_TIMEOUT_S = 600
+
+
+@dataclass(frozen=True)
+class Block:
+    line: int  # of the opening fence, 1-based
+    language: str
+    code: str
+    skip_reason: str | None
+
+    @property
+    def id(self) -> str:
+        return f"line{self.line}-{self.language}"
+
+
+def readme_blocks(text: str) -> list[Block]:
+    """The fenced blocks of a Markdown text, with the skip reason of a marker on the line right above a fence."""
+    blocks, lines, index = [], text.splitlines(), 0
+    while index < len(lines):
+        opening = FENCE.match(lines[index])
+        if not opening:
+            index += 1
+            continue
+        end = next((i for i in range(index + 1, len(lines)) if lines[i].startswith("```")), None)
+        assert end is not None, f"README.md line {index + 1}: a code block is never closed"
+        marker = SKIP_MARKER.fullmatch(lines[index - 1].strip()) if index else None
+        blocks.append(Block(index + 1, opening["language"], "\n".join(lines[index + 1:end]) + "\n",
+                            marker["reason"] if marker else None))
+        index = end + 1
+    return blocks
+
+
+BLOCKS = readme_blocks((REPO / "README.md").read_text())
+
+
+def test_the_block_reader_sees_languages_and_markers():
+    text = "intro\n```bash\necho 1\n```\n<!-- readme-test: skip: too slow -->\n```python\nprint(2)\n```\n"
+    assert readme_blocks(text) == [Block(2, "bash", "echo 1\n", None), Block(6, "python", "print(2)\n", "too slow")]
+
+
+def test_every_block_is_run_checked_or_skipped_with_a_reason():
+    unknown = [f"line {b.line}: {b.language or '(no language)'}" for b in BLOCKS
+               if b.language not in RUNNABLE | CHECKED]
+    assert not unknown, f"blocks this test does not know how to run or check: {unknown}"
+    assert sum(b.language in RUNNABLE and b.skip_reason is None for b in BLOCKS) >= 8
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Reader:
+    """Where the blocks run: a working directory shaped like the repository, and a server on the embedded base."""
+
+    workdir: Path
+    url: str
+    env: dict[str, str]
+
+
+@pytest.fixture(scope="module")
+def reader(tmp_path_factory) -> Reader:
+    root = tmp_path_factory.mktemp("readme")
+    workdir = root / "loraswap"
+    workdir.mkdir()
+    for name in ("scripts", "server", "pyproject.toml", "README.md"):
+        (workdir / name).symlink_to(REPO / name)
+    (workdir / ".venv").symlink_to(Path(sys.prefix))  # the venv running this suite, as scripts/dev.sh made it
+    shutil.copytree(REPO / "adapters", workdir / "adapters", ignore=shutil.ignore_patterns(".tmp", ".versions"))
+    if (REPO.parent / "shared").is_dir():
+        (root / "shared").symlink_to(REPO.parent / "shared")
+    curl_home = root / "curl-home"
+    curl_home.mkdir()
+    (curl_home / ".curlrc").write_text("fail-with-body\nshow-error\n")
+
+    port = _free_port()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CURL_HOME": str(curl_home), "OMP_NUM_THREADS": "1"}
+    server_env = {**env, "LORASWAP_PORT": str(port), "LORASWAP_ADMIN_TOKEN": ADMIN_TOKEN,
+                  "LORASWAP_ADAPTERS_DIR": str(workdir / "adapters")}
+    log_path = root / "server.log"
+    with log_path.open("wb") as log:
+        server = subprocess.Popen([str(Path(sys.prefix) / "bin" / "loraswap")], cwd=workdir, env=server_env,
+                                  stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300  # a first start converts the embedded base (about 35 s)
+        while True:
+            if server.poll() is not None:
+                pytest.fail(f"the server exited with {server.returncode}:\n{log_path.read_text()}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"the server was not ready after 300 s:\n{log_path.read_text()}")
+            time.sleep(0.5)
+        yield Reader(workdir, url, env)
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def _run(block: Block, reader: Reader) -> subprocess.CompletedProcess:
+    code = block.code.replace(README_PORT, reader.url.removeprefix("http://"))
+    if block.language == "python":
+        command = [str(Path(sys.prefix) / "bin" / "python"), "-c", code]
+    else:
+        command = ["bash", "-e", "-o", "pipefail", "-c", f"source .venv/bin/activate\n{code}"]
+    return subprocess.run(command, cwd=reader.workdir, env=reader.env, capture_output=True, text=True,
+                          timeout=BLOCK_TIMEOUT_S)
+
+
+@pytest.mark.real_base
+@pytest.mark.parametrize("block", [b for b in BLOCKS if b.language in RUNNABLE], ids=lambda b: b.id)
+def test_readme_command_block_runs(block: Block, reader: Reader):
+    if block.skip_reason:
+        pytest.skip(f"README.md line {block.line}: {block.skip_reason}")
+    if "../shared/data" in block.code and not (reader.workdir.parent / "shared").is_dir():
+        pytest.skip("this checkout has no ../shared/data, which the block trains or evaluates on")
+    result = _run(block, reader)
+    assert result.returncode == 0, (
+        f"README.md line {block.line} failed with exit code {result.returncode}\n--- block:\n{block.code}"
+        f"--- stdout:\n{result.stdout[-4000:]}\n--- stderr:\n{result.stderr[-4000:]}")
+
+
+@pytest.mark.parametrize("block", [b for b in BLOCKS if b.language == "json"], ids=lambda b: b.id)
+def test_readme_json_examples_parse(block: Block):
+    for line in block.code.splitlines():
+        assert isinstance(json.loads(line), dict), line
