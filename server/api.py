@@ -22,10 +22,12 @@ from .errors import (
     Forbidden,
     InvalidInput,
     LoraswapError,
+    NotFound,
     NotReady,
     PayloadTooLarge,
     Unauthorized,
 )
+from .finetune import FineTuning
 from .metrics import Metrics
 from .openai_api import openai_router
 from .registry import Registry
@@ -42,6 +44,7 @@ CONSOLE_DIR = Path(__file__).resolve().parent / "console"
 # the one table from domain errors to HTTP statuses
 ERROR_STATUS: dict[type[LoraswapError], int] = {
     AdapterNotFound: 404,
+    NotFound: 404,
     AdapterInvalid: 422,
     InvalidInput: 422,
     AdapterExists: 409,
@@ -67,6 +70,7 @@ class Services:
         self.engine: Engine | None = None
         self.load_error: str | None = None
         self.metrics = Metrics(lambda: self.engine)
+        self.finetune = FineTuning(settings, self.registry, self.ready_engine)
         if engine is not None:
             self._attach(engine)
 
@@ -107,7 +111,9 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     async def lifespan(app: FastAPI):
         if services.engine is None:
             threading.Thread(target=services.load, name="base-loader", daemon=True).start()
+        services.finetune.start()
         yield
+        services.finetune.stop()
         if services.engine is not None:
             services.engine.observers.remove(services.metrics)
             if engine is None:
@@ -121,6 +127,9 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 
     app.add_middleware(RequestTelemetry, metrics=services.metrics)
     app.include_router(openai_router(services, status_of))
+    from .routes_finetune import finetune_router  # it imports ServicesDep from here
+
+    app.include_router(finetune_router(services, status_of))
     app.mount("/console", StaticFiles(directory=CONSOLE_DIR), name="console")
 
     @app.exception_handler(LoraswapError)
