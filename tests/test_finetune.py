@@ -240,6 +240,10 @@ def wait_for_steps(oai: openai.OpenAI, job_id: str, timeout: float = 180) -> Non
         time.sleep(0.3)
 
 
+def store_path(store: Path, file_id: str) -> Path:
+    return store / ".files" / f"{file_id}.jsonl"
+
+
 def process_gone(pid: int, timeout: float = 15) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -348,15 +352,16 @@ def test_cancel_of_a_running_job_installs_nothing(live, live_store, tiny_base):
 
 def test_a_trainer_that_fails_fails_its_job_with_its_message(live, live_store, tiny_base):
     oai = client_for(live)
-    training = oai.files.create(file=("long-rows.jsonl", jsonl(CLS_ROWS)), purpose="fine-tune")
+    rows = [{"text": "the film was long, slow and in the end rather " + word, "label": word} for word in GOOD + BAD]
+    training = oai.files.create(file=("long-rows.jsonl", jsonl(rows)), purpose="fine-tune")
     before = tree(live_store)
     job = oai.fine_tuning.jobs.create(model=tiny_base.name, training_file=training.id,
                                       metadata={"max_length": "8"})
     done = wait_for(oai, job.id, {"succeeded", "failed", "cancelled"})
     assert done.status == "failed" and done.fine_tuned_model is None
     assert done.error.code == "invalid_training_file" and done.error.param == "training_file"
-    assert done.error.message.startswith("the trainer exited with code 2: ") and "over --max-length 8" in \
-        done.error.message
+    assert done.error.message == (f"the trainer exited with code 2: {store_path(live_store, training.id)}: row 1 "
+                                  "has 12 tokens, over --max-length 8 (raise --max-length or pass --truncation)")
     after = tree(live_store)
     assert {k: v for k, v in after.items() if not k.startswith((".jobs", ".files"))} == \
         {k: v for k, v in before.items() if not k.startswith((".jobs", ".files"))}
@@ -368,7 +373,8 @@ def test_without_the_token_the_client_is_refused(live, tiny_base):
     bad = client_for(live)
     with pytest.raises(openai.BadRequestError) as refused:
         bad.files.create(file=("x.jsonl", b'{"text": "a", "label": "b"}\n{"oops"\n'), purpose="fine-tune")
-    assert refused.value.param == "file" and refused.value.message.startswith("file: line 2: not valid JSON")
+    assert refused.value.param == "file" and refused.value.message == (
+        "Error code: 400 - file: line 2: not valid JSON (Expecting ':' delimiter: line 1 column 8 (char 7))")
 
 
 def test_a_restart_during_a_job_fails_it_and_the_server_serves(tiny_base, adapter_store, tmp_path):
