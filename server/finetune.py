@@ -186,6 +186,8 @@ class FileStore:
         self.root = root
         self._lock = threading.Lock()
         self._records: dict[str, FileRecord] = {}
+        for partial in root.glob(".*.partial") if root.is_dir() else []:  # a write cut short by a crash
+            partial.unlink()
         for path in sorted(root.glob("*.json")) if root.is_dir() else []:
             record = FileRecord(**json.loads(path.read_text()))
             if self.path(record).is_file():

@@ -30,7 +30,7 @@ MEDIA_TYPES = {".jsonl": "application/jsonl", ".csv": "text/csv", ".png": "image
 class Hyperparameters(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    n_epochs: Literal["auto"] | float | None = Field(None, gt=0, le=1000)
+    n_epochs: Literal["auto"] | int | float | None = Field(None, gt=0, le=1000)  # fractional allowed
     batch_size: Literal["auto"] | int | None = Field(None, ge=1, le=256)
     learning_rate_multiplier: Literal["auto"] | float | None = Field(None, gt=0, le=100)
 

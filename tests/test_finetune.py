@@ -401,3 +401,22 @@ def test_a_restart_during_a_job_fails_it_and_the_server_serves(tiny_base, adapte
         assert oai.files.retrieve(training.id).bytes == len(jsonl(CLS_ROWS))  # files survive too
         assert {m.id for m in oai.models.list()} == {tiny_base.name, "sentiment"}
         assert not (store / ".jobs" / job.id / "work").exists()
+
+
+def test_chat_rows_train_on_the_prompt_chat_completions_sends(tokenizer, tmp_path):
+    """A chat row's prompt is the conversation before the last message, encoded as /v1/chat/completions encodes it;
+    the loss covers the assistant's answer and the closing <|im_end|>."""
+    from scripts import train_adapter
+    from server.engine import encode_chat
+
+    path = tmp_path / "chat.jsonl"
+    path.write_bytes(jsonl(CHAT_ROWS[:2]))
+    args = train_adapter.build_parser().parse_args(
+        ["--task", "generation", "--name", "c", "--train", str(path), "--messages-column", "messages"])
+    examples, prompts, answers, _ = train_adapter.generation_examples(args, tokenizer, path)
+    messages = CHAT_ROWS[1]["messages"]
+    prompt_ids = encode_chat(tokenizer, messages[:-1])
+    assert prompts[1] == prompt_ids and answers[1] == "Red."
+    assert examples[1].prompt_len == len(prompt_ids)
+    assert examples[1].input_ids == prompt_ids + tokenizer("Red.", add_special_tokens=False)["input_ids"] + [
+        tokenizer.eos_token_id]
