@@ -1,5 +1,8 @@
 """A fine-tuning job on the real embedded base: 200 rows of ../shared/data/sms_spam, one epoch, through the official
-client against a server process; the adapter it installs must beat the majority class on the whole dev split."""
+client against a server process; the adapter it installs must beat the majority class on the whole dev split.
+
+The 200 rows are 100 of each class: the split is 13 % spam, and the same job on 200 random rows (18 spam) learned to
+answer "ham" to everything in its 25 steps (exactly the majority class, 87.45 %)."""
 
 from __future__ import annotations
 
@@ -17,8 +20,8 @@ from tests.test_finetune import client_for, serve, wait_for
 pytestmark = pytest.mark.real_base
 
 SPAM = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "sms_spam"
-TRAIN_ROWS = 200
-STATED_SECONDS = 300  # README, "Fine-tuning jobs": this job takes about 2 minutes on 2 shared cores
+PER_CLASS = 100
+STATED_SECONDS = 900  # README, "Fine-tuning jobs": about 1 minute on a quiet 2-core machine, 15 at most when shared
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -28,7 +31,9 @@ def read_csv(path: Path) -> list[dict]:
 
 @pytest.mark.skipif(not SPAM.is_dir(), reason="needs ../shared/data/sms_spam")
 def test_spam_job_beats_the_majority_class_within_the_stated_time(tmp_path):
-    train = random.Random(0).sample(read_csv(SPAM / "train.csv"), TRAIN_ROWS)
+    rows, rng = read_csv(SPAM / "train.csv"), random.Random(0)
+    train = [row for label in ("spam", "ham") for row in rng.sample([r for r in rows if r["label"] == label], PER_CLASS)]
+    rng.shuffle(train)
     dev = sorted(read_csv(SPAM / "dev.csv"), key=lambda row: len(row["text"]))  # less padding per batch
     store = tmp_path / "adapters"
     store.mkdir()
