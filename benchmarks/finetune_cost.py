@@ -2,18 +2,22 @@
 
     .venv/bin/python benchmarks/finetune_cost.py      # about 2-3 minutes
 
-Starts a server on the embedded base with a copy of the shipped `spam` adapter, then times single /predict requests
-to it in three phases measured back to back: idle, while a fine-tuning job trains (its trainer niced, one thread
-by default), idle again (the two idle phases bracket the machine's drift). Prints the medians side by side and
-their ratio. The job trains on generated rows and is cancelled after the measurement: nothing is installed.
+Starts a server on the embedded base with a copy of the shipped `spam` adapter and a fine-tuning job (its trainer
+niced, one thread by default), then times single /predict requests to `spam` in alternating chunks: with the trainer
+stopped (SIGSTOP: idle, its memory still held) and running (SIGCONT), in the order AB BA AB ..., so the machine's
+drift falls on both sides alike. Prints the medians side by side and their ratio. The job trains on generated rows
+and is cancelled after the measurement: nothing is installed.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import random
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -55,7 +59,8 @@ def latencies(client: httpx.Client, n: int) -> list[float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--requests", type=int, default=30, help="requests per phase")
+    parser.add_argument("--chunks", type=int, default=8, help="chunks per side")
+    parser.add_argument("--chunk-requests", type=int, default=5, help="requests per chunk")
     parser.add_argument("--finetune-threads", type=int, default=1)
     parser.add_argument("--finetune-nice", type=int, default=10)
     args = parser.parse_args()
@@ -69,6 +74,7 @@ def main() -> None:
          "--finetune-nice", str(args.finetune_nice), "--auto-merge", "false"],
         cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
     headers = {"Authorization": f"Bearer {TOKEN}"}
+    trainer: int | None = None
     try:
         client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
         deadline = time.monotonic() + 120
@@ -83,8 +89,6 @@ def main() -> None:
             time.sleep(0.5)
         base = client.get("/health").json()["base"]["name"]
         latencies(client, 5)  # warm-up: the adapter loads, caches fill
-        idle_before = latencies(client, args.requests)
-
         file_id = client.post("/v1/files", headers=headers, data={"purpose": "fine-tune"},
                               files={"file": ("rows.jsonl", training_rows(400))}).json()["id"]
         job = client.post("/v1/fine_tuning/jobs", headers=headers, json={
@@ -95,27 +99,35 @@ def main() -> None:
             if time.monotonic() > deadline + 120:
                 raise SystemExit("the job did not start training")
             time.sleep(0.5)
-        training = latencies(client, args.requests)
+        trainer = json.loads((store / ".jobs" / job["id"] / "job.json").read_text())["trainer_pid"]
+        idle: list[float] = []
+        training: list[float] = []
+        for chunk in range(args.chunks):
+            for stopped in ((True, False) if chunk % 2 == 0 else (False, True)):
+                os.kill(trainer, signal.SIGSTOP if stopped else signal.SIGCONT)
+                (idle if stopped else training).extend(latencies(client, args.chunk_requests))
+        os.kill(trainer, signal.SIGCONT)
         status = client.get(f"/v1/fine_tuning/jobs/{job['id']}").json()["status"]
         steps = [e for e in client.get(f"/v1/fine_tuning/jobs/{job['id']}/events?limit=10000").json()["data"]
                  if e["type"] == "metrics"]
         client.post(f"/v1/fine_tuning/jobs/{job['id']}/cancel", headers=headers)
-        idle_after = latencies(client, args.requests)
     finally:
+        if trainer is not None:
+            with contextlib.suppress(ProcessLookupError):  # a stopped trainer would not see the server's SIGTERM
+                os.kill(trainer, signal.SIGCONT)
         server.terminate()
         server.wait(timeout=60)
         log.close()
         shutil.rmtree(store, ignore_errors=True)
 
-    idle = idle_before + idle_after
-    print(f"fine-tuning cost on serving: {args.requests} single /predict requests to `spam` per phase, trainer "
-          f"threads {args.finetune_threads}, nice {args.finetune_nice}")
-    print(f"{'phase':<28}{'median ms':>10}{'p90 ms':>10}")
-    for name, times in [("idle, before", idle_before), ("while the job trains", training), ("idle, after", idle_after)]:
+    print(f"fine-tuning cost on serving: {len(idle)} + {len(training)} single /predict requests to `spam` in "
+          f"alternating chunks of {args.chunk_requests}, trainer threads {args.finetune_threads}, "
+          f"nice {args.finetune_nice}")
+    print(f"{'trainer':<28}{'median ms':>10}{'p90 ms':>10}")
+    for name, times in [("stopped (idle)", idle), ("training", training)]:
         print(f"{name:<28}{statistics.median(times):>10.1f}{statistics.quantiles(times, n=10)[-1]:>10.1f}")
-    print(f"job still {status} when the training phase ended; {len(steps)} steps trained by then")
-    print(f"median latency while training / idle (both idle phases): "
-          f"{statistics.median(training) / statistics.median(idle):.2f}")
+    print(f"job still {status} at the end; {len(steps)} training steps reported by then")
+    print(f"median latency while training / idle: {statistics.median(training) / statistics.median(idle):.2f}")
 
 
 if __name__ == "__main__":
