@@ -190,12 +190,13 @@ def free_port() -> int:
 
 
 @contextmanager
-def serve(base: Path | None, store: Path, log_path: Path) -> Iterator[tuple[str, subprocess.Popen]]:
+def serve(base: Path | None, store: Path, log_path: Path, *flags: str) -> Iterator[tuple[str, subprocess.Popen]]:
     """`python -m server` with the admin token on a free port (base None: the embedded one); yields its URL and
     process, stopped at the end."""
     port = free_port()
     command = [sys.executable, "-m", "server", "--adapters-dir", str(store), "--port", str(port),
-               "--dtype", "float32", "--admin-token", ADMIN_TOKEN, *(["--base-model", str(base)] if base else [])]
+               "--dtype", "float32", "--admin-token", ADMIN_TOKEN, *(["--base-model", str(base)] if base else []),
+               *flags]
     with log_path.open("ab") as log:
         process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                                    env={**os.environ, "HF_HUB_OFFLINE": "1"})

@@ -37,7 +37,8 @@ def test_spam_job_beats_the_majority_class_within_the_stated_time(tmp_path):
     dev = sorted(read_csv(SPAM / "dev.csv"), key=lambda row: len(row["text"]))  # less padding per batch
     store = tmp_path / "adapters"
     store.mkdir()
-    with serve(None, store, tmp_path / "server.log") as (url, _):
+    # nice 10, not the default 19: on a machine shared with other jobs a nice-19 trainer can starve for minutes
+    with serve(None, store, tmp_path / "server.log", "--finetune-nice", "10") as (url, _):
         oai = client_for(url)
         data = "".join(json.dumps(row) + "\n" for row in train).encode()
         training = oai.files.create(file=("spam-200.jsonl", data), purpose="fine-tune")
