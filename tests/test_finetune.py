@@ -159,7 +159,8 @@ def test_job_requests_are_checked_before_anything_is_queued(ft, store, tiny_base
         assert response.status_code == 400, body
         got = response.json()
         if expected["error"]["message"].endswith("-"):  # the suffix case: the rest of the name is the job's id
-            assert got["error"]["message"].startswith(expected["error"]["message"]) and got["error"]["param"] == "suffix"
+            assert got["error"]["message"].startswith(expected["error"]["message"])
+            assert got["error"]["param"] == "suffix"
         else:
             assert got == expected, body
     assert ft.get("/v1/fine_tuning/jobs").json()["data"] == []

@@ -32,7 +32,8 @@ def read_csv(path: Path) -> list[dict]:
 @pytest.mark.skipif(not SPAM.is_dir(), reason="needs ../shared/data/sms_spam")
 def test_spam_job_beats_the_majority_class_within_the_stated_time(tmp_path):
     rows, rng = read_csv(SPAM / "train.csv"), random.Random(0)
-    train = [row for label in ("spam", "ham") for row in rng.sample([r for r in rows if r["label"] == label], PER_CLASS)]
+    train = [row for label in ("spam", "ham")
+             for row in rng.sample([r for r in rows if r["label"] == label], PER_CLASS)]
     rng.shuffle(train)
     dev = sorted(read_csv(SPAM / "dev.csv"), key=lambda row: len(row["text"]))  # less padding per batch
     store = tmp_path / "adapters"
