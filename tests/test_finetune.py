@@ -341,6 +341,14 @@ def test_cancel_of_a_running_job_installs_nothing(live, live_store, tiny_base):
     job = oai.fine_tuning.jobs.create(model=tiny_base.name, training_file=training.id,
                                       hyperparameters={"n_epochs": 1000, "batch_size": 1})
     wait_for_steps(oai, job.id)
+    waiting = oai.fine_tuning.jobs.create(model=tiny_base.name, training_file=training.id)
+    assert oai.fine_tuning.jobs.retrieve(waiting.id).status == "queued"  # one job trains at a time
+    newest = oai.fine_tuning.jobs.list(limit=1)
+    assert [j.id for j in newest.data] == [waiting.id] and newest.has_more
+    assert [j.id for j in oai.fine_tuning.jobs.list(limit=1, after=waiting.id).data] == [job.id]
+    assert oai.fine_tuning.jobs.cancel(waiting.id).status == "cancelled"
+    assert oai.fine_tuning.jobs.list_events(waiting.id, limit=1).data[0].message == (
+        "The job was cancelled; nothing was installed")
     before = set(os.listdir(live_store))
     cancelled = oai.fine_tuning.jobs.cancel(job.id)
     assert cancelled.status == "cancelled" and cancelled.fine_tuned_model is None
