@@ -25,6 +25,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -47,12 +48,16 @@ from scripts.adapter_data import (
 from scripts.metrics import classification_metrics, format_metrics, generation_metrics
 from server.adapter_format import CONFIG_FILE, METADATA_FILE, WEIGHTS_FILE
 from server.base_model import BaseInfo, load_base, make_readable
-from server.encoding import encode_prompt
+from server.encoding import encode_chat, encode_prompt
 from server.settings import Settings
 
 PROG = "train-adapter"
 PLOT_FILE = "training.png"
 OUTPUT_ROOT = Path("trained")  # the default output is OUTPUT_ROOT/NAME, relative to the working directory
+
+# receives progress as it happens: {"event": "start", "total_steps"}, {"event": "step", "step", "loss", "tokens"},
+# {"event": "eval", "step", "eval_loss"}, {"event": "saved"}, {"event": "metrics", "metrics"} (fine-tuning jobs)
+Progress = Callable[[dict], None]
 
 
 @dataclass
@@ -68,7 +73,7 @@ class Prepared:
 
     train: list[Example]
     eval: list[Example]
-    eval_inputs: list[str] = field(default_factory=list)  # what /predict gets: texts or prompts
+    eval_inputs: list[str | list[int]] = field(default_factory=list)  # texts, prompts or encoded conversations
     eval_gold: list[str] = field(default_factory=list)  # labels, or reference answers
     eval_decisions: list[str] | None = None
     labels: list[str] = field(default_factory=list)  # classification labels or decision words
@@ -91,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--prompt-template", default="{prompt}", help="generation: user message, e.g. 'Q: {question}'")
     d.add_argument("--answer-template", default="{answer}", help="generation: assistant answer, e.g. '{answer}'")
     d.add_argument("--decision-column", help="generation: column holding a decision word scored by exact match")
+    d.add_argument("--messages-column",
+                   help="generation: column holding an OpenAI chat conversation ([{role, content}, ...]) ending "
+                        "with the assistant's answer; replaces the templates")
     d.add_argument("--truncate-column", action="append", default=[], metavar="COLUMN=CHARS",
                    help="generation: cut a column to its first CHARS (-CHARS: last) characters before templating")
     d.add_argument("--max-length", type=int, default=256, help="most tokens per training row (prompt + answer)")
@@ -159,15 +167,39 @@ def classification_examples(
     return examples, texts, gold
 
 
-def generation_examples(args, tokenizer, path: Path) -> tuple[list[Example], list[str], list[str], list[str] | None]:
+def conversations(rows: list[dict], name: str, path: Path) -> tuple[list[list[int]], list[str]]:
+    """Each row's conversation split into the prompt (every message before the last) and the answer (the last,
+    an assistant message)."""
+    prompts, answers = [], []
+    for number, row in enumerate(rows, 1):
+        messages = row.get(name)
+        if not (isinstance(messages, list) and len(messages) >= 2 and all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages)):
+            raise DataError(f"{path}: row {number}'s {name!r} is not a list of at least 2 {{role, content}} messages")
+        if messages[-1]["role"] != "assistant":
+            raise DataError(f"{path}: row {number}'s last message is from {messages[-1]['role']!r}, not the assistant")
+        prompts.append([{"role": m["role"], "content": m["content"]} for m in messages[:-1]])
+        answers.append(messages[-1]["content"])
+    return prompts, answers
+
+
+def generation_examples(
+    args, tokenizer, path: Path
+) -> tuple[list[Example], list[str | list[int]], list[str], list[str] | None]:
     rows = rows_of(args, path)
-    truncate = parse_truncate(args.truncate_column)
-    prompts = render(args.prompt_template, rows, path, truncate)
-    answers = render(args.answer_template, rows, path, truncate)
+    if args.messages_column:
+        chats, answers = conversations(rows, args.messages_column, path)
+        prompts: list[str | list[int]] = [encode_chat(tokenizer, chat) for chat in chats]  # as /v1/chat does
+    else:
+        truncate = parse_truncate(args.truncate_column)
+        prompts = render(args.prompt_template, rows, path, truncate)
+        answers = render(args.answer_template, rows, path, truncate)
     decisions = column(rows, args.decision_column, path) if args.decision_column else None
     examples = []
     for number, (prompt, answer) in enumerate(zip(prompts, answers), 1):
-        prompt_ids = encode_prompt(tokenizer, prompt)  # exactly as /predict wraps a generation prompt
+        # exactly as /predict wraps a generation prompt (a conversation is already encoded)
+        prompt_ids = prompt if isinstance(prompt, list) else encode_prompt(tokenizer, prompt)
         if len(prompt_ids) >= args.max_length:
             raise DataError(f"{path}: row {number}'s prompt alone has {len(prompt_ids)} tokens, over --max-length "
                             f"{args.max_length}; shorten it with --truncate-column")
@@ -309,8 +341,11 @@ def eval_loss(model, examples: list[Example], args, pad_id: int) -> float:
     return total / weight
 
 
-def train(model, prepared: Prepared, args, pad_id: int) -> tuple[list[float], list[tuple[int, float]]]:
+def train(
+    model, prepared: Prepared, args, pad_id: int, progress: Progress | None = None
+) -> tuple[list[float], list[tuple[int, float]]]:
     """Plain AdamW loop with linear warmup/decay; returns per-step losses and (step, eval loss) points."""
+    report = progress or (lambda event: None)
     from tqdm import tqdm
 
     rng = random.Random(args.seed)
@@ -332,8 +367,10 @@ def train(model, prepared: Prepared, args, pad_id: int) -> tuple[list[float], li
         eval_at = set()
     losses: list[float] = []
     curve: list[tuple[int, float]] = []
+    report({"event": "start", "total_steps": total_steps})
     if curve_rows:
         curve.append((0, eval_loss(model, curve_rows, args, pad_id)))
+        report({"event": "eval", "step": 0, "eval_loss": curve[-1][1]})
     model.train()
     bar = tqdm(batches, desc=f"training {args.name}", unit="step", file=sys.stderr, mininterval=5)
     for step, indices in enumerate(bar, 1):
@@ -346,10 +383,12 @@ def train(model, prepared: Prepared, args, pad_id: int) -> tuple[list[float], li
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
+        report({"event": "step", "step": step, "loss": losses[-1], "tokens": int(batch["attention_mask"].sum())})
         recent = losses[-50:]
         bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}")
         if step in eval_at:
             curve.append((step, eval_loss(model, curve_rows, args, pad_id)))
+            report({"event": "eval", "step": step, "eval_loss": curve[-1][1]})
             bar.write(f"step {step}: eval loss {curve[-1][1]:.4f}", file=sys.stderr)
     bar.close()
     return losses, curve
@@ -452,8 +491,10 @@ def install_output(staged: Path, output: Path) -> None:
     os.replace(staged, output)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, progress: Progress | None = None) -> int:
+    """The command; `progress` (a fine-tuning job's trainer) receives each step's loss as it happens."""
     args = build_parser().parse_args(argv)
+    report = progress or (lambda event: None)
     started = time.perf_counter()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -475,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model(args, Path(info.path), len(prepared.labels), tokenizer.pad_token_id, info.num_layers)
     model.print_trainable_parameters()
     train_started = time.perf_counter()
-    losses, curve = train(model, prepared, args, tokenizer.pad_token_id)
+    losses, curve = train(model, prepared, args, tokenizer.pad_token_id, progress)
     train_seconds = time.perf_counter() - train_started
     output.parent.mkdir(parents=True, exist_ok=True)
     # written next to the output and moved into place when complete: an interrupted run leaves no half adapter
@@ -488,11 +529,13 @@ def main(argv: list[str] | None = None) -> int:
 
         metadata = metadata_for(args, info, prepared, losses, curve, train_seconds)
         (staged / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+        report({"event": "saved"})
         if args.eval:
             eval_started = time.perf_counter()
             metadata["metrics"] = evaluate(args, staged, prepared)
             metadata["eval_seconds"] = round(time.perf_counter() - eval_started, 1)
             print(format_metrics(metadata["metrics"]))
+            report({"event": "metrics", "metrics": metadata["metrics"]})
         metadata["wall_seconds"] = round(time.perf_counter() - started, 1)
         (staged / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
         plot(losses, curve, staged / PLOT_FILE, f"{args.name}: {args.task}, r={args.rank}, lr={args.lr}")
@@ -524,7 +567,7 @@ def metadata_for(args, info: BaseInfo, prepared: Prepared, losses: list[float], 
     else:
         metadata.update(prompt_template=args.prompt_template, answer_template=args.answer_template,
                         truncate_columns=parse_truncate(args.truncate_column), decision_column=args.decision_column,
-                        decision_labels=prepared.labels or None)
+                        decision_labels=prepared.labels or None, messages_column=args.messages_column)
     metadata.update(
         base_model={"name": info.name, "fingerprint": info.fingerprint},
         data=prepared.data,

@@ -20,6 +20,7 @@ from .engine import Engine
 from .errors import AdapterInvalid, InvalidInput, LoraswapError
 from .openai_api import router as openai_router
 from .routes_adapters import router as adapters_router
+from .routes_finetune import router as finetune_router
 from .schemas import PredictRequest
 from .serving import (
     count_tokens,
@@ -47,13 +48,16 @@ def health(svc: ServicesDep):
         return JSONResponse(status_code=503, content={"status": status, "detail": svc.load_error})
     return {"status": "ready", "base": svc.engine.info.as_dict(), "adapters": len(svc.registry.names())}
 
+
 @router.get("/", include_in_schema=False)
 def console() -> FileResponse:
     return FileResponse(CONSOLE_DIR / "index.html")
 
+
 @router.get("/metrics", include_in_schema=False)
 def metrics(svc: ServicesDep) -> Response:
     return Response(svc.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
 
 @router.post("/predict")
 def predict(
@@ -93,7 +97,9 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     async def lifespan(app: FastAPI):
         if services.engine is None:
             threading.Thread(target=services.load, name="base-loader", daemon=True).start()
+        services.finetune.start()
         yield
+        services.finetune.stop()
         if services.engine is not None:
             services.engine.observers.remove(services.metrics)
             if engine is None:
@@ -105,6 +111,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.include_router(router)
     app.include_router(adapters_router)
     app.include_router(openai_router)
+    app.include_router(finetune_router)
     app.mount("/console", StaticFiles(directory=CONSOLE_DIR), name="console")
 
     @app.exception_handler(LoraswapError)

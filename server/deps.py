@@ -19,10 +19,12 @@ from .errors import (
     Forbidden,
     InvalidInput,
     LoraswapError,
+    NotFound,
     NotReady,
     PayloadTooLarge,
     Unauthorized,
 )
+from .finetune import FineTuning
 from .metrics import Metrics
 from .registry import Registry
 from .settings import Settings
@@ -33,6 +35,7 @@ log = logging.getLogger(__name__)
 # the one table from domain errors to HTTP statuses
 ERROR_STATUS: dict[type[LoraswapError], int] = {
     AdapterNotFound: 404,
+    NotFound: 404,
     AdapterInvalid: 422,
     InvalidInput: 422,
     AdapterExists: 409,
@@ -59,6 +62,7 @@ class Services:
         self.engine: Engine | None = None
         self.load_error: str | None = None
         self.metrics = Metrics(lambda: self.engine)
+        self.finetune = FineTuning(settings, self.registry, self.ready_engine)
         if engine is not None:
             self._attach(engine)
 

@@ -47,6 +47,10 @@ class InvalidInput(LoraswapError):
         self.field = field
 
 
+class NotFound(LoraswapError):
+    """A file or fine-tuning job that does not exist."""
+
+
 class PayloadTooLarge(LoraswapError):
     pass
 

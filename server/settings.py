@@ -60,3 +60,8 @@ class Settings(BaseSettings):
     pinned_adapters: list[str] = Field(
         default_factory=list, description="Adapters never evicted from memory once loaded."
     )
+
+    max_file_bytes: int = Field(64 * 1024**2, ge=1, description="Largest fine-tuning data file (400 beyond).")
+    max_file_rows: int = Field(100_000, ge=1, description="Most rows in a fine-tuning data file.")
+    finetune_threads: int = Field(1, ge=1, description="torch threads of the fine-tuning trainer process.")
+    finetune_nice: int = Field(19, ge=0, le=19, description="CPU niceness of the trainer (serving comes first).")
