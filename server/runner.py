@@ -5,11 +5,13 @@ It runs a step loop (continuous batching, across adapters). Each turn of the loo
 2. rows whose request was cancelled (a closed stream) or failed leave the decode batch;
 3. queued classification requests run as one forward, so a classification waits at most one decode step;
 4. queued generation requests are prefilled as one forward of their own; each new row gets its first token there
-   and joins the decode batch (its KV cache is left-padded to the batch's width and concatenated);
+   and joins the decode batch (its KV cache is left-padded to the batch's width and concatenated); classification
+   requests that arrived meanwhile run next, before the decode step;
 5. one decode step: one forward over every active row, whatever its adapter and sampling settings; a row that
    finishes (EOS, its budget, a stop string) leaves at once and its request is answered then.
 With `continuous=False` (static batching, kept to measure against) steps 3 and 4 take work only while no row is
-decoding: a batch runs to the end of its longest row and everything else waits, as `model.generate()` did.
+decoding, and finished rows keep their place (computed, their tokens dropped) until the last row is done: a batch
+runs to the end of its longest row and everything else waits, as `model.generate()` did.
 
 Failures: a forward that fails is rerun request by request (a decode step: row by row, from the cache as it was
 before the step), so one bad request fails alone and its batch mates go on.
@@ -139,6 +141,10 @@ class Row:
     def gone(self) -> bool:
         """The request was cancelled or has failed (another of its rows did): this row's work is wasted."""
         return self.job.future.done()
+
+    @property
+    def finished(self) -> bool:
+        return self.job.results[self.index] is not None or self.gone
 
 
 def _left_pad(x: torch.Tensor, width: int, dim: int) -> torch.Tensor:
@@ -307,15 +313,24 @@ class ModelRunner:
                 except BaseException as exc:  # noqa: BLE001 - every failure must reach its caller
                     _settle(control.future, error=exc)
             self._drop_gone_rows()
-            if classify:
-                self._observe(job.slot.index for job in classify)
-                self._isolated(classify, self._classify_jobs)
+            self._run_classification(classify)
             generate = [job for job in generate if not job.future.cancelled()]
             if generate:
                 self._observe(job.slot_index for job in generate)
                 self._isolated(generate, self._prefill)
+                self._classify_queued()  # what arrived during the prefill does not wait for the decode step too
             if self._batch is not None:
                 self._decode_step()
+
+    def _run_classification(self, jobs: list[ClassifyJob]) -> None:
+        if jobs:
+            self._observe(job.slot.index for job in jobs)
+            self._isolated(jobs, self._classify_jobs)
+
+    def _classify_queued(self) -> None:
+        with self._cond:
+            jobs = self._take(self._classify, lambda job: len(job.rows), self.decoding, room=0)
+        self._run_classification(jobs)
 
     def _wait_for_company(self) -> None:
         """With nothing decoding, give the first queued request up to max_wait for batch mates (lock held)."""
@@ -471,6 +486,8 @@ class ModelRunner:
         finished = set()
         for i, at in enumerate(positions):
             row = batch.rows[at]
+            if row.finished:  # static batching: a finished row rides along until the batch ends
+                continue
             try:
                 params = row.job.params
                 token = greedy[i] if params.temperature == 0 else sample(logits[i], params, row.generator)
@@ -481,7 +498,7 @@ class ModelRunner:
                 self._fail_row(row, exc)
                 finished.add(at)
         if finished:
-            self._keep([i for i in range(len(batch)) if i not in finished])
+            self._leave(finished)
 
     def _advance(self, row: Row, token: int) -> bool:
         """Add a token to a row; answer the row and return True if it is finished."""
@@ -512,16 +529,22 @@ class ModelRunner:
         log.warning("generation row failed: %r", exc)
         _settle(row.job.future, error=exc)  # its other rows leave at the next turn (gone)
 
-    def _keep(self, keep: list[int]) -> None:
-        self._batch = self._batch.select(keep) if keep else None
+    def _leave(self, rows: set[int]) -> None:
+        """These rows of the batch are finished: they leave now (static batching: once every row is finished)."""
+        batch = self._batch
+        if self.continuous:
+            keep = [i for i in range(len(batch)) if i not in rows]
+            self._batch = batch.select(keep) if keep else None
+        elif all(row.finished for row in batch.rows):
+            self._batch = None
 
     def _drop_gone_rows(self) -> None:
         """Rows of cancelled or failed requests leave before the next forward (and before any control job frees
         their adapter's slot)."""
         if self._batch is not None:
-            keep = [i for i, row in enumerate(self._batch.rows) if not row.gone]
-            if len(keep) < len(self._batch):
-                self._keep(keep)
+            gone = {i for i, row in enumerate(self._batch.rows) if row.gone}
+            if gone:
+                self._leave(gone)
 
     # ---- adapter slots and merging (worker thread only; callers go through call()) -----------------------------
 

@@ -69,6 +69,13 @@ def test_static_scheduling_makes_requests_wait_for_the_batch(tiny_settings, adap
         long = start_streamed(engine, gen, PROMPT_LONG, GenerationParams(max_new_tokens=60), tokens=2)
         engine.classify(["a fine film"], cls)
         assert long.future.done()  # the classification waited for the whole batch, as model.generate() did
+        # a finished row keeps its place in the batch until the longest is done (computed, its tokens dropped)
+        short, longer = GenerationParams(3, ignore_eos=True), GenerationParams(12, ignore_eos=True)
+        before = engine.batch_sizes[2]
+        results = generate_together(engine, [GenerateJob([ids(engine, "a", 3)], gen.index, short),
+                                             GenerateJob([ids(engine, "b", 12)], gen.index, longer)])
+        assert [r[0].tokens for r in results] == [3, 12]
+        assert engine.batch_sizes[2] - before == 12  # the prefill and 11 decode steps, all of two rows
         engine.release(gen)
         engine.release(cls)
     finally:
