@@ -53,6 +53,10 @@ class InputEncoder:
         from messages())."""
         ids = [list(p) if isinstance(p, list) else encode_prompt(self.tokenizer, p, params.chat) for p in prompts]
         self._check_lengths([len(x) for x in ids], params.max_new_tokens, "inputs")
+        vocab = len(self.tokenizer)
+        for i, row in enumerate(ids):
+            if outside := [t for t in row if not 0 <= t < vocab]:
+                raise InvalidInput(f"inputs[{i}]", f"token id {outside[0]} is outside the vocabulary (0 to {vocab - 1})")
         return ids
 
     def messages(self, messages: list[dict[str, str]], params: GenerationParams) -> list[int]:

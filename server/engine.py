@@ -26,7 +26,7 @@ from .lora import LoraContext, MultiLoraLinear, fit_problems, resolve_module_pat
 from .runner import ClassifyJob, GenerateJob, MergePolicy, ModelRunner
 from .settings import Settings
 from .slots import BASE_SLOT, AdapterSlots, Installer, LoadedAdapter, Slot
-from .types import AdapterLocation, ClassificationResult, GenerationParams, GenerationResult, Task
+from .types import AdapterLocation, ClassificationResult, GenerationParams, GenerationResult, Task, TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -219,6 +219,10 @@ class Engine:
     def encode_messages(self, messages: list[dict[str, str]], params: GenerationParams) -> list[int]:
         return self.encoder.messages(messages, params)
 
+    def decode(self, ids: list[int]) -> str:
+        """Text of token ids, special tokens included: a prompt sent as ids echoed back, a token in logprobs."""
+        return self.tokenizer.decode(ids)
+
     def classify(self, texts: list[str], slot: Slot) -> list[ClassificationResult]:
         if slot.task != "classification":
             raise InvalidInput("adapter", f"{slot.location.name!r} is a {slot.task} adapter, not classification")
@@ -256,10 +260,11 @@ class Engine:
 
     def generate_stream(
         self, prompt: str | list[int], slot: Slot | None, params: GenerationParams
-    ) -> Iterator[str | GenerationResult]:
+    ) -> Iterator[str | TokenLogprob | GenerationResult]:
         """Yield text deltas while one prompt (text, or ids from encode_messages) generates, then the final result.
 
-        The row gets one token per decode step; the deltas concatenate to the final text (see TextDeltas).
+        The row gets one token per decode step; the deltas concatenate to the final text (see TextDeltas). With
+        params.logprobs, each token's TokenLogprob comes before the delta it makes (text may be held back).
         Closing the iterator early cancels the request: its row leaves the batch at the next step.
         """
         job = self._generation_job([prompt], slot, params, stream=True)
@@ -267,6 +272,8 @@ class Engine:
         deltas = TextDeltas(self.tokenizer, params.stop)
         try:
             while (token := job.stream.get()) is not None:
+                if params.logprobs is not None:
+                    yield job.logprobs[0][len(deltas.ids)]  # the runner adds it before it streams the token
                 if delta := deltas.add(token):
                     yield delta
             [result] = future.result()
@@ -278,7 +285,7 @@ class Engine:
 
     def predict_stream(
         self, location: AdapterLocation | None, prompt: str | list[int], params: GenerationParams
-    ) -> Iterator[str | GenerationResult | ClassificationResult]:
+    ) -> Iterator[str | TokenLogprob | GenerationResult | ClassificationResult]:
         """predict() for one input as a stream: a generation adapter (or the base) yields text deltas then its
         GenerationResult, a classification adapter (text prompts only) yields its ClassificationResult.
         The adapter is held until the stream ends or is closed."""

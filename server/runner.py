@@ -33,7 +33,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from .encoding import stop_cut
 from .lora import LoraContext, MultiLoraLinear
 from .slots import BASE_SLOT, Slot
-from .types import ClassificationResult, GenerationParams, GenerationResult
+from .types import ClassificationResult, GenerationParams, GenerationResult, TokenLogprob
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -108,9 +108,15 @@ class GenerateJob:
     future: Future = field(default_factory=Future)  # -> list[GenerationResult]; cancel() frees its rows
     enqueued: float = field(default_factory=time.perf_counter)
     results: list[GenerationResult | None] = field(default_factory=list)
+    # per prompt, when params ask: generated tokens' logprobs (a token's is added before it goes to the stream)
+    # and the prompt's own (from the prefill)
+    logprobs: list[list[TokenLogprob]] = field(default_factory=list)
+    prompt_logprobs: list[list[TokenLogprob] | None] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.results = [None] * len(self.prompts)
+        self.logprobs = [[] for _ in self.prompts]
+        self.prompt_logprobs = [None] * len(self.prompts)
 
 
 def _settle(future: Future, result: Any = None, error: BaseException | None = None) -> None:
@@ -202,6 +208,19 @@ def sampling_scores(logits: torch.Tensor, params: GenerationParams) -> torch.Ten
 
 def sample(logits: torch.Tensor, params: GenerationParams, generator: torch.Generator | None) -> int:
     return int(torch.multinomial(sampling_scores(logits, params).softmax(-1), 1, generator=generator))
+
+
+def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], top: int) -> list[TokenLogprob]:
+    """[positions, vocab] logits and the token taken at each position -> each token's logprob (float32
+    log-softmax of these logits) with the `top` most likely tokens there."""
+    logprobs = logits.float().log_softmax(-1)
+    chosen = logprobs.gather(-1, torch.tensor(tokens, device=logits.device)[:, None])[:, 0].tolist()
+    best = logprobs.topk(top, -1) if top else None
+    entries = []
+    for i, token in enumerate(tokens):
+        alternatives = () if best is None else tuple(zip(best.indices[i].tolist(), best.values[i].tolist()))
+        entries.append(TokenLogprob(token, chosen[i], alternatives))
+    return entries
 
 
 # ---- the runner ------------------------------------------------------------------------------------------------
@@ -419,12 +438,22 @@ class ModelRunner:
                 torch.Generator(self.device).manual_seed(job.params.seed))
             for job in jobs for i, prompt in enumerate(job.prompts)
         ]
-        ids, mask = self._pad([prompt for job in jobs for prompt in job.prompts], "left")
+        prompts = [prompt for job in jobs for prompt in job.prompts]
+        ids, mask = self._pad(prompts, "left")
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = self._new_cache()
+        head = self.model.get_output_embeddings()
         with self._forward_rows([row.job.slot_index for row in rows]):
-            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
-                                use_cache=True, logits_to_keep=1).logits[:, -1]  # [rows, vocab]
+            hidden = self.body(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
+                               use_cache=True).last_hidden_state  # [rows, width, hidden]
+            logits = head(hidden[:, -1:])[:, -1]  # [rows, vocab]: what the model's forward with logits_to_keep=1 does
+            for i, row in enumerate(rows):
+                if row.job.params.prompt_logprobs:  # the prompt's positions only for rows that ask (echo)
+                    prompt = prompts[i]
+                    predicted = head(hidden[i, ids.shape[1] - len(prompt) : -1])  # [prompt - 1, vocab]
+                    first = TokenLogprob(prompt[0], None)
+                    top = row.job.params.logprobs or 0
+                    row.job.prompt_logprobs[row.index] = [first, *token_logprobs(predicted, prompt[1:], top)]
         kv = [(layer.keys, layer.values) for layer in cache.layers]
         joined = DecodeBatch(rows, kv, mask, mask.sum(-1), torch.zeros(len(rows), dtype=torch.long, device=self.device))
         self._batch = joined if self._batch is None else DecodeBatch.join([self._batch, joined])
@@ -473,8 +502,15 @@ class ModelRunner:
             row = batch.rows[at]
             try:
                 params = row.job.params
+                if params.max_new_tokens == 0:  # scoring the prompt only: the prefill did it
+                    self._finish(row, "length")
+                    finished.add(at)
+                    continue
                 token = greedy[i] if params.temperature == 0 else sample(logits[i], params, row.generator)
                 batch.last[at] = token
+                if params.logprobs is not None:
+                    [entry] = token_logprobs(logits[i : i + 1], [token], params.logprobs)
+                    row.job.logprobs[row.index].append(entry)  # before _advance streams the token
                 if self._advance(row, token):
                     finished.add(at)
             except Exception as exc:  # noqa: BLE001 - a row that fails here fails alone
@@ -503,7 +539,10 @@ class ModelRunner:
         cut = stop_cut(text, job.params.stop)
         if cut >= 0:
             text, reason = text[:cut], "stop"
-        job.results[row.index] = GenerationResult(text, reason, len(row.ids), row.ids, row.prompt_tokens)
+        logprobs = job.logprobs[row.index][: len(row.ids)] if job.params.logprobs is not None else None  # not EOS's
+        job.results[row.index] = GenerationResult(
+            text, reason, len(row.ids), row.ids, row.prompt_tokens, logprobs, job.prompt_logprobs[row.index]
+        )
         if all(result is not None for result in job.results):
             _settle(job.future, job.results)
         return True

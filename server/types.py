@@ -31,6 +31,21 @@ class GenerationParams:
     stop: tuple[str, ...] = ()
     chat: bool = True
     ignore_eos: bool = False  # generate max_new_tokens whatever comes (benchmarks; as vLLM's SamplingParams)
+    logprobs: int | None = None  # None: none; n: each generated token's logprob and the n most likely at its place
+    prompt_logprobs: bool = False  # also the prompt's tokens' logprobs (OpenAI's echo); max_new_tokens may be 0
+
+
+MAX_TOP_LOGPROBS = 20  # as OpenAI's chat API and vLLM's default
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One token and its log-probability: float32 log-softmax of the logits of the forward that produced it (the
+    adapter applied, before temperature and top_p), with the most likely tokens at its place, best first."""
+
+    token_id: int
+    logprob: float | None  # None: the prompt's first token, which nothing predicts
+    top: tuple[tuple[int, float], ...] = ()  # (token id, logprob)
 
 
 @dataclass
@@ -48,6 +63,8 @@ class GenerationResult:
     tokens: int
     token_ids: list[int] = field(default_factory=list)
     prompt_tokens: int = 0
+    logprobs: list[TokenLogprob] | None = None  # per token of token_ids, when asked (params.logprobs)
+    prompt_logprobs: list[TokenLogprob] | None = None  # per prompt token, when asked (params.prompt_logprobs)
 
 
 Result = ClassificationResult | GenerationResult
