@@ -194,3 +194,12 @@ def poisoned(engine, slot_index: int):
         yield
     finally:
         engine.runner.call(handle.remove)
+
+
+def peft_reference_logprobs(base: Path, adapter: Path | None, ids: list[int]) -> torch.Tensor:
+    """[tokens, vocab] float32 log-softmax of plain PEFT's logits over `ids` (row t predicts token t + 1)."""
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter)
+    with torch.no_grad():
+        return model.eval()(input_ids=torch.tensor([ids])).logits[0].float().log_softmax(-1)
