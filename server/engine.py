@@ -279,6 +279,7 @@ class Engine:
             [result] = future.result()
         finally:
             future.cancel()  # no-op once answered
+        yield from (result.logprobs or [])[len(deltas.ids):]  # the EOS that ended it: scored, never streamed
         if rest := deltas.finish(result.generated_text):
             yield rest
         yield result

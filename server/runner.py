@@ -108,7 +108,8 @@ class GenerateJob:
     future: Future = field(default_factory=Future)  # -> list[GenerationResult]; cancel() frees its rows
     enqueued: float = field(default_factory=time.perf_counter)
     results: list[GenerationResult | None] = field(default_factory=list)
-    # per prompt, when params ask: generated tokens' logprobs (a token's is added before it goes to the stream)
+    # per prompt, when params ask: generated tokens' logprobs, EOS's included (a token's is added before it goes to
+    # the stream)
     # and the prompt's own (from the prefill)
     logprobs: list[list[TokenLogprob]] = field(default_factory=list)
     prompt_logprobs: list[list[TokenLogprob] | None] = field(default_factory=list)
@@ -539,7 +540,7 @@ class ModelRunner:
         cut = stop_cut(text, job.params.stop)
         if cut >= 0:
             text, reason = text[:cut], "stop"
-        logprobs = job.logprobs[row.index][: len(row.ids)] if job.params.logprobs is not None else None  # not EOS's
+        logprobs = job.logprobs[row.index] if job.params.logprobs is not None else None
         job.results[row.index] = GenerationResult(
             text, reason, len(row.ids), row.ids, row.prompt_tokens, logprobs, job.prompt_logprobs[row.index]
         )

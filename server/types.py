@@ -63,7 +63,8 @@ class GenerationResult:
     tokens: int
     token_ids: list[int] = field(default_factory=list)
     prompt_tokens: int = 0
-    logprobs: list[TokenLogprob] | None = None  # per token of token_ids, when asked (params.logprobs)
+    # per token of token_ids, and for the EOS that ended the answer (OpenAI and vLLM score it too), when asked
+    logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob] | None = None  # per prompt token, when asked (params.prompt_logprobs)
 
 

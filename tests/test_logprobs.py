@@ -165,3 +165,27 @@ def test_bad_logprob_requests_are_400_naming_the_param(client, path, payload, pa
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert (error["param"], error["message"]) == (param, message)
+
+
+PROMPT_WITH_VARIED_ANSWER = "Tell me a story"  # the tiny random base often repeats one token: not on this one
+
+
+def test_the_eos_that_ends_an_answer_is_scored(engine):
+    """lm-evaluation-harness drops the last scored token (the one it asked for): it must be there even when it is
+    EOS, as OpenAI and vLLM give it. Here EOS is made the token greedy decoding picks at the fourth step."""
+    from server.types import GenerationParams, TokenLogprob
+
+    params = GenerationParams(max_new_tokens=6, chat=False, logprobs=2)
+    [free] = engine.generate([PROMPT_WITH_VARIED_ANSWER], None, params)
+    end = next(i for i, t in enumerate(free.token_ids) if i > 0 and t not in free.token_ids[:i])
+    assert end == 3
+    eos = engine.runner.eos
+    engine.runner.call(lambda: setattr(engine.runner, "eos", free.token_ids[end]))
+    try:
+        [ended] = engine.generate([PROMPT_WITH_VARIED_ANSWER], None, params)
+        streamed = list(engine.generate_stream(PROMPT_WITH_VARIED_ANSWER, None, params))
+    finally:
+        engine.runner.call(lambda: setattr(engine.runner, "eos", eos))
+    assert (ended.token_ids, ended.finish_reason) == (free.token_ids[:end], "stop")
+    assert ended.logprobs == free.logprobs[: end + 1]
+    assert [item for item in streamed if isinstance(item, TokenLogprob)] == ended.logprobs
