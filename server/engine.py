@@ -23,10 +23,12 @@ from .base_model import BaseInfo, load_base
 from .encoding import InputEncoder, TextDeltas
 from .errors import AdapterChanged, AdapterInvalid, InvalidInput
 from .lora import LoraContext, MultiLoraLinear, fit_problems, resolve_module_path, wrap_linear_layers
-from .runner import ClassifyJob, GenerateJob, MergePolicy, ModelRunner
+from .runner import ClassifyJob, EmbedJob, GenerateJob, MergePolicy, ModelRunner
 from .settings import Settings
 from .slots import BASE_SLOT, AdapterSlots, Installer, LoadedAdapter, Slot
-from .types import AdapterLocation, ClassificationResult, GenerationParams, GenerationResult, Task, TokenLogprob
+from .types import (
+    AdapterLocation, ClassificationResult, EmbeddingResult, GenerationParams, GenerationResult, Task, TokenLogprob
+)
 
 log = logging.getLogger(__name__)
 
@@ -225,15 +227,27 @@ class Engine:
 
     def classify(self, texts: list[str], slot: Slot) -> list[ClassificationResult]:
         if slot.task != "classification":
-            raise InvalidInput("adapter", f"{slot.location.name!r} is a {slot.task} adapter, not classification")
+            raise InvalidInput("adapter", f"{slot.location.name!r} is an adapter for {slot.task}, not classification")
         job = ClassifyJob(self.encoder.for_classification(texts), slot)
         return self.runner.classify(job).result()
+
+    def embed(self, location: AdapterLocation | None, inputs: list[str | list[int]]) -> list[EmbeddingResult]:
+        """Mean-pooled, L2-normalized last hidden states (float32) of texts or token ids, with an adapter's LoRA
+        applied (any adapter: its body is what counts) or the base's own (None). Batched with classifications."""
+        rows = self.encoder.for_embedding(inputs)
+        if location is None:
+            return self.runner.classify(EmbedJob(rows, BASE_SLOT)).result()
+        slot = self.acquire(location)
+        try:
+            return self.runner.classify(EmbedJob(rows, slot.index)).result()
+        finally:
+            self.release(slot)
 
     def _generation_job(
         self, prompts: list[str | list[int]], slot: Slot | None, params: GenerationParams, stream: bool = False
     ) -> GenerateJob:
         if slot is not None and slot.task != "generation":
-            raise InvalidInput("adapter", f"{slot.location.name!r} is a {slot.task} adapter, not generation")
+            raise InvalidInput("adapter", f"{slot.location.name!r} is an adapter for {slot.task}, not generation")
         rows = self.encoder.for_generation(prompts, params)
         return GenerateJob(rows, BASE_SLOT if slot is None else slot.index, params, Queue() if stream else None)
 

@@ -8,6 +8,8 @@ says 422), an unknown model is 404 with code `model_not_found`.
 
 from __future__ import annotations
 
+import array
+import base64
 import time
 import uuid
 from collections.abc import Callable, Coroutine, Iterator, Sequence
@@ -70,17 +72,39 @@ class Sampling(BaseModel):
         return value
 
 
+TextsOrIds = str | list[str] | list[int] | list[list[int]]  # one text, texts, one input as token ids, several
+
+
+def inputs_of(value: TextsOrIds, field: str, limit: int) -> list[str | list[int]]:
+    """The inputs of a request, as texts and token-id lists; none empty, at most `limit`."""
+    if isinstance(value, str):
+        inputs: list[str | list[int]] = [value]
+    elif all(isinstance(x, int) for x in value):
+        inputs = [list(value)]  # one input as token ids
+    else:
+        inputs = list(value)
+    if len(inputs) > limit:
+        raise InvalidInput(field, f"{len(inputs)} inputs, over the limit of {limit}")
+    for i, x in enumerate(inputs):
+        if not (x.strip() if isinstance(x, str) else x):
+            raise InvalidInput(field, f"{field} is empty" if len(inputs) == 1 else f"{field} {i} is empty")
+    return inputs
+
+
 class CompletionRequest(Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]] = Field(..., min_length=1)  # texts or token ids
+    prompt: TextsOrIds = Field(..., min_length=1)
     echo: bool = False  # the prompt comes back before the answer (with its tokens' logprobs when logprobs is set)
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # per token: its logprob and the n most likely
 
-    def prompts(self) -> list[str | list[int]]:
-        if isinstance(self.prompt, str):
-            return [self.prompt]
-        if all(isinstance(p, int) for p in self.prompt):
-            return [list(self.prompt)]  # one prompt as token ids
-        return list(self.prompt)
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    input: TextsOrIds = Field(..., min_length=1)
+    encoding_format: Literal["float", "base64"] = "float"  # base64: the float32 values' bytes, little-endian
+    dimensions: int | None = None  # refused: the vectors have the base's hidden size
+    user: str | None = None
 
 
 class TextPart(BaseModel):
@@ -350,12 +374,7 @@ def list_models(svc: ServicesDep) -> dict:
 def completions(body: CompletionRequest, svc: ServicesDep, record: RecordDep):
     engine = svc.ready_engine()
     location = resolve_model(svc.registry, engine, record, body.model)
-    prompts = body.prompts()
-    if len(prompts) > svc.settings.max_inputs:
-        raise InvalidInput("prompt", f"{len(prompts)} prompts, over the limit of {svc.settings.max_inputs}")
-    for i, prompt in enumerate(prompts):
-        if not (prompt.strip() if isinstance(prompt, str) else prompt):
-            raise InvalidInput("prompt", "a prompt is empty" if len(prompts) == 1 else f"prompt {i} is empty")
+    prompts = inputs_of(body.prompt, "prompt", svc.settings.max_inputs)
     if location is not None and svc.registry.get(location.name).task == "classification":
         refuse_for_classifier(location.name, logprobs=body.logprobs is not None, echo=body.echo,
                               token_ids=any(isinstance(p, list) for p in prompts))
@@ -397,3 +416,22 @@ def chat_completions(body: ChatRequest, svc: ServicesDep, record: RecordDep):
     count_tokens(record, results)
     return reply.body(results, record)
 
+
+
+@router.post("/embeddings")
+def embeddings(body: EmbeddingRequest, svc: ServicesDep, record: RecordDep):
+    engine = svc.ready_engine()
+    location = resolve_model(svc.registry, engine, record, body.model)
+    if body.dimensions is not None:
+        raise InvalidInput("dimensions", f"not supported: embeddings have the base's size, {engine.info.hidden_size}")
+    results = engine.embed(location, inputs_of(body.input, "input", svc.settings.max_inputs))
+    record.tokens_in += sum(r.prompt_tokens for r in results)
+
+    def encoded(vector: list[float]) -> list[float] | str:
+        if body.encoding_format == "float":
+            return vector
+        return base64.b64encode(array.array("f", vector).tobytes()).decode()
+
+    data = [{"object": "embedding", "index": i, "embedding": encoded(r.embedding)} for i, r in enumerate(results)]
+    return {"object": "list", "data": data, "model": body.model,
+            "usage": {"prompt_tokens": record.tokens_in, "total_tokens": record.tokens_in}}

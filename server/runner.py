@@ -33,7 +33,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from .encoding import stop_cut
 from .lora import LoraContext, MultiLoraLinear
 from .slots import BASE_SLOT, Slot
-from .types import ClassificationResult, GenerationParams, GenerationResult, TokenLogprob
+from .types import ClassificationResult, EmbeddingResult, GenerationParams, GenerationResult, TokenLogprob
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -96,6 +96,21 @@ class ClassifyJob:
     rows: list[list[int]]  # token ids per input
     slot: Slot
     future: Future = field(default_factory=Future)  # -> list[ClassificationResult]
+    enqueued: float = field(default_factory=time.perf_counter)
+
+    @property
+    def slot_index(self) -> int:
+        return self.slot.index
+
+
+@dataclass
+class EmbedJob:
+    """Embeddings: the body's last hidden state, mean-pooled over each input's tokens and L2-normalized. They run
+    in the classification forward (same right padding, no LM head), so the two batch together."""
+
+    rows: list[list[int]]  # token ids per input
+    slot_index: int  # BASE_SLOT: the base itself
+    future: Future = field(default_factory=Future)  # -> list[EmbeddingResult]
     enqueued: float = field(default_factory=time.perf_counter)
 
 
@@ -272,7 +287,8 @@ class ModelRunner:
             return fn()
         return self._enqueue(self._controls, ControlJob(fn)).result()
 
-    def classify(self, job: ClassifyJob) -> Future:
+    def classify(self, job: ClassifyJob | EmbedJob) -> Future:
+        """Queue a classification or embedding job: they share one forward per turn."""
         return self._enqueue(self._classify, job)
 
     def generate(self, job: GenerateJob) -> Future:
@@ -298,7 +314,7 @@ class ModelRunner:
             self._cond.notify()
         self._thread.join(timeout=30)
 
-    def _enqueue(self, queue: list, job: ControlJob | ClassifyJob | GenerateJob) -> Future:
+    def _enqueue(self, queue: list, job: ControlJob | ClassifyJob | EmbedJob | GenerateJob) -> Future:
         with self._cond:
             if self._closed:
                 raise RuntimeError("the engine is shut down")
@@ -328,8 +344,8 @@ class ModelRunner:
                     _settle(control.future, error=exc)
             self._drop_gone_rows()
             if classify:
-                self._observe(job.slot.index for job in classify)
-                self._isolated(classify, self._classify_jobs)
+                self._observe(job.slot_index for job in classify)
+                self._isolated(classify, self._encode_jobs)
             generate = [job for job in generate if not job.future.cancelled()]
             if generate:
                 self._observe(job.slot_index for job in generate)
@@ -402,27 +418,41 @@ class ModelRunner:
         return ids.to(self.device), mask.to(self.device)
 
     @torch.no_grad()
-    def _classify_jobs(self, jobs: list[ClassifyJob]) -> None:
+    def _encode_jobs(self, jobs: list[ClassifyJob | EmbedJob]) -> None:
+        """Classification and embedding jobs: one forward of the body over their right-padded inputs."""
         rows = [row for job in jobs for row in job.rows]
-        slots = [job.slot for job in jobs for _ in job.rows]
         ids, mask = self._pad(rows, "right")
-        with self._forward_rows([slot.index for slot in slots]):
+        with self._forward_rows([job.slot_index for job in jobs for _ in job.rows]):
             hidden = self.body(input_ids=ids, attention_mask=mask).last_hidden_state  # [rows, tokens, hidden]
+        start = 0
+        for job in jobs:
+            part = slice(start, start + len(job.rows))
+            start += len(job.rows)
+            if isinstance(job, EmbedJob):
+                _settle(job.future, self._embedded(job, hidden[part], mask[part]))
+            else:
+                _settle(job.future, self._classified(job, ids[part], hidden[part]))
+
+    def _classified(self, job: ClassifyJob, ids: torch.Tensor, hidden: torch.Tensor) -> list[ClassificationResult]:
         # pool the rightmost non-pad token, as LlamaForSequenceClassification does (it looks at ids, not mask)
         non_pad = (ids != self.pad).long()
         last = (torch.arange(ids.shape[1], device=ids.device) * non_pad).argmax(-1)
-        pooled = hidden[torch.arange(len(rows), device=ids.device), last]  # [rows, hidden]
+        pooled = hidden[torch.arange(len(job.rows), device=ids.device), last]  # [rows, hidden]
+        weight, bias = job.slot.adapter.head
+        labels = job.slot.adapter.labels
         results = []
-        for i, slot in enumerate(slots):
-            weight, bias = slot.adapter.head
+        for i, row in enumerate(job.rows):
             probs = torch.nn.functional.linear(pooled[i], weight, bias).float().softmax(-1).tolist()
             best = max(range(len(probs)), key=probs.__getitem__)
-            labels = slot.adapter.labels
-            results.append(ClassificationResult(labels[best], probs[best], dict(zip(labels, probs)), len(rows[i])))
-        start = 0
-        for job in jobs:
-            _settle(job.future, results[start : start + len(job.rows)])
-            start += len(job.rows)
+            results.append(ClassificationResult(labels[best], probs[best], dict(zip(labels, probs)), len(row)))
+        return results
+
+    @staticmethod
+    def _embedded(job: EmbedJob, hidden: torch.Tensor, mask: torch.Tensor) -> list[EmbeddingResult]:
+        weights = mask[..., None].float()  # [rows, tokens, 1]: 1 on each input's own tokens
+        mean = (hidden.float() * weights).sum(1) / weights.sum(1)  # [rows, hidden] float32
+        vectors = torch.nn.functional.normalize(mean, dim=-1).tolist()
+        return [EmbeddingResult(vector, len(row)) for vector, row in zip(vectors, job.rows)]
 
     def _new_cache(self, kv: KV | None = None) -> DynamicCache:
         cache = DynamicCache(config=self.model.config)

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-Task = Literal["generation", "classification"]
+Task = Literal["generation", "classification", "embedding"]
 
 
 @dataclass(frozen=True)
@@ -66,6 +66,12 @@ class GenerationResult:
     # per token of token_ids, and for the EOS that ended the answer (OpenAI and vLLM score it too), when asked
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob] | None = None  # per prompt token, when asked (params.prompt_logprobs)
+
+
+@dataclass
+class EmbeddingResult:
+    embedding: list[float]  # [hidden] float32 values, L2 norm 1
+    prompt_tokens: int
 
 
 Result = ClassificationResult | GenerationResult
