@@ -312,3 +312,25 @@ def test_chat_top_logprobs(oai):
         assert len(token.top_logprobs) == 3 and token.bytes == list(token.token.encode())
         assert token.logprob == pytest.approx(token.top_logprobs[0].logprob, abs=1e-6)  # greedy takes the best
         assert [t.logprob for t in token.top_logprobs] == sorted((t.logprob for t in token.top_logprobs), reverse=True)
+
+
+def test_embeddings_through_the_client(oai, base_name, tiny_base, adapter_store, tokenizer):
+    """The client asks for base64 by default and decodes it; the vectors are PEFT's, and the adapter's own."""
+    import torch
+
+    from tests.helpers import peft_reference_embeddings
+
+    texts = ["a gorgeous, witty film", "dull and lifeless"]
+    adapted = oai.embeddings.create(model="gen-mlp", input=texts)
+    base = oai.embeddings.create(model=base_name, input=texts)
+    ours = torch.tensor([d.embedding for d in adapted.data])
+    assert ours.shape == (2, 64) and torch.allclose(ours.norm(dim=-1), torch.ones(2), atol=1e-6)
+    reference = peft_reference_embeddings(tiny_base, adapter_store / "gen-mlp", texts, tokenizer)
+    assert torch.allclose(ours, reference, atol=1e-5)
+    assert (ours - torch.tensor([d.embedding for d in base.data])).abs().max() > 1e-2
+    assert adapted.usage.prompt_tokens == sum(len(tokenizer(t)["input_ids"]) for t in texts)
+    floats = oai.embeddings.create(model="gen-mlp", input=texts, encoding_format="float")
+    assert [d.embedding for d in floats.data] == [d.embedding for d in adapted.data]
+    with pytest.raises(openai.BadRequestError) as refused:
+        oai.embeddings.create(model="gen-mlp", input=texts, dimensions=16)
+    assert refused.value.param == "dimensions"
