@@ -1,4 +1,5 @@
-"""OpenAI-compatible routes: /v1/models, /v1/completions and /v1/chat/completions, `model` = an adapter or the base.
+"""OpenAI-compatible routes: /v1/models, /v1/completions, /v1/chat/completions and /v1/embeddings, `model` = an
+adapter or the base.
 
 Shapes follow OpenAI's API (what vLLM and LoRAX also serve), so the official clients work unchanged. A
 classification adapter answers with its label as the text. Errors use OpenAI's shape
@@ -8,7 +9,6 @@ says 422), an unknown model is 404 with code `model_not_found`.
 
 from __future__ import annotations
 
-import array
 import base64
 import time
 import uuid
@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
+import numpy as np
 from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -430,7 +431,7 @@ def embeddings(body: EmbeddingRequest, svc: ServicesDep, record: RecordDep):
     def encoded(vector: list[float]) -> list[float] | str:
         if body.encoding_format == "float":
             return vector
-        return base64.b64encode(array.array("f", vector).tobytes()).decode()
+        return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
 
     data = [{"object": "embedding", "index": i, "embedding": encoded(r.embedding)} for i, r in enumerate(results)]
     return {"object": "list", "data": data, "model": body.model,

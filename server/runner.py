@@ -123,9 +123,8 @@ class GenerateJob:
     future: Future = field(default_factory=Future)  # -> list[GenerationResult]; cancel() frees its rows
     enqueued: float = field(default_factory=time.perf_counter)
     results: list[GenerationResult | None] = field(default_factory=list)
-    # per prompt, when params ask: generated tokens' logprobs, EOS's included (a token's is added before it goes to
-    # the stream)
-    # and the prompt's own (from the prefill)
+    # per prompt, when params ask: the generated tokens' logprobs, EOS's included (each is added before its token
+    # goes to the stream), and the prompt's own (from the prefill)
     logprobs: list[list[TokenLogprob]] = field(default_factory=list)
     prompt_logprobs: list[list[TokenLogprob] | None] = field(default_factory=list)
 
