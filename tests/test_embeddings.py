@@ -97,3 +97,15 @@ def test_bad_embedding_requests_are_4xx_naming_the_param(client, payload, param,
     assert response.status_code == (404 if param == "model" else 400), response.text
     error = response.json()["error"]
     assert (error["param"], error["message"]) == (param, message)
+
+
+def test_embeddings_count_in_the_metrics(client, tokenizer):
+    from tests.test_metrics import scrape
+
+    requests = ("loraswap_requests_total", (("adapter", "gen-b"), ("status", "200")))
+    tokens = ("loraswap_input_tokens_total", (("adapter", "gen-b"),))
+    before = scrape(client)
+    assert client.post("/v1/embeddings", json={"model": "gen-b", "input": TEXTS}).status_code == 200
+    after = scrape(client)
+    assert after[requests] - before.get(requests, 0) == 1
+    assert after[tokens] - before.get(tokens, 0) == sum(len(tokenizer(t)["input_ids"]) for t in TEXTS)
