@@ -27,7 +27,9 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 HEAD_NAMES = ("score", "classifier")
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 
-TASK_TYPES: dict[str | None, Task | None] = {"CAUSAL_LM": "generation", "SEQ_CLS": "classification", None: None}
+TASK_TYPES: dict[str | None, Task | None] = {
+    "CAUSAL_LM": "generation", "SEQ_CLS": "classification", "FEATURE_EXTRACTION": "embedding", None: None
+}
 
 # base_model.model.<module path>.lora_A.weight (an optional adapter name may sit before .weight)
 LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[A-Za-z0-9_-]+)?\.weight$")
@@ -145,7 +147,7 @@ def _check_config(config: dict, problems: list[str]) -> None:
         problems.append("trainable_token_indices is not supported")
     task_type = config.get("task_type")
     if not isinstance(task_type, (str, type(None))) or task_type not in TASK_TYPES:
-        problems.append(f"task_type {task_type!r} is not supported; use CAUSAL_LM or SEQ_CLS")
+        problems.append(f"task_type {task_type!r} is not supported; use CAUSAL_LM, SEQ_CLS or FEATURE_EXTRACTION")
     if not isinstance(config.get("r", 8), int) or not isinstance(config.get("lora_alpha", 8), (int, float)):
         problems.append("r must be an integer and lora_alpha a number")
     for name in ("rank_pattern", "alpha_pattern"):
@@ -264,7 +266,8 @@ def read_adapter(folder: Path, max_rank: int | None = None) -> AdapterWeights:
             else:
                 labels = _labels(folder, metadata, weight.shape[0], problems)
     elif head:
-        problems.append("a CAUSAL_LM adapter must not carry a classifier head")
+        problems.append(f"a {'FEATURE_EXTRACTION' if task == 'embedding' else 'CAUSAL_LM'} adapter must not carry a "
+                        "classifier head")
     if problems:
         raise AdapterInvalid(problems)
 

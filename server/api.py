@@ -77,6 +77,7 @@ def predict(
     params = generation_params(
         svc.settings, p.max_new_tokens, "parameters.max_new_tokens",
         temperature=p.temperature, top_p=p.top_p, seed=p.seed, stop=p.stop, chat=p.chat,
+        logprobs=0 if p.details else None,
     )
     if body.stream:
         if len(texts) != 1:

@@ -53,7 +53,21 @@ class InputEncoder:
         from messages())."""
         ids = [list(p) if isinstance(p, list) else encode_prompt(self.tokenizer, p, params.chat) for p in prompts]
         self._check_lengths([len(x) for x in ids], params.max_new_tokens, "inputs")
+        self._check_ids(ids, "inputs")
         return ids
+
+    def for_embedding(self, inputs: list[str | list[int]]) -> list[list[int]]:
+        """Token ids of texts (encoded as for classification) or ids given as they are."""
+        ids = [list(x) if isinstance(x, list) else self.tokenizer(x)["input_ids"] for x in inputs]
+        self._check_lengths([len(x) for x in ids], 0, "input")
+        self._check_ids(ids, "input")
+        return ids
+
+    def _check_ids(self, ids: list[list[int]], field: str) -> None:
+        vocab = len(self.tokenizer)
+        for i, row in enumerate(ids):
+            if outside := [t for t in row if not 0 <= t < vocab]:
+                raise InvalidInput(f"{field}[{i}]", f"token id {outside[0]} is outside the vocabulary (0 to {vocab - 1})")
 
     def messages(self, messages: list[dict[str, str]], params: GenerationParams) -> list[int]:
         """Prompt ids of a whole conversation ({role, content} dicts) in the base's chat template."""

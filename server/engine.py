@@ -23,10 +23,12 @@ from .base_model import BaseInfo, load_base
 from .encoding import InputEncoder, TextDeltas
 from .errors import AdapterChanged, AdapterInvalid, InvalidInput
 from .lora import LoraContext, MultiLoraLinear, fit_problems, resolve_module_path, wrap_linear_layers
-from .runner import ClassifyJob, GenerateJob, MergePolicy, ModelRunner
+from .runner import ClassifyJob, EmbedJob, GenerateJob, MergePolicy, ModelRunner
 from .settings import Settings
 from .slots import BASE_SLOT, AdapterSlots, Installer, LoadedAdapter, Slot
-from .types import AdapterLocation, ClassificationResult, GenerationParams, GenerationResult, Task
+from .types import (
+    AdapterLocation, ClassificationResult, EmbeddingResult, GenerationParams, GenerationResult, Task, TokenLogprob
+)
 
 log = logging.getLogger(__name__)
 
@@ -219,17 +221,33 @@ class Engine:
     def encode_messages(self, messages: list[dict[str, str]], params: GenerationParams) -> list[int]:
         return self.encoder.messages(messages, params)
 
+    def decode(self, ids: list[int]) -> str:
+        """Text of token ids, special tokens included: a prompt sent as ids echoed back, a token in logprobs."""
+        return self.tokenizer.decode(ids)
+
     def classify(self, texts: list[str], slot: Slot) -> list[ClassificationResult]:
         if slot.task != "classification":
-            raise InvalidInput("adapter", f"{slot.location.name!r} is a {slot.task} adapter, not classification")
+            raise InvalidInput("adapter", f"{slot.location.name!r} is an adapter for {slot.task}, not classification")
         job = ClassifyJob(self.encoder.for_classification(texts), slot)
         return self.runner.classify(job).result()
+
+    def embed(self, location: AdapterLocation | None, inputs: list[str | list[int]]) -> list[EmbeddingResult]:
+        """Mean-pooled, L2-normalized last hidden states (float32) of texts or token ids, with an adapter's LoRA
+        applied (any adapter: its body is what counts) or the base's own (None). Batched with classifications."""
+        rows = self.encoder.for_embedding(inputs)
+        if location is None:
+            return self.runner.classify(EmbedJob(rows, BASE_SLOT)).result()
+        slot = self.acquire(location)
+        try:
+            return self.runner.classify(EmbedJob(rows, slot.index)).result()
+        finally:
+            self.release(slot)
 
     def _generation_job(
         self, prompts: list[str | list[int]], slot: Slot | None, params: GenerationParams, stream: bool = False
     ) -> GenerateJob:
         if slot is not None and slot.task != "generation":
-            raise InvalidInput("adapter", f"{slot.location.name!r} is a {slot.task} adapter, not generation")
+            raise InvalidInput("adapter", f"{slot.location.name!r} is an adapter for {slot.task}, not generation")
         rows = self.encoder.for_generation(prompts, params)
         return GenerateJob(rows, BASE_SLOT if slot is None else slot.index, params, Queue() if stream else None)
 
@@ -256,10 +274,11 @@ class Engine:
 
     def generate_stream(
         self, prompt: str | list[int], slot: Slot | None, params: GenerationParams
-    ) -> Iterator[str | GenerationResult]:
+    ) -> Iterator[str | TokenLogprob | GenerationResult]:
         """Yield text deltas while one prompt (text, or ids from encode_messages) generates, then the final result.
 
-        The row gets one token per decode step; the deltas concatenate to the final text (see TextDeltas).
+        The row gets one token per decode step; the deltas concatenate to the final text (see TextDeltas). With
+        params.logprobs, each token's TokenLogprob comes before the delta it makes (text may be held back).
         Closing the iterator early cancels the request: its row leaves the batch at the next step.
         """
         job = self._generation_job([prompt], slot, params, stream=True)
@@ -267,18 +286,21 @@ class Engine:
         deltas = TextDeltas(self.tokenizer, params.stop)
         try:
             while (token := job.stream.get()) is not None:
+                if params.logprobs is not None:
+                    yield job.logprobs[0][len(deltas.ids)]  # the runner adds it before it streams the token
                 if delta := deltas.add(token):
                     yield delta
             [result] = future.result()
         finally:
             future.cancel()  # no-op once answered
+        yield from (result.logprobs or [])[len(deltas.ids):]  # the EOS that ended it: scored, never streamed
         if rest := deltas.finish(result.generated_text):
             yield rest
         yield result
 
     def predict_stream(
         self, location: AdapterLocation | None, prompt: str | list[int], params: GenerationParams
-    ) -> Iterator[str | GenerationResult | ClassificationResult]:
+    ) -> Iterator[str | TokenLogprob | GenerationResult | ClassificationResult]:
         """predict() for one input as a stream: a generation adapter (or the base) yields text deltas then its
         GenerationResult, a classification adapter (text prompts only) yields its ClassificationResult.
         The adapter is held until the stream ends or is closed."""

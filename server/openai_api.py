@@ -1,4 +1,5 @@
-"""OpenAI-compatible routes: /v1/models, /v1/completions and /v1/chat/completions, `model` = an adapter or the base.
+"""OpenAI-compatible routes: /v1/models, /v1/completions, /v1/chat/completions and /v1/embeddings, `model` = an
+adapter or the base.
 
 Shapes follow OpenAI's API (what vLLM and LoRAX also serve), so the official clients work unchanged. A
 classification adapter answers with its label as the text. Errors use OpenAI's shape
@@ -8,25 +9,28 @@ says 422), an unknown model is 404 with code `model_not_found`.
 
 from __future__ import annotations
 
+import base64
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
+import numpy as np
 from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .deps import ServicesDep, status_of
+from .engine import Engine
 from .errors import AdapterNotFound, InvalidInput, LoraswapError
 from .serving import count_tokens, event_stream, generation_params, resolve_model, sse, started
 from .settings import Settings
 from .telemetry import RecordDep, RequestRecord
-from .types import ClassificationResult, GenerationParams, Result
+from .types import MAX_TOP_LOGPROBS, ClassificationResult, GenerationParams, GenerationResult, Result, TokenLogprob
 
 DEFAULT_TEMPERATURE = 1.0  # OpenAI's default: sampling unless asked otherwise
 
@@ -41,7 +45,7 @@ class Sampling(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=0)  # 0: only with echo (completions), to score the prompt
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
@@ -69,8 +73,39 @@ class Sampling(BaseModel):
         return value
 
 
+TextsOrIds = str | list[str] | list[int] | list[list[int]]  # one text, texts, one input as token ids, several
+
+
+def inputs_of(value: TextsOrIds, field: str, limit: int) -> list[str | list[int]]:
+    """The inputs of a request, as texts and token-id lists; none empty, at most `limit`."""
+    if isinstance(value, str):
+        inputs: list[str | list[int]] = [value]
+    elif all(isinstance(x, int) for x in value):
+        inputs = [list(value)]  # one input as token ids
+    else:
+        inputs = list(value)
+    if len(inputs) > limit:
+        raise InvalidInput(field, f"{len(inputs)} inputs, over the limit of {limit}")
+    for i, x in enumerate(inputs):
+        if not (x.strip() if isinstance(x, str) else x):
+            raise InvalidInput(field, f"{field} is empty" if len(inputs) == 1 else f"{field} {i} is empty")
+    return inputs
+
+
 class CompletionRequest(Sampling):
-    prompt: str | list[str] = Field(..., min_length=1)
+    prompt: TextsOrIds = Field(..., min_length=1)
+    echo: bool = False  # the prompt comes back before the answer (with its tokens' logprobs when logprobs is set)
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)  # per token: its logprob and the n most likely
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    input: TextsOrIds = Field(..., min_length=1)
+    encoding_format: Literal["float", "base64"] = "float"  # base64: the float32 values' bytes, little-endian
+    dimensions: int | None = None  # refused: the vectors have the base's hidden size
+    user: str | None = None
 
 
 class TextPart(BaseModel):
@@ -91,6 +126,14 @@ class ChatMessage(BaseModel):
 class ChatRequest(Sampling):
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self) -> ChatRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
 
 
 @dataclass
@@ -99,6 +142,8 @@ class Reply:
 
     model: str
     chat: bool
+    token_text: Callable[[int], str] | None = None  # set when the request asks for logprobs
+    echoes: list[str] | None = None  # completions with echo: each prompt's text, put before its answer
     id: str = field(init=False)
     created: int = field(init=False, default_factory=lambda: int(time.time()))
 
@@ -112,16 +157,51 @@ class Reply:
         choices = []
         for index, result in enumerate(results):
             text, finish = _text_and_finish(result)
+            entries = []
+            if isinstance(result, GenerationResult):
+                if self.echoes is not None:
+                    text = self.echoes[index] + text
+                    entries += result.prompt_logprobs or []
+                entries += result.logprobs or []
             content = {"message": {"role": "assistant", "content": text}} if self.chat else {"text": text}
-            choices.append({"index": index, **content, "logprobs": None, "finish_reason": finish})
+            choices.append({"index": index, **content, "logprobs": self.logprobs(entries), "finish_reason": finish})
         envelope = self._envelope("chat.completion" if self.chat else "text_completion", choices)
         return {**envelope, "usage": usage(record)}
 
-    def chunk(self, delta: dict, finish: str | None = None) -> dict:
+    def chunk(self, delta: dict, finish: str | None = None, logprobs: dict | None = None) -> dict:
         """A stream chunk; `delta` is the chat delta ({"role"}, {"content"} or {}), plain text for completions."""
         content = {"delta": delta} if self.chat else {"text": delta.get("content", "")}
-        choice = {"index": 0, **content, "logprobs": None, "finish_reason": finish}
+        choice = {"index": 0, **content, "logprobs": logprobs, "finish_reason": finish}
         return self._envelope(self._chunk_object, [choice])
+
+    def logprobs(self, entries: Sequence[TokenLogprob], offset: int = 0) -> dict | None:
+        """Tokens' logprobs in OpenAI's shape: chat's `content` list, or the legacy completions lists, where
+        `text_offset` counts the characters of the tokens before each (from `offset`) and `top_logprobs` holds the
+        most likely tokens plus the chosen one (up to n + 1, as OpenAI's)."""
+        if self.token_text is None:
+            return None
+        text_of = self.token_text
+        tokens = [text_of(e.token_id) for e in entries]
+        if self.chat:
+            def described(token: str, logprob: float) -> dict:
+                return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+            return {"content": [
+                {**described(token, e.logprob), "top_logprobs": [described(text_of(t), lp) for t, lp in e.top]}
+                for token, e in zip(tokens, entries)
+            ], "refusal": None}
+        top_logprobs: list[dict[str, float] | None] = []
+        for token, e in zip(tokens, entries):
+            top = None if e.logprob is None else {text_of(t): lp for t, lp in e.top}
+            if top is not None:
+                top.setdefault(token, e.logprob)
+            top_logprobs.append(top)
+        offsets = []
+        for token in tokens:
+            offsets.append(offset)
+            offset += len(token)
+        return {"tokens": tokens, "token_logprobs": [e.logprob for e in entries], "top_logprobs": top_logprobs,
+                "text_offset": offsets}
 
     def usage_chunk(self, record: RequestRecord) -> dict:
         return {**self._envelope(self._chunk_object, []), "usage": usage(record)}
@@ -132,18 +212,34 @@ class Reply:
 
     def events(
         self,
-        stream: Iterator[str | Result],
+        stream: Iterator[str | TokenLogprob | Result],
         record: RequestRecord,
         include_usage: bool,
     ) -> Iterator[str]:
-        """The stream as OpenAI's server-sent events, ending with `data: [DONE]`."""
+        """The stream as OpenAI's server-sent events, ending with `data: [DONE]`. With logprobs, each text chunk
+        carries the logprobs of the tokens that arrived since the previous one (text held back waits for more)."""
+        pending: list[TokenLogprob] = []
+        offset = 0  # legacy text_offset: characters of the tokens sent so far
+
+        def with_logprobs(text: str) -> str:
+            nonlocal offset
+            logprobs = self.logprobs(pending, offset)
+            offset += sum(len(token) for token in logprobs["tokens"]) if logprobs and not self.chat else 0
+            pending.clear()
+            return sse(self.chunk({"content": text}, logprobs=logprobs))
+
         try:
             if self.chat:
                 yield sse(self.chunk({"role": "assistant", "content": ""}))
             for item in stream:
-                if isinstance(item, str):
-                    yield sse(self.chunk({"content": item}))
+                if isinstance(item, TokenLogprob):
+                    pending.append(item)
                     continue
+                if isinstance(item, str):
+                    yield with_logprobs(item)
+                    continue
+                if pending:
+                    yield with_logprobs("")
                 count_tokens(record, [item])
                 text, finish = _text_and_finish(item)
                 if isinstance(item, ClassificationResult):
@@ -226,12 +322,18 @@ router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIRoute)
 
 
 
-def params_of(settings: Settings, body: Sampling, max_tokens: int | None, chat: bool) -> GenerationParams:
+def params_of(
+    settings: Settings, body: Sampling, max_tokens: int | None, chat: bool,
+    logprobs: int | None = None, echo: bool = False,
+) -> GenerationParams:
+    if max_tokens == 0 and not echo:
+        raise InvalidInput("max_tokens", "0 generates nothing: it is only for scoring the prompt with echo")
     return generation_params(
         settings, max_tokens, "max_tokens",
         temperature=DEFAULT_TEMPERATURE if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
         seed=body.seed, stop=body.stop, chat=chat,
+        logprobs=logprobs, prompt_logprobs=echo and logprobs is not None,
     )
 
 def stream_answer(
@@ -239,6 +341,19 @@ def stream_answer(
 ) -> Response:
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return event_stream(reply.events(started(stream), record, include_usage))
+
+def refuse_for_classifier(name: str, *, logprobs: bool, echo: bool = False, token_ids: bool = False) -> None:
+    """What a classification adapter cannot give: it reads text and answers a label, not tokens."""
+    for param, asked in (("logprobs", logprobs), ("echo", echo)):
+        if asked:
+            raise InvalidInput(param, f"{name!r} is a classification adapter: it has no token logprobs")
+    if token_ids:
+        raise InvalidInput("prompt", f"{name!r} is a classification adapter: it takes text prompts, not token ids")
+
+
+def _token_text(engine: Engine, wanted: bool) -> Callable[[int], str] | None:
+    return (lambda token_id: engine.decode([token_id])) if wanted else None
+
 
 @router.get("/models")
 def list_models(svc: ServicesDep) -> dict:
@@ -260,19 +375,23 @@ def list_models(svc: ServicesDep) -> dict:
 def completions(body: CompletionRequest, svc: ServicesDep, record: RecordDep):
     engine = svc.ready_engine()
     location = resolve_model(svc.registry, engine, record, body.model)
-    texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-    if len(texts) > svc.settings.max_inputs:
-        raise InvalidInput("prompt", f"{len(texts)} prompts, over the limit of {svc.settings.max_inputs}")
-    if any(not t.strip() for t in texts):
-        raise InvalidInput("prompt", "a prompt is empty")
-    params = params_of(svc.settings, body, body.max_tokens, chat=False)  # a completion continues the raw prompt
-    reply = Reply(body.model, chat=False)
+    prompts = inputs_of(body.prompt, "prompt", svc.settings.max_inputs)
+    if location is not None and svc.registry.get(location.name).task == "classification":
+        refuse_for_classifier(location.name, logprobs=body.logprobs is not None, echo=body.echo,
+                              token_ids=any(isinstance(p, list) for p in prompts))
+    # a completion continues the raw prompt
+    params = params_of(svc.settings, body, body.max_tokens, chat=False, logprobs=body.logprobs, echo=body.echo)
+    reply = Reply(body.model, chat=False, token_text=_token_text(engine, body.logprobs is not None))
+    if body.echo:
+        reply.echoes = [p if isinstance(p, str) else engine.decode(p) for p in prompts]
     if body.stream:
-        if len(texts) != 1:
-            raise InvalidInput("prompt", f"a streamed request takes one prompt, not {len(texts)}")
-        stream = engine.predict_stream(location, texts[0], params)
+        if len(prompts) != 1:
+            raise InvalidInput("prompt", f"a streamed request takes one prompt, not {len(prompts)}")
+        if body.echo:
+            raise InvalidInput("echo", "echo is not supported with stream")
+        stream = engine.predict_stream(location, prompts[0], params)
         return stream_answer(reply, body, stream, record)
-    _, results = engine.predict(location, texts, params)
+    _, results = engine.predict(location, prompts, params)
     count_tokens(record, results)
     return reply.body(results, record)
 
@@ -280,9 +399,11 @@ def completions(body: CompletionRequest, svc: ServicesDep, record: RecordDep):
 def chat_completions(body: ChatRequest, svc: ServicesDep, record: RecordDep):
     engine = svc.ready_engine()
     location = resolve_model(svc.registry, engine, record, body.model)
-    params = params_of(svc.settings, body, body.max_completion_tokens or body.max_tokens, chat=True)
-    reply = Reply(body.model, chat=True)
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    params = params_of(svc.settings, body, body.max_completion_tokens or body.max_tokens, chat=True, logprobs=logprobs)
+    reply = Reply(body.model, chat=True, token_text=_token_text(engine, logprobs is not None))
     if location is not None and svc.registry.get(location.name).task == "classification":
+        refuse_for_classifier(location.name, logprobs=logprobs is not None)
         # a classifier reads text as it was trained: the last user message, without the chat template
         user_texts = [m.text() for m in body.messages if m.role == "user"]
         if not user_texts or not user_texts[-1].strip():
@@ -296,3 +417,22 @@ def chat_completions(body: ChatRequest, svc: ServicesDep, record: RecordDep):
     count_tokens(record, results)
     return reply.body(results, record)
 
+
+
+@router.post("/embeddings")
+def embeddings(body: EmbeddingRequest, svc: ServicesDep, record: RecordDep):
+    engine = svc.ready_engine()
+    location = resolve_model(svc.registry, engine, record, body.model)
+    if body.dimensions is not None:
+        raise InvalidInput("dimensions", f"not supported: embeddings have the base's size, {engine.info.hidden_size}")
+    results = engine.embed(location, inputs_of(body.input, "input", svc.settings.max_inputs))
+    record.tokens_in += sum(r.prompt_tokens for r in results)
+
+    def encoded(vector: list[float]) -> list[float] | str:
+        if body.encoding_format == "float":
+            return vector
+        return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
+
+    data = [{"object": "embedding", "index": i, "embedding": encoded(r.embedding)} for i, r in enumerate(results)]
+    return {"object": "list", "data": data, "model": body.model,
+            "usage": {"prompt_tokens": record.tokens_in, "total_tokens": record.tokens_in}}

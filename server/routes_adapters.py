@@ -25,12 +25,29 @@ from .archive import ArchiveLimits, write_zip
 from .deps import ServicesDep
 from .engine import Engine
 from .errors import AdapterChanged, Forbidden, InvalidInput, PayloadTooLarge, Unauthorized
-from .registry import AdapterRecord
+from .registry import NAME_PATTERN, AdapterRecord
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["adapters"])
 FORM_FIELDS = {"name", "replace"}
 TRAINING_PLOT = "training.png"  # the loss curves train-adapter draws beside the adapter
+# The upload form as /openapi.json describes it (the route parses the form itself, bounded while it streams, so
+# FastAPI cannot derive it): Swagger UI at /docs and generated clients send exactly these fields.
+UPLOAD_FORM = {
+    "type": "object",
+    "required": ["name", "files"],
+    "properties": {
+        "name": {"type": "string", "pattern": f"^{NAME_PATTERN.pattern}$", "description": "The adapter's name."},
+        "replace": {"type": "boolean", "default": False,
+                    "description": "Replace an adapter of this name with a new version (else: 409)."},
+        "files": {
+            "type": "array",
+            "items": {"type": "string", "format": "binary"},
+            "description": "The adapter folder's files (adapter_config.json, adapter_model.safetensors, optional "
+                           "loraswap.json), or one .zip / .tar.gz of them.",
+        },
+    },
+}
 
 
 def require_admin(svc: ServicesDep, authorization: Annotated[str | None, Header()] = None) -> None:
@@ -63,7 +80,11 @@ def get_adapter(name: str, svc: ServicesDep) -> dict:
     return _shown(svc.ready_engine(), svc.registry.get(name))
 
 
-@router.post("/adapters", status_code=201)
+@router.post(
+    "/adapters",
+    status_code=201,
+    openapi_extra={"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": UPLOAD_FORM}}}},
+)
 async def upload_adapter(request: Request, svc: ServicesDep, _admin: AdminDep) -> JSONResponse:
     """Multipart: `name`, optional `replace=true`, and either one .zip/.tar.gz or the adapter's files."""
     engine = svc.ready_engine()

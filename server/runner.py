@@ -35,7 +35,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from .encoding import stop_cut
 from .lora import LoraContext, MultiLoraLinear
 from .slots import BASE_SLOT, Slot
-from .types import ClassificationResult, GenerationParams, GenerationResult
+from .types import ClassificationResult, EmbeddingResult, GenerationParams, GenerationResult, TokenLogprob
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -100,6 +100,21 @@ class ClassifyJob:
     future: Future = field(default_factory=Future)  # -> list[ClassificationResult]
     enqueued: float = field(default_factory=time.perf_counter)
 
+    @property
+    def slot_index(self) -> int:
+        return self.slot.index
+
+
+@dataclass
+class EmbedJob:
+    """Embeddings: the body's last hidden state, mean-pooled over each input's tokens and L2-normalized. They run
+    in the classification forward (same right padding, no LM head), so the two batch together."""
+
+    rows: list[list[int]]  # token ids per input
+    slot_index: int  # BASE_SLOT: the base itself
+    future: Future = field(default_factory=Future)  # -> list[EmbeddingResult]
+    enqueued: float = field(default_factory=time.perf_counter)
+
 
 @dataclass
 class GenerateJob:
@@ -110,9 +125,15 @@ class GenerateJob:
     future: Future = field(default_factory=Future)  # -> list[GenerationResult]; cancel() frees its rows
     enqueued: float = field(default_factory=time.perf_counter)
     results: list[GenerationResult | None] = field(default_factory=list)
+    # per prompt, when params ask: the generated tokens' logprobs, EOS's included (each is added before its token
+    # goes to the stream), and the prompt's own (from the prefill)
+    logprobs: list[list[TokenLogprob]] = field(default_factory=list)
+    prompt_logprobs: list[list[TokenLogprob] | None] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.results = [None] * len(self.prompts)
+        self.logprobs = [[] for _ in self.prompts]
+        self.prompt_logprobs = [None] * len(self.prompts)
 
 
 def _settle(future: Future, result: Any = None, error: BaseException | None = None) -> None:
@@ -210,6 +231,19 @@ def sample(logits: torch.Tensor, params: GenerationParams, generator: torch.Gene
     return int(torch.multinomial(sampling_scores(logits, params).softmax(-1), 1, generator=generator))
 
 
+def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], top: int) -> list[TokenLogprob]:
+    """[positions, vocab] logits and the token taken at each position -> each token's logprob (float32
+    log-softmax of these logits) with the `top` most likely tokens there."""
+    logprobs = logits.float().log_softmax(-1)
+    chosen = logprobs.gather(-1, torch.tensor(tokens, device=logits.device)[:, None])[:, 0].tolist()
+    best = logprobs.topk(top, -1) if top else None
+    entries = []
+    for i, token in enumerate(tokens):
+        alternatives = () if best is None else tuple(zip(best.indices[i].tolist(), best.values[i].tolist()))
+        entries.append(TokenLogprob(token, chosen[i], alternatives))
+    return entries
+
+
 # ---- the runner ------------------------------------------------------------------------------------------------
 
 
@@ -258,7 +292,8 @@ class ModelRunner:
             return fn()
         return self._enqueue(self._controls, ControlJob(fn)).result()
 
-    def classify(self, job: ClassifyJob) -> Future:
+    def classify(self, job: ClassifyJob | EmbedJob) -> Future:
+        """Queue a classification or embedding job: they share one forward per turn."""
         return self._enqueue(self._classify, job)
 
     def generate(self, job: GenerateJob) -> Future:
@@ -284,7 +319,7 @@ class ModelRunner:
             self._cond.notify()
         self._thread.join(timeout=30)
 
-    def _enqueue(self, queue: list, job: ControlJob | ClassifyJob | GenerateJob) -> Future:
+    def _enqueue(self, queue: list, job: ControlJob | ClassifyJob | EmbedJob | GenerateJob) -> Future:
         with self._cond:
             if self._closed:
                 raise RuntimeError("the engine is shut down")
@@ -322,10 +357,11 @@ class ModelRunner:
             if self._batch is not None:
                 self._decode_step()
 
-    def _run_classification(self, jobs: list[ClassifyJob]) -> None:
+    def _run_classification(self, jobs: list[ClassifyJob | EmbedJob]) -> None:
+        """One forward of the body for classification and embedding jobs."""
         if jobs:
-            self._observe(job.slot.index for job in jobs)
-            self._isolated(jobs, self._classify_jobs)
+            self._observe(job.slot_index for job in jobs)
+            self._isolated(jobs, self._encode_jobs)
 
     def _classify_queued(self) -> None:
         with self._cond:
@@ -397,27 +433,41 @@ class ModelRunner:
         return ids.to(self.device), mask.to(self.device)
 
     @torch.no_grad()
-    def _classify_jobs(self, jobs: list[ClassifyJob]) -> None:
+    def _encode_jobs(self, jobs: list[ClassifyJob | EmbedJob]) -> None:
+        """Classification and embedding jobs: one forward of the body over their right-padded inputs."""
         rows = [row for job in jobs for row in job.rows]
-        slots = [job.slot for job in jobs for _ in job.rows]
         ids, mask = self._pad(rows, "right")
-        with self._forward_rows([slot.index for slot in slots]):
+        with self._forward_rows([job.slot_index for job in jobs for _ in job.rows]):
             hidden = self.body(input_ids=ids, attention_mask=mask).last_hidden_state  # [rows, tokens, hidden]
+        start = 0
+        for job in jobs:
+            part = slice(start, start + len(job.rows))
+            start += len(job.rows)
+            if isinstance(job, EmbedJob):
+                _settle(job.future, self._embedded(job, hidden[part], mask[part]))
+            else:
+                _settle(job.future, self._classified(job, ids[part], hidden[part]))
+
+    def _classified(self, job: ClassifyJob, ids: torch.Tensor, hidden: torch.Tensor) -> list[ClassificationResult]:
         # pool the rightmost non-pad token, as LlamaForSequenceClassification does (it looks at ids, not mask)
         non_pad = (ids != self.pad).long()
         last = (torch.arange(ids.shape[1], device=ids.device) * non_pad).argmax(-1)
-        pooled = hidden[torch.arange(len(rows), device=ids.device), last]  # [rows, hidden]
+        pooled = hidden[torch.arange(len(job.rows), device=ids.device), last]  # [rows, hidden]
+        weight, bias = job.slot.adapter.head
+        labels = job.slot.adapter.labels
         results = []
-        for i, slot in enumerate(slots):
-            weight, bias = slot.adapter.head
+        for i, row in enumerate(job.rows):
             probs = torch.nn.functional.linear(pooled[i], weight, bias).float().softmax(-1).tolist()
             best = max(range(len(probs)), key=probs.__getitem__)
-            labels = slot.adapter.labels
-            results.append(ClassificationResult(labels[best], probs[best], dict(zip(labels, probs)), len(rows[i])))
-        start = 0
-        for job in jobs:
-            _settle(job.future, results[start : start + len(job.rows)])
-            start += len(job.rows)
+            results.append(ClassificationResult(labels[best], probs[best], dict(zip(labels, probs)), len(row)))
+        return results
+
+    @staticmethod
+    def _embedded(job: EmbedJob, hidden: torch.Tensor, mask: torch.Tensor) -> list[EmbeddingResult]:
+        weights = mask[..., None].float()  # [rows, tokens, 1]: 1 on each input's own tokens
+        mean = (hidden.float() * weights).sum(1) / weights.sum(1)  # [rows, hidden] float32
+        vectors = torch.nn.functional.normalize(mean, dim=-1).tolist()
+        return [EmbeddingResult(vector, len(row)) for vector, row in zip(vectors, job.rows)]
 
     def _new_cache(self, kv: KV | None = None) -> DynamicCache:
         cache = DynamicCache(config=self.model.config)
@@ -434,12 +484,22 @@ class ModelRunner:
                 torch.Generator(self.device).manual_seed(job.params.seed))
             for job in jobs for i, prompt in enumerate(job.prompts)
         ]
-        ids, mask = self._pad([prompt for job in jobs for prompt in job.prompts], "left")
+        prompts = [prompt for job in jobs for prompt in job.prompts]
+        ids, mask = self._pad(prompts, "left")
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = self._new_cache()
+        head = self.model.get_output_embeddings()
         with self._forward_rows([row.job.slot_index for row in rows]):
-            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
-                                use_cache=True, logits_to_keep=1).logits[:, -1]  # [rows, vocab]
+            hidden = self.body(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
+                               use_cache=True).last_hidden_state  # [rows, width, hidden]
+            logits = head(hidden[:, -1:])[:, -1]  # [rows, vocab]: what the model's forward with logits_to_keep=1 does
+            for i, row in enumerate(rows):
+                if row.job.params.prompt_logprobs:  # the prompt's positions only for rows that ask (echo)
+                    prompt = prompts[i]
+                    predicted = head(hidden[i, ids.shape[1] - len(prompt) : -1])  # [prompt - 1, vocab]
+                    first = TokenLogprob(prompt[0], None)
+                    top = row.job.params.logprobs or 0
+                    row.job.prompt_logprobs[row.index] = [first, *token_logprobs(predicted, prompt[1:], top)]
         kv = [(layer.keys, layer.values) for layer in cache.layers]
         joined = DecodeBatch(rows, kv, mask, mask.sum(-1), torch.zeros(len(rows), dtype=torch.long, device=self.device))
         self._batch = joined if self._batch is None else DecodeBatch.join([self._batch, joined])
@@ -490,8 +550,15 @@ class ModelRunner:
                 continue
             try:
                 params = row.job.params
+                if params.max_new_tokens == 0:  # scoring the prompt only: the prefill did it
+                    self._finish(row, "length")
+                    finished.add(at)
+                    continue
                 token = greedy[i] if params.temperature == 0 else sample(logits[i], params, row.generator)
                 batch.last[at] = token
+                if params.logprobs is not None:
+                    [entry] = token_logprobs(logits[i : i + 1], [token], params.logprobs)
+                    row.job.logprobs[row.index].append(entry)  # before _advance streams the token
                 if self._advance(row, token):
                     finished.add(at)
             except Exception as exc:  # noqa: BLE001 - a row that fails here fails alone
@@ -520,7 +587,10 @@ class ModelRunner:
         cut = stop_cut(text, job.params.stop)
         if cut >= 0:
             text, reason = text[:cut], "stop"
-        job.results[row.index] = GenerationResult(text, reason, len(row.ids), row.ids, row.prompt_tokens)
+        logprobs = job.logprobs[row.index] if job.params.logprobs is not None else None
+        job.results[row.index] = GenerationResult(
+            text, reason, len(row.ids), row.ids, row.prompt_tokens, logprobs, job.prompt_logprobs[row.index]
+        )
         if all(result is not None for result in job.results):
             _settle(job.future, job.results)
         return True

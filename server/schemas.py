@@ -14,6 +14,9 @@ class Parameters(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stop: list[str] = Field(default_factory=list, max_length=8, description="Stop strings (not included).")
     chat: bool = Field(True, description="Wrap each input in the base's chat template.")
+    details: bool = Field(
+        False, description="Each generated token's id and logprob (float32 log-softmax, the adapter applied)."
+    )
 
     @field_validator("stop", mode="before")
     @classmethod

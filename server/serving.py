@@ -20,7 +20,7 @@ from .metrics import BASE_LABEL
 from .registry import Registry
 from .settings import Settings
 from .telemetry import RequestRecord
-from .types import AdapterLocation, GenerationParams, GenerationResult, Result, Task
+from .types import AdapterLocation, GenerationParams, GenerationResult, Result, Task, TokenLogprob
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -76,11 +76,14 @@ def generation_params(
     seed: int | None,
     stop: Sequence[str],
     chat: bool,
+    logprobs: int | None = None,
+    prompt_logprobs: bool = False,
 ) -> GenerationParams:
-    max_new = max_new_tokens or settings.default_max_new_tokens
+    max_new = settings.default_max_new_tokens if max_new_tokens is None else max_new_tokens
     if max_new > settings.max_new_tokens_limit:
         raise InvalidInput(max_new_tokens_field, f"{max_new} is over the limit of {settings.max_new_tokens_limit}")
-    return GenerationParams(max_new, temperature, top_p, seed, tuple(stop), chat)
+    return GenerationParams(max_new, temperature, top_p, seed, tuple(stop), chat,
+                            logprobs=logprobs, prompt_logprobs=prompt_logprobs)
 
 
 def count_tokens(record: RequestRecord, results: Sequence[Result]) -> None:
@@ -89,17 +92,38 @@ def count_tokens(record: RequestRecord, results: Sequence[Result]) -> None:
     record.tokens_out += sum(r.tokens for r in results if isinstance(r, GenerationResult))
 
 
+def predict_output(result: Result) -> dict:
+    """One /predict output; `logprobs` only when asked ("details": true), `prompt_logprobs` never (no echo here)."""
+    output = asdict(result)
+    if isinstance(result, GenerationResult):
+        del output["prompt_logprobs"]
+        if result.logprobs is None:
+            del output["logprobs"]
+        else:
+            output["logprobs"] = [logprob_details(entry) for entry in result.logprobs]
+    return output
+
+
+def logprob_details(entry: TokenLogprob) -> dict:
+    return {"token_id": entry.token_id, "logprob": entry.logprob}
+
+
 def predict_body(adapter: str | None, task: Task, results: Sequence[Result]) -> dict:
     """The /predict answer; a streamed /predict ends with this same record."""
-    return {"adapter": adapter, "task": task, "outputs": [asdict(r) for r in results]}
+    return {"adapter": adapter, "task": task, "outputs": [predict_output(r) for r in results]}
 
 
-def predict_events(record: RequestRecord, adapter: str | None, stream: Iterator[str | Result]) -> Iterator[str]:
+def predict_events(
+    record: RequestRecord, adapter: str | None, stream: Iterator[str | TokenLogprob | Result]
+) -> Iterator[str]:
     """/predict as server-sent events: `delta` events with the new text, then one `result` event holding the
-    non-streaming answer (an `error` event instead if the engine fails midway)."""
+    non-streaming answer (an `error` event instead if the engine fails midway). With details, a `token` event
+    per generated token ({token_id, logprob}) comes before the delta that holds its text."""
     try:
         for item in stream:
-            if isinstance(item, str):
+            if isinstance(item, TokenLogprob):
+                yield sse(logprob_details(item), "token")
+            elif isinstance(item, str):
                 yield sse({"text": item}, "delta")
             else:
                 count_tokens(record, [item])

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+from transformers import AutoModel, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
 from server.adapter_format import METADATA_FILE
 
@@ -50,6 +50,8 @@ def make_adapter(
     torch.manual_seed(seed)
     if task == "SEQ_CLS":
         model = LlamaForSequenceClassification.from_pretrained(base, num_labels=len(labels), dtype=torch.float32)
+    elif task == "FEATURE_EXTRACTION":  # a bare LlamaModel: its keys lack the causal LM's leading "model."
+        model = AutoModel.from_pretrained(base, dtype=torch.float32)
     else:
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     config = LoraConfig(
@@ -168,7 +170,7 @@ def tree(root: Path) -> dict[str, str]:
 
 def classify_together(engine, jobs) -> list[list]:
     """Classification jobs in exactly one forward (on the engine's worker); each job's results."""
-    engine.runner.call(lambda: engine.runner._classify_jobs(jobs))
+    engine.runner.call(lambda: engine.runner._encode_jobs(jobs))
     return [job.future.result(timeout=60) for job in jobs]
 
 
@@ -194,3 +196,28 @@ def poisoned(engine, slot_index: int):
         yield
     finally:
         engine.runner.call(handle.remove)
+
+
+def peft_reference_logprobs(base: Path, adapter: Path | None, ids: list[int]) -> torch.Tensor:
+    """[tokens, vocab] float32 log-softmax of plain PEFT's logits over `ids` (row t predicts token t + 1)."""
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter)
+    with torch.no_grad():
+        return model.eval()(input_ids=torch.tensor([ids])).logits[0].float().log_softmax(-1)
+
+
+def peft_reference_embeddings(base: Path, adapter: Path | None, texts: list[str], tokenizer) -> torch.Tensor:
+    """[texts, hidden] mean-pooled, L2-normalized last hidden states of plain PEFT (float32): a FEATURE_EXTRACTION
+    adapter on a bare LlamaModel, any other on the causal LM's body."""
+    task = json.loads((adapter / "adapter_config.json").read_text())["task_type"] if adapter else None
+    if task == "FEATURE_EXTRACTION":
+        body = PeftModel.from_pretrained(AutoModel.from_pretrained(base, dtype=torch.float32), adapter)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        body = (PeftModel.from_pretrained(model, adapter) if adapter else model).get_decoder()
+    batch = tokenizer(texts, return_tensors="pt", padding=True, padding_side="right")  # positions from 0 in each row
+    with torch.no_grad():
+        hidden = body.eval()(**batch).last_hidden_state
+    weights = batch["attention_mask"][..., None].float()
+    return torch.nn.functional.normalize((hidden * weights).sum(1) / weights.sum(1), dim=-1)

@@ -44,8 +44,8 @@ def error(message: str, param: str | None, code: str | None = None, kind: str = 
          error("max_tokens: 5000 is over the limit of 1024", "max_tokens")),
         ("/v1/completions", {"model": "gen-a", "prompt": "hi", "temperature": 3}, 400,
          error("temperature: Input should be less than or equal to 2", "temperature")),
-        ("/v1/completions", {"model": "gen-a", "prompt": "hi", "logprobs": 1}, 400,
-         error("logprobs: Extra inputs are not permitted", "logprobs")),
+        ("/v1/completions", {"model": "gen-a", "prompt": "hi", "suffix": "!"}, 400,
+         error("suffix: Extra inputs are not permitted", "suffix")),
         ("/v1/completions", {"model": "gen-a", "prompt": ["a", "b"], "stream": True}, 400,
          error("prompt: a streamed request takes one prompt, not 2", "prompt")),
         ("/v1/chat/completions", {"model": "gen-a", "messages": []}, 400,
@@ -260,3 +260,77 @@ def test_concurrent_chat_requests_share_forwards(tiny_settings):
         engine.close()
     assert max(engine.batch_sizes) > 1, engine.batch_sizes
     assert all(text == alone[model] for model, text in together)
+
+
+# ---- logprobs through the official client ------------------------------------------------------------------------
+
+
+def test_completion_logprobs_and_echo(oai, tokenizer):
+    prompt = "The weather today"
+    plain = oai.completions.create(model="gen-b", prompt=prompt, max_tokens=5, temperature=0, logprobs=2)
+    echoed = oai.completions.create(model="gen-b", prompt=prompt, max_tokens=5, temperature=0, logprobs=2, echo=True)
+    prompt_tokens = len(tokenizer(prompt)["input_ids"])
+    [choice], [echo] = plain.choices, echoed.choices
+    assert echo.text == prompt + choice.text
+    assert echo.logprobs.tokens[prompt_tokens:] == choice.logprobs.tokens
+    assert echo.logprobs.token_logprobs[prompt_tokens:] == pytest.approx(choice.logprobs.token_logprobs, abs=1e-5)
+    assert echo.logprobs.token_logprobs[0] is None and echo.logprobs.top_logprobs[0] is None
+    assert all(len(top) in (2, 3) for top in echo.logprobs.top_logprobs[1:])  # n best + the chosen one
+    scored = oai.completions.create(model="gen-b", prompt=tokenizer(prompt)["input_ids"], max_tokens=0, echo=True,
+                                    logprobs=1)
+    assert scored.choices[0].logprobs.token_logprobs == pytest.approx(
+        echo.logprobs.token_logprobs[:prompt_tokens], abs=1e-5)
+
+
+def test_streamed_logprobs_equal_the_whole_answers(oai):
+    kwargs = {"model": "gen-a", "prompt": "Tell me a story", "max_tokens": 8, "temperature": 0, "logprobs": 3}
+    whole = oai.completions.create(**kwargs).choices[0].logprobs
+    chunks = [c.choices[0] for c in oai.completions.create(**kwargs, stream=True)]
+    streamed = [c.logprobs for c in chunks if c.logprobs is not None]
+    assert [t for lp in streamed for t in lp.tokens] == whole.tokens
+    assert [t for lp in streamed for t in lp.text_offset] == whole.text_offset
+    assert [x for lp in streamed for x in lp.token_logprobs] == pytest.approx(whole.token_logprobs, abs=1e-5)
+    assert [x for lp in streamed for x in lp.top_logprobs] == whole.top_logprobs
+
+    chat = {"model": "gen-a", "messages": MESSAGES, "max_tokens": 6, "temperature": 0, "logprobs": True,
+            "top_logprobs": 2}
+    content = oai.chat.completions.create(**chat).choices[0].logprobs.content
+    stream = list(oai.chat.completions.create(**chat, stream=True))
+    streamed_content = [t for c in stream if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert [t.token for t in streamed_content] == [t.token for t in content]
+    assert [t.logprob for t in streamed_content] == pytest.approx([t.logprob for t in content], abs=1e-5)
+    assert [[a.token for a in t.top_logprobs] for t in streamed_content] == [
+        [a.token for a in t.top_logprobs] for t in content]
+
+
+def test_chat_top_logprobs(oai):
+    chat = oai.chat.completions.create(model="gen-mlp", messages=MESSAGES, max_tokens=4, temperature=0, logprobs=True,
+                                       top_logprobs=3)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens
+    for token in content:
+        assert len(token.top_logprobs) == 3 and token.bytes == list(token.token.encode())
+        assert token.logprob == pytest.approx(token.top_logprobs[0].logprob, abs=1e-6)  # greedy takes the best
+        assert [t.logprob for t in token.top_logprobs] == sorted((t.logprob for t in token.top_logprobs), reverse=True)
+
+
+def test_embeddings_through_the_client(oai, base_name, tiny_base, adapter_store, tokenizer):
+    """The client asks for base64 by default and decodes it; the vectors are PEFT's, and the adapter's own."""
+    import torch
+
+    from tests.helpers import peft_reference_embeddings
+
+    texts = ["a gorgeous, witty film", "dull and lifeless"]
+    adapted = oai.embeddings.create(model="gen-mlp", input=texts)
+    base = oai.embeddings.create(model=base_name, input=texts)
+    ours = torch.tensor([d.embedding for d in adapted.data])
+    assert ours.shape == (2, 64) and torch.allclose(ours.norm(dim=-1), torch.ones(2), atol=1e-6)
+    reference = peft_reference_embeddings(tiny_base, adapter_store / "gen-mlp", texts, tokenizer)
+    assert torch.allclose(ours, reference, atol=1e-5)
+    assert (ours - torch.tensor([d.embedding for d in base.data])).abs().max() > 1e-2
+    assert adapted.usage.prompt_tokens == sum(len(tokenizer(t)["input_ids"]) for t in texts)
+    floats = oai.embeddings.create(model="gen-mlp", input=texts, encoding_format="float")
+    assert [d.embedding for d in floats.data] == [d.embedding for d in adapted.data]
+    with pytest.raises(openai.BadRequestError) as refused:
+        oai.embeddings.create(model="gen-mlp", input=texts, dimensions=16)
+    assert refused.value.param == "dimensions"

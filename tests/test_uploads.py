@@ -541,3 +541,27 @@ def test_a_corrupt_deflate_stream_is_422(refused, good_members):
     data = 30 + name_len + extra_len
     body[data : data + 16] = b"\xff" * 16  # the first member's compressed bytes
     refused("corrupt", as_file(bytes(body)), 422, "the archive cannot be read")
+
+
+def test_openapi_describes_the_upload_form_and_a_client_built_from_it_uploads(admin, adapter_store):
+    """What Swagger UI and generated clients do: read the multipart schema, send one part per field."""
+    from server.routes_adapters import FORM_FIELDS
+
+    operation = admin.get("/openapi.json").json()["paths"]["/adapters"]["post"]
+    schema = operation["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert set(schema["properties"]) == FORM_FIELDS | {"files"} and schema["required"] == ["name", "files"]
+    values = {"name": "from-schema", "replace": False, "files": sorted((adapter_store / "gen-a").iterdir())}
+    data, files = {}, []
+    for field, spec in schema["properties"].items():
+        if spec["type"] == "array" and spec["items"] == {"type": "string", "format": "binary"}:
+            files += [(field, (path.name, path.read_bytes(), "application/octet-stream")) for path in values[field]]
+        elif spec["type"] == "boolean":
+            data[field] = str(values[field]).lower()
+        else:
+            assert spec["type"] == "string"
+            data[field] = values[field]
+    created = admin.post("/adapters", data=data, files=files)
+    assert created.status_code == 201, created.text
+    assert created.json()["name"] == "from-schema" and created.json()["task"] == "generation"
+    answer = admin.post("/predict?adapter=from-schema", json={"inputs": "hi", "parameters": {"max_new_tokens": 2}})
+    assert answer.status_code == 200 and answer.json()["outputs"][0]["tokens"] > 0
