@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -221,3 +223,23 @@ def peft_reference_embeddings(base: Path, adapter: Path | None, texts: list[str]
         hidden = body.eval()(**batch).last_hidden_state
     weights = batch["attention_mask"][..., None].float()
     return torch.nn.functional.normalize((hidden * weights).sum(1) / weights.sum(1), dim=-1)
+
+
+def wait_for_health(process: subprocess.Popen, url: str, log_path: Path, seconds: float) -> None:
+    """Poll a server process's /health until it answers 200; fail with the server's log if the process exits or
+    is not ready within `seconds`."""
+    import httpx
+    import pytest
+
+    deadline = time.monotonic() + seconds
+    while True:
+        if process.poll() is not None:
+            pytest.fail(f"the server exited with {process.returncode}:\n{log_path.read_text()}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"the server was not ready after {seconds:.0f} s:\n{log_path.read_text()}")
+        time.sleep(0.2)

@@ -20,7 +20,7 @@ import openai
 import pytest
 
 from server.finetune import inspect_jsonl
-from tests.helpers import ADMIN_TOKEN, app_client, tree
+from tests.helpers import ADMIN_TOKEN, app_client, tree, wait_for_health
 
 REPO = Path(__file__).resolve().parent.parent
 CHAT_ROWS = [
@@ -203,16 +203,7 @@ def serve(base: Path | None, store: Path, log_path: Path, *flags: str) -> Iterat
                                    env={**os.environ, "HF_HUB_OFFLINE": "1"})
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert process.poll() is None, f"server exited with {process.returncode}:\n{log_path.read_text()}"
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, f"server not ready after 90 s:\n{log_path.read_text()}"
-            time.sleep(0.2)
+        wait_for_health(process, url, log_path, 90)
         yield url, process
     finally:
         if process.poll() is None:

@@ -27,6 +27,7 @@ from tests.helpers import (
     peft_reference_probs,
     tree,
     upload,
+    wait_for_health,
 )
 
 TEXTS = ["a stirring , funny and finally transporting film", "one long string of cliches ."]
@@ -135,21 +136,13 @@ class ServerProcess:
         args = [sys.executable, "-m", "server", "--base-model", str(base), "--adapters-dir", str(store),
                 "--port", str(self.port), "--dtype", "float32", "--num-threads", "1", "--admin-token", TOKEN]
         env = dict(os.environ, HF_HUB_OFFLINE="1")
+        self.log_path = log
         self.log = log.open("ab")
         self.process = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=env,
                                         cwd=Path(__file__).resolve().parent.parent)
 
     def wait_ready(self, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.process.poll() is None, "the server exited"
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError("the server did not become ready")
+        wait_for_health(self.process, self.url, self.log_path, timeout)
 
     def kill(self) -> None:
         self.process.send_signal(signal.SIGKILL)

@@ -15,6 +15,7 @@ import openai
 import pytest
 
 from tests.conftest import LABELS
+from tests.helpers import wait_for_health
 
 REPO = Path(__file__).resolve().parent.parent
 ADAPTERS = {"gen-a", "gen-b", "gen-mlp", "sentiment", "topic"}
@@ -107,18 +108,7 @@ def server(tiny_base, adapter_store, tmp_path_factory):
                                    env={**os.environ, "HF_HUB_OFFLINE": "1"})
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"server exited with {process.returncode}:\n{log_path.read_text()}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"server not ready after 90 s:\n{log_path.read_text()}")
-            time.sleep(0.2)
+        wait_for_health(process, url, log_path, 90)
         yield url, log_path
     finally:
         process.terminate()

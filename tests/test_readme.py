@@ -21,12 +21,12 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
+
+from tests.helpers import wait_for_health
 
 REPO = Path(__file__).resolve().parent.parent
 README_PORT = "127.0.0.1:8000"
@@ -122,18 +122,7 @@ def reader(tmp_path_factory) -> Reader:
                                   stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300  # a first start converts the embedded base (about 35 s)
-        while True:
-            if server.poll() is not None:
-                pytest.fail(f"the server exited with {server.returncode}:\n{log_path.read_text()}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"the server was not ready after 300 s:\n{log_path.read_text()}")
-            time.sleep(0.5)
+        wait_for_health(server, url, log_path, 300)  # a first start converts the embedded base (about 35 s)
         yield Reader(workdir, url, env)
     finally:
         server.terminate()
