@@ -321,7 +321,6 @@ class OpenAIRoute(APIRoute):
 router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIRoute)
 
 
-
 def params_of(
     settings: Settings, body: Sampling, max_tokens: int | None, chat: bool,
     logprobs: int | None = None, echo: bool = False,
@@ -336,11 +335,13 @@ def params_of(
         logprobs=logprobs, prompt_logprobs=echo and logprobs is not None,
     )
 
+
 def stream_answer(
     reply: Reply, body: Sampling, stream: Iterator[str | Result], record: RequestRecord
 ) -> Response:
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     return event_stream(reply.events(started(stream), record, include_usage))
+
 
 def refuse_for_classifier(name: str, *, logprobs: bool, echo: bool = False, token_ids: bool = False) -> None:
     """What a classification adapter cannot give: it reads text and answers a label, not tokens."""
@@ -371,6 +372,7 @@ def list_models(svc: ServicesDep) -> dict:
     ]
     return {"object": "list", "data": models}
 
+
 @router.post("/completions")
 def completions(body: CompletionRequest, svc: ServicesDep, record: RecordDep):
     engine = svc.ready_engine()
@@ -395,6 +397,7 @@ def completions(body: CompletionRequest, svc: ServicesDep, record: RecordDep):
     count_tokens(record, results)
     return reply.body(results, record)
 
+
 @router.post("/chat/completions")
 def chat_completions(body: ChatRequest, svc: ServicesDep, record: RecordDep):
     engine = svc.ready_engine()
@@ -416,7 +419,6 @@ def chat_completions(body: ChatRequest, svc: ServicesDep, record: RecordDep):
     _, results = engine.predict(location, [prompt], params)  # batched with other requests
     count_tokens(record, results)
     return reply.body(results, record)
-
 
 
 @router.post("/embeddings")

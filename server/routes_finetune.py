@@ -132,7 +132,6 @@ def _list_body(data: list[dict], has_more: bool) -> dict:
 router = APIRouter(prefix="/v1", tags=["fine-tuning"], route_class=OpenAIRoute)
 
 
-
 # ---- files ------------------------------------------------------------------------------------------------
 
 
