@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated
 
+import anyio.to_thread
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
@@ -19,6 +20,7 @@ from .deps import Services, ServicesDep, status_of
 from .engine import Engine
 from .errors import AdapterInvalid, InvalidInput, LoraswapError
 from .openai_api import router as openai_router
+from .request_context import current_request
 from .routes_adapters import router as adapters_router
 from .routes_finetune import router as finetune_router
 from .schemas import PredictRequest
@@ -26,6 +28,7 @@ from .serving import (
     count_tokens,
     event_stream,
     generation_params,
+    internal_error_message,
     predict_body,
     predict_events,
     refuse_generation_parameters,
@@ -42,7 +45,10 @@ router = APIRouter()
 
 
 @router.get("/health")
-def health(svc: ServicesDep):
+async def health(svc: ServicesDep):
+    """On the event loop, never behind busy worker threads: probes are answered under any load."""
+    if svc.lifecycle.draining:
+        return JSONResponse(status_code=503, content={"status": "draining"})
     if svc.engine is None:
         status = "failed" if svc.load_error else "loading"
         return JSONResponse(status_code=503, content={"status": status, "detail": svc.load_error})
@@ -55,7 +61,7 @@ def console() -> FileResponse:
 
 
 @router.get("/metrics", include_in_schema=False)
-def metrics(svc: ServicesDep) -> Response:
+async def metrics(svc: ServicesDep) -> Response:
     return Response(svc.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
@@ -67,6 +73,7 @@ def predict(
     adapter: Annotated[str | None, Query(description="Adapter name; omit to use the base model.")] = None,
 ):
     engine = svc.ready_engine()
+    current_request().limit_timeout(body.timeout)
     location = resolve_model(svc.registry, engine, record, adapter)
     if location is not None:
         refuse_generation_parameters(svc.registry.get(location.name).task, location.name, body.parameters)
@@ -96,6 +103,10 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        # sync routes hold a worker thread while their request is in the engine: enough threads for every request
+        # admission control lets in, plus room for the ones it refuses at once
+        limiter = anyio.to_thread.current_default_thread_limiter()
+        limiter.total_tokens = max(limiter.total_tokens, settings.max_rows_in_flight + 64)
         if services.engine is None:
             threading.Thread(target=services.load, name="base-loader", daemon=True).start()
         services.finetune.start()
@@ -108,7 +119,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 
     app = FastAPIOffline(title="loraswap", lifespan=lifespan)  # /docs and /redoc work offline
     app.state.services = services
-    app.add_middleware(RequestTelemetry, metrics=services.metrics)
+    app.add_middleware(RequestTelemetry, metrics=services.metrics, lifecycle=services.lifecycle,
+                       timeout_s=settings.request_timeout_s)
     app.include_router(router)
     app.include_router(adapters_router)
     app.include_router(openai_router)
@@ -121,6 +133,12 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         if isinstance(exc, AdapterInvalid):
             content["problems"] = exc.problems  # one entry per problem, for clients that list them
         return JSONResponse(status_code=status_of(exc), content=content, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def internal_error(_request: Request, exc: Exception) -> JSONResponse:
+        """A bug or a model failure: the JSON error shape, naming the request id that the log line carries."""
+        return JSONResponse(status_code=500, content={"detail": internal_error_message()},
+                            headers={"X-Request-Id": current_request().request_id})
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:

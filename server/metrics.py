@@ -38,6 +38,10 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.rejected = Counter(
+            "loraswap_rejected_requests", "Inference requests refused by admission control (429).", ["adapter"],
+            registry=r,
+        )
         self.tokens_in = Counter("loraswap_input_tokens", "Prompt tokens read.", ["adapter"], registry=r)
         self.tokens_out = Counter("loraswap_output_tokens", "Tokens generated.", ["adapter"], registry=r)
         self.load_seconds = Histogram(
@@ -57,6 +61,8 @@ class Metrics:
 
     def observe_request(self, adapter: str, status: int, seconds: float, tokens_in: int, tokens_out: int) -> None:
         self.requests.labels(adapter, str(status)).inc()
+        if status == 429:
+            self.rejected.labels(adapter).inc()
         self.latency.labels(adapter).observe(seconds)
         self.tokens_in.labels(adapter).inc(tokens_in)
         self.tokens_out.labels(adapter).inc(tokens_out)
