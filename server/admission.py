@@ -5,7 +5,8 @@ Two bounds, on what admitted requests still hold (queued or decoding): rows, and
 most it may generate, which is what its KV cache can grow to). A request that would cross either bound is refused,
 unless nothing else is admitted (a lone request larger than a bound would otherwise never run; the encoder's own
 limits bound it). The engine checks the gate before it loads an adapter (`check`: full already?) and reserves the
-exact amount when it queues the job (`reserve`), so a refusal costs no model work.
+exact amount when it queues the job (`reserve`), so a refusal costs no model work; while the gate is full, the HTTP
+edge refuses inference requests before it even parses them (server/api.py, `ShedWhenFull`).
 """
 
 from __future__ import annotations
@@ -42,6 +43,15 @@ class AdmissionGate:
         """Refuse at once if the engine is full already (before any work is done for the request)."""
         with self._lock:
             self._refuse_if_over(1, 1)
+
+    def full(self) -> Overloaded | None:
+        """The refusal any new request would get now, if the engine is full (the HTTP edge sheds load with it
+        before it parses a request)."""
+        try:
+            self.check()
+        except Overloaded as refusal:
+            return refusal
+        return None
 
     def reserve(self, rows: int, tokens: int) -> Ticket:
         with self._lock:

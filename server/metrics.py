@@ -95,6 +95,14 @@ class _EngineGauges(Collector):
         yield GaugeMetricFamily(
             "loraswap_queue_depth", "Requests waiting for the engine thread.", value=engine.queue_depth
         )
+        admission = engine.admission
+        yield GaugeMetricFamily(
+            "loraswap_admitted_rows", "Rows of admitted requests (queued or decoding).", value=admission.rows
+        )
+        yield GaugeMetricFamily(
+            "loraswap_admitted_tokens", "Tokens admitted requests may hold (prompts plus max_new_tokens).",
+            value=admission.tokens,
+        )
         yield GaugeMetricFamily(
             "loraswap_decoding_rows", "Generation rows in the decode batch now.", value=engine.runner.decoding
         )

@@ -294,7 +294,9 @@ def _domain_error(exc: LoraswapError, status: int) -> JSONResponse:
         return error_response(404, message, "model", "model_not_found")
     if isinstance(exc, InvalidInput):
         return error_response(400, str(exc), exc.field)
-    return error_response(400 if status == 422 else status, str(exc))
+    response = error_response(400 if status == 422 else status, str(exc))
+    response.headers.update(exc.headers or {})  # Retry-After with a 429, WWW-Authenticate with a 401
+    return response
 
 
 def _validation_error(exc: RequestValidationError) -> JSONResponse:
