@@ -101,6 +101,31 @@ def predict(
     return predict_body(adapter, task, results)
 
 
+ERROR_BODY_SCHEMA = {
+    "title": "Error",
+    "type": "object",
+    "required": ["detail"],
+    "properties": {
+        "detail": {"type": "string", "description": "'field: problem' for each problem, joined by '; '"},
+        "problems": {"type": "array", "items": {"type": "string"}, "description": "an invalid adapter's problems"},
+    },
+}
+
+
+def document_error_body(app: FastAPI) -> None:
+    """Our 422 body is {"detail": "field: problem"} (invalid_request below), not FastAPI's list of dicts: say so
+    in /openapi.json, where every route's 422 refers to HTTPValidationError (generated clients and schemathesis
+    read it)."""
+    generate = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            generate()["components"]["schemas"]["HTTPValidationError"] = ERROR_BODY_SCHEMA
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
 INFERENCE_PATHS = frozenset({"/predict", "/v1/completions", "/v1/chat/completions", "/v1/embeddings"})
 MAX_SHED_BODY = 64 * 1024  # of a refused request, read at most this much to label its metrics by model
 
@@ -182,6 +207,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.include_router(openai_router)
     app.include_router(finetune_router)
     app.mount("/console", StaticFiles(directory=CONSOLE_DIR), name="console")
+    document_error_body(app)
 
     @app.exception_handler(LoraswapError)
     async def domain_error(_request: Request, exc: LoraswapError) -> JSONResponse:

@@ -24,6 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from starlette.exceptions import HTTPException
 
 from .deps import ServicesDep, status_of
 from .engine import Engine
@@ -321,6 +322,8 @@ class OpenAIRoute(APIRoute):
                 return _validation_error(exc)
             except LoraswapError as exc:
                 return _domain_error(exc, status_of(exc))
+            except HTTPException as exc:  # FastAPI's own, e.g. a body that is not UTF-8
+                return error_response(exc.status_code, str(exc.detail))
             except Exception:
                 log.exception("request failed")
                 return error_response(500, internal_error_message())

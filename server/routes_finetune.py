@@ -29,9 +29,11 @@ MEDIA_TYPES = {".jsonl": "application/jsonl", ".csv": "text/csv", ".png": "image
 class Hyperparameters(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    n_epochs: Literal["auto"] | int | float | None = Field(None, gt=0, le=1000)  # fractional allowed
-    batch_size: Literal["auto"] | int | None = Field(None, ge=1, le=256)
-    learning_rate_multiplier: Literal["auto"] | float | None = Field(None, gt=0, le=100)
+    # the bounds sit on the numbers: on the union, pydantic would apply them to "auto" too (a TypeError, found by
+    # schemathesis)
+    n_epochs: Literal["auto"] | Annotated[int | float, Field(gt=0, le=1000)] | None = None  # fractional allowed
+    batch_size: Literal["auto"] | Annotated[int, Field(ge=1, le=256)] | None = None
+    learning_rate_multiplier: Literal["auto"] | Annotated[float, Field(gt=0, le=100)] | None = None
 
 
 class Supervised(BaseModel):
@@ -173,7 +175,8 @@ def get_file(svc: ServicesDep, file_id: str) -> dict:
     return svc.finetune.files.get(file_id).as_openai()
 
 
-@router.get("/files/{file_id}/content")
+@router.get("/files/{file_id}/content", response_class=Response,
+            responses={200: {"content": {t: {} for t in MEDIA_TYPES.values()}, "description": "The file as uploaded"}})
 def file_content(svc: ServicesDep, file_id: str) -> Response:
     record = svc.finetune.files.get(file_id)
     return Response(svc.finetune.files.path(record).read_bytes(), media_type=MEDIA_TYPES[record.suffix])
