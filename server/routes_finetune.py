@@ -11,7 +11,7 @@ from typing import Annotated, Literal, TypeVar
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
@@ -29,11 +29,16 @@ MEDIA_TYPES = {".jsonl": "application/jsonl", ".csv": "text/csv", ".png": "image
 class Hyperparameters(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    # the bounds sit on the numbers: on the union, pydantic would apply them to "auto" too (a TypeError, found by
-    # schemathesis)
-    n_epochs: Literal["auto"] | Annotated[int | float, Field(gt=0, le=1000)] | None = None  # fractional allowed
-    batch_size: Literal["auto"] | Annotated[int, Field(ge=1, le=256)] | None = None
-    learning_rate_multiplier: Literal["auto"] | Annotated[float, Field(gt=0, le=100)] | None = None
+    # "auto" is read as None (the same default) before the bounds apply: pydantic would compare "auto" with them
+    # (a TypeError, a 500, found by schemathesis)
+    n_epochs: int | float | None = Field(None, gt=0, le=1000)  # fractional allowed
+    batch_size: int | None = Field(None, ge=1, le=256)
+    learning_rate_multiplier: float | None = Field(None, gt=0, le=100)
+
+    @field_validator("n_epochs", "batch_size", "learning_rate_multiplier", mode="before")
+    @classmethod
+    def _auto_is_default(cls, value: object) -> object:
+        return None if value == "auto" else value
 
 
 class Supervised(BaseModel):
@@ -74,7 +79,7 @@ def _hyperparameters(body: JobRequest) -> Hyperparameters:
 
 
 def _resolve(value: object, key: str) -> object:
-    return AUTO[key] if value in (None, "auto") else value
+    return AUTO[key] if value is None else value
 
 
 def _lora_options(metadata: dict[str, str], max_rank: int, num_layers: int, max_context: int) -> dict:
