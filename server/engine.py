@@ -9,6 +9,7 @@ adapter never reaches the model ("validate, load, only then evict").
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import Future
@@ -27,12 +28,14 @@ from .errors import AdapterChanged, AdapterInvalid, InvalidInput
 from .lora import LoraContext, MultiLoraLinear, fit_problems, resolve_module_path, wrap_linear_layers
 from .runner import ClassifyJob, EmbedJob, GenerateJob, MergePolicy, ModelRunner
 from .settings import Settings
-from .slots import BASE_SLOT, AdapterSlots, Installer, LoadedAdapter, Slot
+from .request_context import current_request
+from .slots import BASE_SLOT, AdapterSlots, Installer, LoadedAdapter, Slot, SlotsBusy
 from .types import (
     AdapterLocation, ClassificationResult, EmbeddingResult, GenerationParams, GenerationResult, Task, TokenLogprob
 )
 
 log = logging.getLogger(__name__)
+SLOT_WAIT_S = 60.0  # how long a request without a deadline waits for an adapter slot when all are in use
 
 
 class EngineObserver(Protocol):
@@ -131,8 +134,17 @@ class Engine:
 
     def acquire(self, location: AdapterLocation) -> Slot:
         """The slot serving this adapter version, loaded on first use (once, however many ask at the same time);
-        the caller must release() it."""
-        return self.slots.acquire(location)
+        the caller must release() it. With every slot in use, it waits for one until the request's deadline
+        (without one, SLOT_WAIT_S)."""
+        request = current_request()
+        deadline = request.deadline
+        wait_s = SLOT_WAIT_S if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            return self.slots.acquire(location, wait_s)
+        except SlotsBusy:
+            if request.expired():
+                raise request.deadline_error() from None
+            raise
 
     def release(self, slot: Slot) -> None:
         self.slots.release(slot)
