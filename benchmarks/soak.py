@@ -290,6 +290,7 @@ def main() -> None:
         "p99_ms": round(latencies[min(requests - 1, int(0.99 * requests))] * 1000, 1),
         "rss_start_mib": round(rss_start, 1), "rss_end_mib": round(rss_end, 1),
         "rss_max_mib": round(max(rss_samples), 1), "rss_growth": round(rss_end / rss_start - 1, 4),
+        "rss_every_10s_mib": [round(x) for x in rss_samples],
         "wrong_examples": soak.wrong[:10], "server_exit_code": server.returncode,
     }
     RESULTS.mkdir(exist_ok=True)

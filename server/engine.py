@@ -26,9 +26,9 @@ from .base_model import BaseInfo, load_base
 from .encoding import InputEncoder, TextDeltas
 from .errors import AdapterChanged, AdapterInvalid, InvalidInput
 from .lora import LoraContext, MultiLoraLinear, fit_problems, resolve_module_path, wrap_linear_layers
+from .request_context import current_request
 from .runner import ClassifyJob, EmbedJob, GenerateJob, MergePolicy, ModelRunner
 from .settings import Settings
-from .request_context import current_request
 from .slots import BASE_SLOT, AdapterSlots, Installer, LoadedAdapter, Slot, SlotsBusy
 from .types import (
     AdapterLocation, ClassificationResult, EmbeddingResult, GenerationParams, GenerationResult, Task, TokenLogprob

@@ -629,8 +629,8 @@ class ModelRunner:
             self._batch = None
 
     def _drop_gone_rows(self) -> None:
-        """Rows of cancelled or failed requests leave before the next forward (and before any control job frees
-        their adapter's slot)."""
+        """Rows of requests cancelled, failed, past their deadline or left by their client leave before the next
+        forward (and before any control job frees their adapter's slot)."""
         if self._batch is not None:
             for job in {id(row.job): row.job for row in self._batch.rows}.values():
                 _end_if_abandoned(job)
