@@ -308,16 +308,16 @@ class ModelRunner:
         """Run fn on the worker thread (alone, between forwards) and return its result."""
         if threading.current_thread() is self._thread:
             return fn()
-        return self._enqueue(self._controls, ControlJob(fn)).result()
+        return self._enqueue(ControlJob(fn)).result()
 
     def classify(self, job: ClassifyJob | EmbedJob) -> Future:
         """Queue a classification or embedding job: they share one forward per turn."""
-        return self._enqueue(self._classify, job)
+        return self._enqueue(job)
 
     def generate(self, job: GenerateJob) -> Future:
         if job.stream is not None:
             job.future.add_done_callback(lambda _: job.stream.put(None))
-        return self._enqueue(self._generate, job)
+        return self._enqueue(job)
 
     @property
     def decoding(self) -> int:
@@ -337,10 +337,14 @@ class ModelRunner:
             self._cond.notify()
         self._thread.join(timeout=30)
 
-    def _enqueue(self, queue: list, job: ControlJob | ClassifyJob | EmbedJob | GenerateJob) -> Future:
-        with self._cond:
+    def _enqueue(self, job: ControlJob | ClassifyJob | EmbedJob | GenerateJob) -> Future:
+        with self._cond:  # the queue is looked up under the lock: the worker swaps the lists for new ones
             if self._closed:
                 raise RuntimeError("the engine is shut down")
+            queue = (
+                self._controls if isinstance(job, ControlJob) else self._generate if isinstance(job, GenerateJob)
+                else self._classify
+            )
             queue.append(job)
             self._cond.notify()
         return job.future
