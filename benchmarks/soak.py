@@ -117,6 +117,8 @@ class Soak:
         self.statuses: Counter[int] = Counter()
         self.outcomes: Counter[str] = Counter()
         self.wrong: list[dict] = []
+        self.answers: list[tuple] = []  # judged once the churner has recorded every change (judge_all)
+        self._lock = threading.Lock()
 
     def client(self, worker: int) -> None:
         rng = random.Random(worker)
@@ -130,11 +132,24 @@ class Soak:
             if task == "generation":
                 body["parameters"] = {"max_new_tokens": MAX_NEW_TOKENS}
             sent = time.monotonic()
-            response = self.http.post(f"/predict?adapter={name}", json=body)
+            try:
+                response = self.http.post(f"/predict?adapter={name}", json=body)
+            except httpx.HTTPError as exc:  # no answer within the client's 120 s: as wrong as a wrong answer
+                with self._lock:
+                    self.outcomes["wrong"] += 1
+                    self.wrong.append({"adapter": name, "input": item, "error": repr(exc)})
+                continue
             answered = time.monotonic()
-            self.latencies.append(answered - sent)
-            self.statuses[response.status_code] += 1
-            self.judge(name, item, stream, response, sent, answered)
+            with self._lock:
+                self.latencies.append(answered - sent)
+                self.statuses[response.status_code] += 1
+                self.answers.append((name, item, stream, response, sent, answered))
+
+    def judge_all(self) -> None:
+        """After the run: a change is recorded when its upload or delete has been answered, so an answer is judged
+        only once every change that began before it was answered is on record."""
+        for answer in self.answers:
+            self.judge(*answer)
 
     def judge(self, name: str, item: str, stream: bool, response: httpx.Response, sent: float, answered: float):
         variants = self.churn.possible(name, sent, answered) if name in CHURNING else {0}
@@ -275,6 +290,7 @@ def main() -> None:
             rss_samples.append(rss_mb(server.pid))
             time.sleep(10)
         rss_end = rss_mb(server.pid)
+        soak.judge_all()
     finally:
         server.terminate()
         server.wait(timeout=60)
