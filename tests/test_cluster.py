@@ -107,3 +107,146 @@ def test_answers_equal_the_single_process_server_and_name_their_replica(http, cl
         _same(_answer(got), _answer(_predict(client, adapter, **parameters)))
     base = http.post("/predict", json={"inputs": "Hello", "parameters": GREEDY})
     _same(_answer(base), _answer(client.post("/predict", json={"inputs": "Hello", "parameters": GREEDY})))
+
+
+def test_each_adapter_sticks_to_one_replica_and_both_replicas_serve(http):
+    for adapter in ADAPTERS:  # warm-up: each version loads somewhere and the replicas report what they hold
+        for _ in range(3):
+            _answer(_predict(http, adapter))
+    time.sleep(0.5)
+    served: dict[str, Counter] = {adapter: Counter() for adapter in ADAPTERS}
+    for _ in range(40):
+        for adapter in ADAPTERS:
+            response = _predict(http, adapter)
+            _answer(response)
+            served[adapter][response.headers[REPLICA_HEADER]] += 1
+    for adapter, replicas in served.items():
+        assert replicas.most_common(1)[0][1] >= 36, (adapter, replicas)  # >= 90 % of 40 on one replica
+    assert len({r for replicas in served.values() for r in replicas}) == 2, served
+
+
+def test_streaming_openai_and_metrics_through_the_ingress(http, client):
+    body = {"inputs": "Once upon", "parameters": GREEDY, "stream": True}
+    want = _answer(client.post("/predict", params={"adapter": "gen-a"}, json={**body, "stream": False}))
+    with http.stream("POST", "/predict", params={"adapter": "gen-a"}, json=body) as response:
+        assert response.status_code == 200 and response.headers[REPLICA_HEADER]
+        text = response.read().decode()
+    deltas = [line for line in text.splitlines() if line.startswith("data:")]
+    assert '"event"' not in text and "event: result" in text and len(deltas) >= 2
+    result = __import__("json").loads(deltas[-1][len("data: "):])
+    _same(result["outputs"][0], want)
+
+    chat = {"model": "gen-b", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5, "temperature": 0}
+    got = http.post("/v1/chat/completions", json=chat)
+    assert got.status_code == 200 and got.headers[REPLICA_HEADER]
+    assert got.json()["choices"] == client.post("/v1/chat/completions", json=chat).json()["choices"]
+    missing = http.post("/v1/completions", json={"model": "nope", "prompt": "x"})
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+    too_long = _predict(http, "gen-a", max_new_tokens=10**6)
+    assert too_long.status_code == 422 and "max_new_tokens" in too_long.json()["detail"]
+
+    metrics = http.get("/metrics").text
+    assert 'loraswap_requests_total{adapter="gen-b",status="200"}' in metrics
+    replicas = {line.split('replica="')[1].split('"')[0] for line in metrics.splitlines()
+                if line.startswith("loraswap_loaded_adapters{")}
+    assert len(replicas) == 2
+
+
+def _location(http, store, name: str) -> AdapterLocation:
+    shown = http.get(f"/adapters/{name}").json()
+    return AdapterLocation(name, shown["version"], store / ".versions" / name / str(shown["version"]), shown["sha256"])
+
+
+def _upload(http, folder, name: str, replace: bool = False):
+    data = {"name": name, "replace": "true"} if replace else {"name": name}
+    response = http.post("/adapters", data=data, files=folder_files(folder),
+                         headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def test_an_upload_answers_from_both_replicas(http, engine, tiny_base, cluster_store, tmp_path):
+    _upload(http, make_adapter(tiny_base, tmp_path / "new", r=8, seed=11), "fresh")
+    location = _location(http, cluster_store, "fresh")
+    params = GenerationParams(max_new_tokens=6, temperature=0.0)
+    [want] = engine.predict(location, ["A new adapter"], params)[1]
+    handle = serve.get_deployment_handle(ENGINE_DEPLOYMENT, app_name=APP)
+    answers = handle.broadcast("predict", location, ["A new adapter"], params).results(timeout_s=60)
+    assert len({replica for replica, _, _ in answers}) == 2
+    for _, task, [got] in answers:
+        assert task == "generation" and got.token_ids == want.token_ids
+
+
+def test_after_a_replace_no_answer_comes_from_the_old_version(http, engine, tiny_base, cluster_store, tmp_path):
+    labels = ["no", "yes"]
+    old = make_adapter(tiny_base, tmp_path / "old", task="SEQ_CLS", r=4, seed=21, labels=labels)
+    new = make_adapter(tiny_base, tmp_path / "new", task="SEQ_CLS", r=4, seed=22, labels=labels)
+    _upload(http, old, "swap")
+    text = "Is this the new one?"
+    old_scores = _answer(_predict(http, "swap", text))["scores"]
+    for _ in range(6):  # both replicas hold the old version
+        _answer(_predict(http, "swap", text))
+    answers: list[tuple[float, dict]] = []
+    stop = threading.Event()
+
+    def traffic():
+        with httpx.Client(base_url=str(http.base_url), timeout=60) as own:
+            while not stop.is_set():
+                sent = time.monotonic()
+                answers.append((sent, _answer(_predict(own, "swap", text))["scores"]))
+
+    threads = [threading.Thread(target=traffic) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.5)
+    _upload(http, new, "swap", replace=True)
+    replaced = time.monotonic()
+    time.sleep(1.5)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    location = _location(http, cluster_store, "swap")
+    [want] = engine.predict(location, [text], GenerationParams())[1]
+    after = [scores for sent, scores in answers if sent > replaced]
+    assert after and len(after) < len(answers)
+    for scores in after:
+        assert scores == pytest.approx(want.scores, abs=1e-5)
+        assert scores != pytest.approx(old_scores, abs=1e-3)
+
+
+def test_a_replica_killed_during_traffic(http, client):
+    want = {adapter: _answer(_predict(client, adapter)) for adapter in ("sentiment", "topic")}
+    outcomes: list[tuple[int, str, dict]] = []
+    stop = threading.Event()
+
+    def traffic(adapter: str):
+        with httpx.Client(base_url=str(http.base_url), timeout=60) as own:
+            while not stop.is_set():
+                response = _predict(own, adapter)
+                outcomes.append((response.status_code, adapter, response.json()))
+
+    threads = [threading.Thread(target=traffic, args=(a,)) for a in want for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    time.sleep(1)
+    [victim, *_] = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+                    if a["name"].startswith(f"SERVE_REPLICA::{APP}#{ENGINE_DEPLOYMENT}#")]
+    ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+    killed = len(outcomes)
+    time.sleep(4)
+    stop.set()
+    for thread in threads:
+        thread.join()
+    assert len(outcomes) > killed
+    statuses = Counter(status for status, _, _ in outcomes)
+    assert set(statuses) <= {200, 503}, statuses
+    for status, adapter, body in outcomes:
+        if status == 200:
+            _same(body["outputs"][0], want[adapter])
+        else:
+            assert "engine replica" in body["detail"]
+    deadline = time.monotonic() + 90
+    while _running_replicas() != 2:
+        assert time.monotonic() < deadline, serve.status()
+        time.sleep(1)
+    _same(_answer(_predict(http, "sentiment")), want["sentiment"])
