@@ -295,10 +295,12 @@ class ClusterMetrics(Metrics):
 
     def __init__(self, engine: Callable[[], RemoteEngine | None]):
         super().__init__(lambda: None)  # no engine gauges of its own: they come from the replicas
+        for engine_metric in (self.load_seconds, self.evictions, self.batch_size):
+            self.registry.unregister(engine_metric)
         self._remote = engine
 
     def render(self) -> bytes:
-        own = self.registry  # rendered first; replica families of the same names are dropped
+        own = self.registry  # request metrics; the replicas' of the same names (never observed there) are dropped
         texts = {}
         if (remote := self._remote()) is not None:
             texts = dict(remote.handle.broadcast("metrics_text").results())

@@ -7,11 +7,16 @@ and with the session engine run directly.
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 
 import httpx
 import pytest
@@ -21,7 +26,7 @@ from ray import serve  # noqa: E402
 
 from server.cluster import ENGINE_DEPLOYMENT, REPLICA_HEADER, build  # noqa: E402
 from server.types import AdapterLocation, GenerationParams  # noqa: E402
-from tests.helpers import ADMIN_TOKEN, folder_files, make_adapter  # noqa: E402
+from tests.helpers import ADMIN_TOKEN, folder_files, make_adapter, wait_for_health  # noqa: E402
 
 pytestmark = pytest.mark.ray
 APP = "loraswap-test"
@@ -99,6 +104,36 @@ def _running_replicas() -> int:
     return deployment.replica_states.get("RUNNING", 0)
 
 
+def test_one_process_never_imports_ray():
+    code = ("import sys, server.__main__, server.api, server.engine; from server.settings import Settings; "
+            "assert Settings().replicas == 1; assert 'ray' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_the_command_serves_two_replicas_on_its_port(tiny_settings, cluster_store, tmp_path):
+    """`loraswap --replicas 2` as a user runs it: its own local Ray, the app on --port, stopped by SIGTERM.
+    Runs before the module's cluster starts (the tests run in file order)."""
+    port = _free_port()
+    command = [str(Path(sys.executable).parent / "loraswap"), "--replicas", "2", "--num-threads", "1",
+               "--port", str(port), "--base-model", str(tiny_settings.base_model), "--dtype", "float32",
+               "--adapters-dir", str(cluster_store), "--cache-dir", str(tmp_path / "cache")]
+    log_path = tmp_path / "server.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ,
+                                   "HF_HUB_OFFLINE": "1"})
+    try:
+        wait_for_health(process, f"http://127.0.0.1:{port}", log_path, 150)
+        seen = set()
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as http:
+            for adapter in ADAPTERS * 2:
+                _answer(response := _predict(http, adapter))
+                seen.add(response.headers[REPLICA_HEADER])
+        assert len(seen) == 2
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0, log_path.read_text()[-3000:]
+
+
 def test_answers_equal_the_single_process_server_and_name_their_replica(http, client):
     for adapter in ADAPTERS:
         parameters = GREEDY if adapter.startswith("gen") else {}
@@ -150,6 +185,8 @@ def test_streaming_openai_and_metrics_through_the_ingress(http, client):
     replicas = {line.split('replica="')[1].split('"')[0] for line in metrics.splitlines()
                 if line.startswith("loraswap_loaded_adapters{")}
     assert len(replicas) == 2
+    loads = [line for line in metrics.splitlines() if line.startswith("loraswap_adapter_load_seconds_count{")]
+    assert {line.split('replica="')[1].split('"')[0] for line in loads} == replicas
 
 
 def _location(http, store, name: str) -> AdapterLocation:
