@@ -221,7 +221,7 @@ def main() -> None:
              log_to_driver=False)
     from ray import serve
 
-    result: dict = {"cpus": os.cpu_count()}
+    result: dict = {"cpus": os.cpu_count(), "load_average_before": os.getloadavg()}
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
@@ -232,6 +232,7 @@ def main() -> None:
     finally:
         serve.shutdown()
         ray.shutdown()
+    result["load_average_after"] = os.getloadavg()  # other processes on the machine change every number here
     print(json.dumps(result, indent=2, default=str))
     if "throughput" in result:
         rows = result["throughput"]["requests_per_s"]

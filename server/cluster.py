@@ -52,6 +52,7 @@ ENGINE_DEPLOYMENT = "EngineReplica"
 REPLICA_HEADER = "X-Loraswap-Replica"
 RETRIES = 4  # calls to a replica that died (or is being replaced) are sent again this many times
 RETRY_DELAY_S = 0.5  # ... after 0.5, 1, 2, 4 s: the router drops a dead replica within about a second
+LOADED_TTL_S = 1.0  # how long the ingress reuses the replicas' lists of loaded adapters
 
 
 class ReplicaUnavailable(NotReady):
@@ -222,6 +223,8 @@ class RemoteEngine:
         self.tokenizer = tokenizer
         self.encoder = InputEncoder(tokenizer, info.max_context, info.name)
         self.observers: list = []  # engine events happen in the replicas; their metrics carry a replica label
+        self._loaded_lock = threading.Lock()
+        self._loaded: tuple[float, dict[str, list[str]]] = (-LOADED_TTL_S, {})
 
     @classmethod
     def connect(cls, handle: DeploymentHandle) -> RemoteEngine:
@@ -271,10 +274,18 @@ class RemoteEngine:
 
     def unload(self, name: str) -> None:
         """Drop every version of `name` from every replica's memory (requests already use the new id)."""
-        self.handle.broadcast("unload", name).results(return_exceptions=True)
+        self.handle.broadcast("unload", name).results(timeout_s=30, return_exceptions=True)
+        with self._loaded_lock:
+            self._loaded = (-LOADED_TTL_S, {})
 
     def loaded_by_replica(self) -> dict[str, list[str]]:
-        return dict(self.handle.broadcast("loaded").results())
+        """The adapter versions each replica holds; asked at most once a second (GET /adapters asks per adapter)."""
+        with self._loaded_lock:
+            asked, loaded = self._loaded
+            if time.monotonic() - asked > LOADED_TTL_S:
+                loaded = dict(self.handle.broadcast("loaded").results(timeout_s=30))
+                self._loaded = (time.monotonic(), loaded)
+            return loaded
 
     def is_loaded(self, name: str) -> bool:
         return any(i.split("@")[0] == name for ids in self.loaded_by_replica().values() for i in ids)
@@ -303,7 +314,7 @@ class ClusterMetrics(Metrics):
         own = self.registry  # request metrics; the replicas' of the same names (never observed there) are dropped
         texts = {}
         if (remote := self._remote()) is not None:
-            texts = dict(remote.handle.broadcast("metrics_text").results())
+            texts = dict(remote.handle.broadcast("metrics_text").results(timeout_s=30))
         registry = CollectorRegistry()
         registry.register(_ReplicaFamilies(texts, {f.name for f in own.collect()}))
         return generate_latest(own) + generate_latest(registry)

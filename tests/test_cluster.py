@@ -110,6 +110,20 @@ def test_one_process_never_imports_ray():
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
+def test_the_serve_builder_takes_settings_as_strings(tiny_settings, cluster_store):
+    """`serve run server.cluster:app replicas=3 ...` and a serve config's `args` reach it as a dict of strings."""
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray.serve.deployment import Application
+
+    from server.cluster import app
+
+    args = {"replicas": "3", "num_threads": "1", "base_model": str(tiny_settings.base_model),
+            "adapters_dir": str(cluster_store)}
+    assert isinstance(call_user_app_builder_with_args_if_necessary(app, args), Application)
+    with pytest.raises(ValueError, match="replicas"):
+        app({"replicas": "0"})
+
+
 def test_the_command_serves_two_replicas_on_its_port(tiny_settings, cluster_store, tmp_path):
     """`loraswap --replicas 2` as a user runs it: its own local Ray, the app on --port, stopped by SIGTERM.
     Runs before the module's cluster starts (the tests run in file order)."""
@@ -180,6 +194,9 @@ def test_streaming_openai_and_metrics_through_the_ingress(http, client):
     too_long = _predict(http, "gen-a", max_new_tokens=10**6)
     assert too_long.status_code == 422 and "max_new_tokens" in too_long.json()["detail"]
 
+    shown = {a["name"]: a["loaded"] for a in http.get("/adapters").json()["adapters"]}
+    assert shown["gen-b"] is True
+
     metrics = http.get("/metrics").text
     assert 'loraswap_requests_total{adapter="gen-b",status="200"}' in metrics
     replicas = {line.split('replica="')[1].split('"')[0] for line in metrics.splitlines()
@@ -249,6 +266,9 @@ def test_after_a_replace_no_answer_comes_from_the_old_version(http, engine, tiny
     for scores in after:
         assert scores == pytest.approx(want.scores, abs=1e-5)
         assert scores != pytest.approx(old_scores, abs=1e-3)
+    deleted = http.delete("/adapters/swap", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    assert deleted.status_code == 200
+    assert _predict(http, "swap", text).status_code == 404
 
 
 def test_a_replica_killed_during_traffic(http, client):
