@@ -22,7 +22,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +69,8 @@ def model_id(location: AdapterLocation) -> str:
 
 # ---- the engine replica ----------------------------------------------------------------------------------------
 
+_locating: contextvars.ContextVar[AdapterLocation] = contextvars.ContextVar("loraswap_locating")
+
 
 class EngineReplica:
     """One full engine. Blocking engine calls run on this replica's own thread pool (so that many requests wait at
@@ -83,12 +85,13 @@ class EngineReplica:
         self.engine.observers.append(self.metrics)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.pool = ThreadPoolExecutor(max_workers=replica_concurrency(settings), thread_name_prefix="engine-call")
-        self._locations: dict[str, AdapterLocation] = {}
 
         async def hold(adapter_id: str) -> str:
             """Ray's loader: load the version into an engine slot; Ray's LRU (same size as the engine's) then
-            tells the router which replica holds which versions."""
-            location = self._locations[adapter_id]
+            tells the router which replica holds which versions. Ray awaits it in the request's own task, so the
+            location comes through the request's context."""
+            location = _locating.get()
+            assert model_id(location) == adapter_id
             await self._run(lambda: self.engine.release(self.engine.acquire(location)))
             return adapter_id
 
@@ -100,9 +103,11 @@ class EngineReplica:
 
     async def _locate(self, location: AdapterLocation | None) -> None:
         if location is not None:
-            adapter_id = model_id(location)
-            self._locations[adapter_id] = location
-            await self._hold(adapter_id)
+            token = _locating.set(location)
+            try:
+                await self._hold(model_id(location))
+            finally:
+                _locating.reset(token)
 
     def describe(self) -> tuple[BaseInfo, Any]:
         """The base's info and tokenizer: the ingress encodes chat messages and decodes tokens itself."""
@@ -130,15 +135,24 @@ class EngineReplica:
         await self._locate(location)
         stream = self.engine.predict_stream(location, prompt, params)
         done = object()
+        last: list[Future] = []  # the latest step, run on the pool
+
+        async def step() -> Any:
+            last[:] = [self.pool.submit(next, stream, done)]
+            return await asyncio.wrap_future(last[0])
+
+        def close() -> None:
+            wait(last)  # a step still running when the stream was cancelled: a generator runs one step at a time
+            stream.close()
+
         try:
-            first = await self._run(lambda: next(stream, done))  # errors before the first item reach the caller
+            item = await step()  # errors before the first item reach the caller
             yield self.replica
-            item = first
             while item is not done:
                 yield item
-                item = await self._run(lambda: next(stream, done))
+                item = await step()
         finally:
-            await self._run(stream.close)
+            await self._run(close)
 
     def unload(self, name: str) -> str:
         self.engine.unload(name)
@@ -412,12 +426,12 @@ def serve_cluster(settings: Settings) -> None:
         ray.init()
     else:
         ray.init(num_cpus=max(os.cpu_count() or 1, threads * settings.replicas), include_dashboard=False)
-    serve.start(http_options={"host": settings.host, "port": settings.port})
-    serve.run(build(settings), name=APP_NAME, route_prefix="/")
-    log.info("serving %d engine replicas on http://%s:%d", settings.replicas, settings.host, settings.port)
     stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, whose own handler would abort the process
         signal.signal(sig, lambda *_: stop.set())
+    serve.start(http_options={"host": settings.host, "port": settings.port})
+    serve.run(build(settings), name=APP_NAME, route_prefix="/")  # the app answers a little before this returns
+    log.info("serving %d engine replicas on http://%s:%d", settings.replicas, settings.host, settings.port)
     stop.wait()
     serve.shutdown()
     ray.shutdown()
