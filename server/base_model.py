@@ -51,7 +51,8 @@ class BaseInfo:
     fingerprint: str  # sha256 over the architecture fields and the weight file names/sizes
 
     def as_dict(self) -> dict:
-        return dict(self.__dict__)
+        """What clients see (/health): everything but the host path."""
+        return {key: value for key, value in self.__dict__.items() if key != "path"}
 
 
 def embedded_gguf_path() -> Path:

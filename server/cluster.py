@@ -36,12 +36,14 @@ from ray.serve.handle import DeploymentHandle
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .adapter_format import AdapterWeights
+from .admission import AdmissionGate
 from .api import create_app
 from .base_model import BaseInfo
 from .deps import Services
 from .encoding import InputEncoder
 from .errors import LoraswapError, NotReady
 from .metrics import Metrics
+from .request_context import RequestContext, current_request, open_request
 from .settings import Settings
 from .types import AdapterLocation, ClassificationResult, EmbeddingResult, GenerationParams, GenerationResult, Task
 
@@ -99,9 +101,11 @@ class EngineReplica:
         log.info("engine replica %s ready (%d torch threads)", self.replica, settings.num_threads or 0)
 
     async def _run(self, call: Callable[[], Any]) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self.pool, call)
+        """`call` on the pool, in this request's context (its id and deadline reach the engine)."""
+        return await asyncio.get_running_loop().run_in_executor(self.pool, contextvars.copy_context().run, call)
 
-    async def _locate(self, location: AdapterLocation | None) -> None:
+    async def _locate(self, location: AdapterLocation | None, request: Request) -> None:
+        open_request(RequestContext(*request))
         if location is not None:
             token = _locating.set(location)
             try:
@@ -119,26 +123,31 @@ class EngineReplica:
         return dataclasses.replace(adapter, modules={}, head_weight=None, head_bias=None)
 
     async def predict(
-        self, location: AdapterLocation | None, texts: list, params: GenerationParams
+        self, location: AdapterLocation | None, texts: list, params: GenerationParams, request: Request
     ) -> tuple[str, Task, list]:
-        await self._locate(location)
+        await self._locate(location, request)
         task, results = await self._run(lambda: self.engine.predict(location, texts, params))
         return self.replica, task, results
 
-    async def embed(self, location: AdapterLocation | None, inputs: list) -> tuple[str, list[EmbeddingResult]]:
-        await self._locate(location)
+    async def embed(
+        self, location: AdapterLocation | None, inputs: list, request: Request
+    ) -> tuple[str, list[EmbeddingResult]]:
+        await self._locate(location, request)
         return self.replica, await self._run(lambda: self.engine.embed(location, inputs))
 
-    async def predict_stream(self, location: AdapterLocation | None, prompt: str | list[int], params: GenerationParams):
+    async def predict_stream(
+        self, location: AdapterLocation | None, prompt: str | list[int], params: GenerationParams, request: Request
+    ):
         """The replica's id, then engine.predict_stream's items; a cancelled stream closes the engine's (its row
         leaves the decode batch)."""
-        await self._locate(location)
+        await self._locate(location, request)
         stream = self.engine.predict_stream(location, prompt, params)
+        context = contextvars.copy_context()
         done = object()
         last: list[Future] = []  # the latest step, run on the pool
 
         async def step() -> Any:
-            last[:] = [self.pool.submit(next, stream, done)]
+            last[:] = [self.pool.submit(context.run, next, stream, done)]
             return await asyncio.wrap_future(last[0])
 
         def close() -> None:
@@ -207,6 +216,16 @@ class ReplicaHeader:
             _served_by.reset(token)
 
 
+Request = tuple[str, float | None]  # what a replica needs of the HTTP request: its id and the seconds left to it
+
+
+def _request() -> Request:
+    """The current request's id and remaining time (its deadline, on the replica's clock)."""
+    context = current_request()
+    deadline = context.deadline
+    return context.request_id, None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
 def _domain_error(exc: RayTaskError) -> BaseException:
     """The replica's own exception (a LoraswapError keeps its class, message and status), else Ray's."""
     return exc.cause if isinstance(exc.cause, LoraswapError) else exc
@@ -237,6 +256,8 @@ class RemoteEngine:
         self.tokenizer = tokenizer
         self.encoder = InputEncoder(tokenizer, info.max_context, info.name)
         self.observers: list = []  # engine events happen in the replicas; their metrics carry a replica label
+        # each replica's engine admits or refuses (429) requests itself; the ingress lets every one through to them
+        self.admission = AdmissionGate(max_rows=2**31, max_tokens=2**62)
         self._loaded_lock = threading.Lock()
         self._loaded: tuple[float, dict[str, list[str]]] = (-LOADED_TTL_S, {})
 
@@ -252,13 +273,15 @@ class RemoteEngine:
         self, location: AdapterLocation | None, texts: list[str | list[int]], params: GenerationParams
     ) -> tuple[Task, list[ClassificationResult] | list[GenerationResult]]:
         replica, task, results = _with_retries(
-            lambda: self._to(location).predict.remote(location, texts, params).result()
+            lambda: self._to(location).predict.remote(location, texts, params, _request()).result()
         )
         _note_replica(replica)
         return task, results
 
     def embed(self, location: AdapterLocation | None, inputs: list[str | list[int]]) -> list[EmbeddingResult]:
-        replica, results = _with_retries(lambda: self._to(location).embed.remote(location, inputs).result())
+        replica, results = _with_retries(
+            lambda: self._to(location).embed.remote(location, inputs, _request()).result()
+        )
         _note_replica(replica)
         return results
 
@@ -269,7 +292,8 @@ class RemoteEngine:
         midway ends the stream with ReplicaUnavailable (the routes turn it into an error event)."""
 
         def open_stream():
-            stream = self._to(location).options(stream=True).predict_stream.remote(location, prompt, params)
+            handle = self._to(location).options(stream=True)
+            stream = handle.predict_stream.remote(location, prompt, params, _request())
             return stream, next(stream)  # the replica's id: the call has reached a live replica
 
         stream, replica = _with_retries(open_stream)
@@ -328,10 +352,20 @@ class ClusterMetrics(Metrics):
         own = self.registry  # request metrics; the replicas' of the same names (never observed there) are dropped
         texts = {}
         if (remote := self._remote()) is not None:
-            texts = dict(remote.handle.broadcast("metrics_text").results(timeout_s=30))
+            texts = dict(_off_the_loop(lambda: remote.handle.broadcast("metrics_text").results(timeout_s=10)))
         registry = CollectorRegistry()
         registry.register(_ReplicaFamilies(texts, {f.name for f in own.collect()}))
         return generate_latest(own) + generate_latest(registry)
+
+
+def _off_the_loop(call: Callable[[], Any]) -> Any:
+    """A blocking Ray call from an async route (/metrics runs on the event loop, where Ray refuses to block)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return call()
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(call).result()
 
 
 class _ReplicaFamilies(Collector):

@@ -225,7 +225,8 @@ def test_an_upload_answers_from_both_replicas(http, engine, tiny_base, cluster_s
     params = GenerationParams(max_new_tokens=6, temperature=0.0)
     [want] = engine.predict(location, ["A new adapter"], params)[1]
     handle = serve.get_deployment_handle(ENGINE_DEPLOYMENT, app_name=APP)
-    answers = handle.broadcast("predict", location, ["A new adapter"], params).results(timeout_s=60)
+    request = ("upload-check", None)  # a request id, no deadline
+    answers = handle.broadcast("predict", location, ["A new adapter"], params, request).results(timeout_s=60)
     assert len({replica for replica, _, _ in answers}) == 2
     for _, task, [got] in answers:
         assert task == "generation" and got.token_ids == want.token_ids
