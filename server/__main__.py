@@ -14,6 +14,11 @@ from .settings import Settings
 def main(argv: list[str] | None = None) -> None:
     settings = CliApp.run(Settings, cli_args=argv)
     configure_logging(settings.log_format)
+    if settings.replicas > 1:
+        from .cluster import serve_cluster  # Ray only where it is asked for
+
+        serve_cluster(settings)
+        return
     app = create_app(settings)
     # our middleware logs every request (server/telemetry.py): no uvicorn access log, and no uvicorn log config,
     # so its own lines go through our handler and format too. SIGTERM drains first (server/lifecycle.py); by then

@@ -176,10 +176,13 @@ class ShedWhenFull:
         return name if name is not None and name in self.services.registry.names() else UNKNOWN_LABEL
 
 
-def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
-    """App factory: with an engine given (tests), serve it; else load the base in the background at start-up."""
+def create_app(
+    settings: Settings | None = None, engine: Engine | None = None, services: Services | None = None
+) -> FastAPI:
+    """App factory: with an engine given (tests), serve it; else load the base in the background at start-up
+    (with `services` given: theirs, as the Ray Serve ingress's replicas in server/cluster.py)."""
     settings = settings or Settings()
-    services = Services(settings, engine)
+    services = services or Services(settings, engine)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

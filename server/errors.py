@@ -8,6 +8,18 @@ class LoraswapError(Exception):
 
     headers: dict[str, str] | None = None  # extra response headers at the HTTP edge
 
+    def __reduce__(self):
+        """Pickle as the same class, message and fields (Ray hands a replica's errors to the ingress): the
+        subclasses' __init__ take other arguments than the message, which plain exception pickling passes."""
+        return _rebuild, (type(self), self.args, self.__dict__)
+
+
+def _rebuild(cls: type[LoraswapError], args: tuple, fields: dict) -> LoraswapError:
+    exc = cls.__new__(cls)
+    Exception.__init__(exc, *args)
+    exc.__dict__.update(fields)
+    return exc
+
 
 class AdapterNotFound(LoraswapError):
     def __init__(self, name: str, available: list[str]):

@@ -25,7 +25,14 @@ class Settings(BaseSettings):
         "auto", description="Compute dtype; auto: bfloat16 where the hardware has native bf16, else float32."
     )
     device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1 ...")
-    num_threads: int | None = Field(None, ge=1, description="torch intra-op threads; default: torch's choice.")
+    num_threads: int | None = Field(
+        None, ge=1, description="torch intra-op threads (per replica); default: torch's choice, with --replicas N "
+        "the cores shared out between the replicas."
+    )
+    replicas: int = Field(
+        1, ge=1, description="Engine replicas; 2 or more serve on Ray Serve (pip install loraswap[ray]), routing "
+        "each adapter to the replicas that hold it."
+    )
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     log_format: Literal["text", "json"] = Field(

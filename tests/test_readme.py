@@ -20,6 +20,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +34,7 @@ ADMIN_TOKEN = "my-token"  # the token the README's examples send
 SKIP_MARKER = re.compile(r"<!-- readme-test: skip: (?P<reason>.+) -->")
 FENCE = re.compile(r"```(?P<language>\S*)\s*$")
 RUNNABLE = {"bash", "python"}
-CHECKED = {"json"}  # not commands: each line must parse
+CHECKED = {"json", "yaml"}  # not commands: json lines must parse, a yaml block must be a deployable config
 BLOCK_TIMEOUT_S = 600
 
 
@@ -148,3 +149,22 @@ def test_readme_command_block_runs(block: Block, reader: Reader):
 def test_readme_json_examples_parse(block: Block):
     for line in block.code.splitlines():
         assert isinstance(json.loads(line), dict), line
+
+
+@pytest.mark.parametrize("block", [b for b in BLOCKS if b.language == "yaml"], ids=lambda b: b.id)
+def test_readme_yaml_examples_deploy_our_app(block: Block):
+    """A Ray Serve config (KubeRay's serveConfigV2) names our application builder with valid settings."""
+    import importlib
+
+    import yaml
+
+    from server.settings import Settings
+
+    config = yaml.safe_load(block.code)
+    serve_config = yaml.safe_load(config["spec"]["serveConfigV2"])
+    [application] = serve_config["applications"]
+    module, _, name = application["import_path"].partition(":")
+    assert callable(getattr(importlib.import_module(module), name))
+    Settings(**application["args"])  # raises on an unknown or invalid setting
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert f"ray[serve]=={config['spec']['rayClusterConfig']['rayVersion']}" in extras["ray"]  # the image's Ray
