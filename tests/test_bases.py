@@ -297,3 +297,26 @@ def test_modules_to_save_the_base_lacks_and_a_missing_pre_classifier_are_refused
         assert len(problems) == 2
     else:
         assert len(problems) == 1
+
+
+def test_a_store_lists_only_the_adapters_of_the_loaded_base_and_says_why_it_skipped_the_others(
+    bert, tiny_settings, engine, adapter_store, tmp_path
+):
+    store = tmp_path / "store"
+    shutil.copytree(adapter_store / "sentiment", store / "sentiment")  # made on the tiny Llama
+    bert_adapter = shutil.copytree(bert.store / "cls-2", store / "spam-bert")
+    info = bert.engine.info
+    metadata = json.loads((bert_adapter / "loraswap.json").read_text())
+    metadata["base_model"] = {"name": info.name, "fingerprint": info.fingerprint}
+    (bert_adapter / "loraswap.json").write_text(json.dumps(metadata))
+    with app_client(tiny_settings, engine, store) as client:
+        body = client.get("/adapters").json()
+    assert [a["name"] for a in body["adapters"]] == ["sentiment"]
+    assert body["skipped"] == {"spam-bert": f"invalid adapter: the adapter was trained on base 'base' "
+                                            f"({info.fingerprint}), not on the loaded '{engine.info.name}' "
+                                            f"({engine.info.fingerprint})"}
+    with app_client(bert.settings, bert.engine, store) as client:
+        body = client.get("/adapters").json()
+    assert [a["name"] for a in body["adapters"]] == ["spam-bert"]
+    assert list(body["skipped"]) == ["sentiment"]  # no metadata: every module it lacks is named
+    assert "does not exist in the base model" in body["skipped"]["sentiment"]
