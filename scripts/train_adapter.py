@@ -327,7 +327,8 @@ def batch_loss(model, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor
     # the LM head only on positions that predict answer tokens: most tokens are prompt, and the head is a quarter
     # of the model's compute
     lm = model.get_base_model()
-    hidden = getattr(lm, lm.base_model_prefix)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    body = getattr(lm, lm.base_model_prefix)  # model.model; GPT-2: transformer
+    hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     logits = lm.lm_head(hidden[batch["answer"]])
     targets = batch["input_ids"][:, 1:][batch["answer"][:, :-1]]
     return F.cross_entropy(logits.float(), targets)

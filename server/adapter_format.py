@@ -38,7 +38,9 @@ LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB
 # LoRA on an Embedding layer (PEFT's lora_embedding_A/B): read only to be refused by the layer's type
 EMBEDDING_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_embedding_[AB](?:\.[A-Za-z0-9_-]+)?$")
 # a module saved whole (modules_to_save): base_model.model.<module>[.modules_to_save[.<adapter>]].<param path>
-SAVED_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<path>.+?)(?:\.modules_to_save(?:\.[^.]+)?(?=\.))?(?P<param>(?:\.[^.]+)+)$")
+SAVED_KEY = re.compile(
+    r"^(?:base_model\.model\.)?(?P<path>.+?)(?:\.modules_to_save(?:\.[^.]+)?(?=\.))?(?P<param>(?:\.[^.]+)+)$"
+)
 
 
 @dataclass

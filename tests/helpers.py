@@ -280,11 +280,12 @@ def make_family_base(folder: Path, family: str, tokenizer, seed: int = 0) -> Pat
     if family == "llama":
         return make_tiny_base(folder, tokenizer, seed)
     if family == "qwen2":
-        model = Qwen2ForCausalLM(Qwen2Config(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                             tie_word_embeddings=True, **special))
+        model = Qwen2ForCausalLM(Qwen2Config(
+            vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, **special))
     elif family == "gpt2":
-        model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=256, **special))
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=256,
+                                           **special))
     elif family == "bert":
         model = BertModel(BertConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                      intermediate_size=128, max_position_embeddings=128, pad_token_id=0))
