@@ -290,6 +290,8 @@ def to_device(batch: dict[str, torch.Tensor], device: str) -> dict[str, torch.Te
 
 # ---- model ------------------------------------------------------------------------------------------------------
 
+DEFAULT_TARGETS = {"distilbert": ["q_lin", "v_lin"]}  # where PEFT has no default of its own
+
 
 def build_model(args, base_path: Path, n_labels: int, pad_id: int, num_layers: int):
     from peft import LoraConfig, get_peft_model
@@ -307,7 +309,8 @@ def build_model(args, base_path: Path, n_labels: int, pad_id: int, num_layers: i
         r=args.rank,
         lora_alpha=args.alpha,
         lora_dropout=args.dropout,
-        target_modules=args.target_modules,
+        # PEFT chooses per architecture when None; it has no default for DistilBERT's attention names
+        target_modules=args.target_modules or DEFAULT_TARGETS.get(model.config.model_type),
         # the whole classification head: `score`, `classifier`, and DistilBERT's pre_classifier, which a bare
         # DistilBertModel checkpoint does not hold
         modules_to_save=[name for name, module in model.named_children()

@@ -269,8 +269,8 @@ def make_family_base(folder: Path, family: str, tokenizer, seed: int = 0) -> Pat
     """A tiny random base of one architecture, saved as its bare body (encoders, like MiniLM's BertModel) or
     its causal LM (decoders), with the tokenizer it is served with."""
     from transformers import (
-        BertConfig, BertModel, DistilBertConfig, DistilBertModel, GPT2Config, GPT2LMHeadModel, Qwen2Config,
-        Qwen2ForCausalLM, RobertaConfig, RobertaModel,
+        BertConfig, BertModel, DistilBertConfig, DistilBertModel, GPT2Config, GPT2LMHeadModel, MistralConfig,
+        MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, RobertaConfig, RobertaModel,
     )
 
     torch.manual_seed(seed)
@@ -283,6 +283,10 @@ def make_family_base(folder: Path, family: str, tokenizer, seed: int = 0) -> Pat
         model = Qwen2ForCausalLM(Qwen2Config(
             vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, **special))
+    elif family == "mistral":
+        model = MistralForCausalLM(MistralConfig(
+            vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, sliding_window=None, **special))
     elif family == "gpt2":
         model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=256,
                                            **special))
@@ -304,6 +308,7 @@ def make_family_base(folder: Path, family: str, tokenizer, seed: int = 0) -> Pat
 
 FAMILY_TARGETS = {  # what the tutorials train: attention projections (GPT-2: its Conv1D c_attn and both c_proj)
     "llama": ("q_proj", "v_proj"), "qwen2": ("q_proj", "k_proj", "v_proj", "down_proj"),
+    "mistral": ("q_proj", "o_proj", "gate_proj"),
     "gpt2": ("c_attn", "c_proj", "c_fc"), "bert": ("query", "value", "dense"), "distilbert": ("q_lin", "v_lin", "lin1"),
     "roberta": ("query", "value"),
 }

@@ -1,4 +1,4 @@
-"""Bring your own base: tiny random Llama, Qwen2, GPT-2 (Conv1D), BERT, DistilBERT and RoBERTa bases, each with
+"""Bring your own base: tiny random Llama, Mistral, Qwen2, GPT-2 (Conv1D), BERT, DistilBERT and RoBERTa bases, each with
 adapters made by plain PEFT, serve exactly what PEFT computes (float32): classification within 1e-5, greedy ids
 equal; mixed batches equal lone runs; merge/unmerge is exact; uploads of the unchanged PEFT folders serve and their
 downloads load back into PEFT. What we do not serve is refused by name."""
@@ -36,7 +36,7 @@ from tests.helpers import (
     upload,
 )
 
-DECODERS = ("llama", "qwen2", "gpt2")
+DECODERS = ("llama", "mistral", "qwen2", "gpt2")
 ENCODERS = ("bert", "distilbert", "roberta")
 TEXTS = ["a stirring , funny and finally transporting film", "one long string of cliches .", "ok",
          "free prize ! call now to win cash"]
@@ -320,3 +320,31 @@ def test_a_store_lists_only_the_adapters_of_the_loaded_base_and_says_why_it_skip
     assert [a["name"] for a in body["adapters"]] == ["spam-bert"]
     assert list(body["skipped"]) == ["sentiment"]  # no metadata: every module it lacks is named
     assert "does not exist in the base model" in body["skipped"]["sentiment"]
+
+
+def test_train_adapter_trains_a_classifier_on_the_base(family, tmp_path):
+    """train-adapter --base: PEFT's default targets for the architecture, the whole head saved; its adapter
+    serves like PEFT, and the metrics it records are what the served adapter scores."""
+    if family.name not in ("gpt2", "bert", "distilbert"):
+        pytest.skip("GPT-2 (Conv1D) and two encoders cover what differs from the Llama base of test_training.py")
+    from scripts import train_adapter
+    from tests.test_training import sentiment_rows, write_csv
+
+    train = write_csv(tmp_path / "train.csv", sentiment_rows(32, 1))
+    dev = write_csv(tmp_path / "dev.csv", sentiment_rows(8, 2))
+    out = tmp_path / "senti"
+    assert train_adapter.main(["--task", "classification", "--name", "senti", "--train", str(train), "--eval",
+                               str(dev), "--base", str(family.base), "--output", str(out), "--epochs", "1", "--lr",
+                               "3e-3", "--rank", "4", "--eval-points", "1", "--dtype", "float32"]) == 0
+    meta = json.loads((out / "loraswap.json").read_text())
+    assert meta["base_model"]["fingerprint"] == family.engine.info.fingerprint
+    expected_targets = {"gpt2": ["c_attn"], "bert": ["query", "value"], "distilbert": ["q_lin", "v_lin"]}[family.name]
+    assert meta["hyperparameters"]["target_modules"] == expected_targets
+    texts = [t for t, _ in sentiment_rows(8, 2)]
+    reference = peft_family_probs(family.base, out, family.tokenizer, texts, 2)
+    _, results = family.engine.predict(AdapterLocation("senti", 1, out), texts, GenerationParams())
+    ours = torch.tensor([[r.scores[label] for label in meta["labels"]] for r in results])
+    assert torch.allclose(ours, reference, atol=1e-5)
+    gold = [label for _, label in sentiment_rows(8, 2)]
+    assert meta["metrics"]["accuracy"] == sum(meta["labels"][int(i)] == g for i, g in
+                                              zip(reference.argmax(-1), gold)) / len(gold)
