@@ -32,4 +32,7 @@ VOLUME ["/data/adapters"]
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
   CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ['LORASWAP_PORT'] + '/health', timeout=4)"
+# SIGTERM drains: no new requests (503), those in flight finish (up to LORASWAP_DRAIN_TIMEOUT_S, 30 s), then exit 0;
+# give `docker stop -t` more than that (its default is 10 s)
+STOPSIGNAL SIGTERM
 CMD ["loraswap"]

@@ -6,6 +6,7 @@ import uvicorn
 from pydantic_settings import CliApp
 
 from .api import create_app
+from .lifecycle import DrainingServer
 from .logging_setup import configure_logging
 from .settings import Settings
 
@@ -13,9 +14,13 @@ from .settings import Settings
 def main(argv: list[str] | None = None) -> None:
     settings = CliApp.run(Settings, cli_args=argv)
     configure_logging(settings.log_format)
+    app = create_app(settings)
     # our middleware logs every request (server/telemetry.py): no uvicorn access log, and no uvicorn log config,
-    # so its own lines go through our handler and format too
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None, access_log=False)
+    # so its own lines go through our handler and format too. SIGTERM drains first (server/lifecycle.py); by then
+    # nothing is in flight, so uvicorn's own graceful wait is short.
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
+                            timeout_graceful_shutdown=5)
+    DrainingServer(config, app.state.services.lifecycle, settings.drain_timeout_s).run()
 
 
 if __name__ == "__main__":

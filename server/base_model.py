@@ -73,7 +73,9 @@ class BaseInfo:
         return TASKS[self.family]
 
     def as_dict(self) -> dict:
-        return {**self.__dict__, "trained_heads": list(self.trained_heads), "tasks": list(self.tasks)}
+        """What clients see (/health): everything but the host path."""
+        shown = {key: value for key, value in self.__dict__.items() if key != "path"}
+        return {**shown, "trained_heads": list(self.trained_heads), "tasks": list(self.tasks)}
 
 
 def embedded_gguf_path() -> Path:

@@ -16,15 +16,20 @@ from .errors import (
     AdapterExists,
     AdapterInvalid,
     AdapterNotFound,
+    ClientDisconnected,
+    DeadlineExceeded,
+    Draining,
     Forbidden,
     InvalidInput,
     LoraswapError,
     NotFound,
     NotReady,
+    Overloaded,
     PayloadTooLarge,
     Unauthorized,
 )
 from .finetune import FineTuning
+from .lifecycle import Lifecycle
 from .metrics import Metrics
 from .registry import Registry
 from .settings import Settings
@@ -45,6 +50,10 @@ ERROR_STATUS: dict[type[LoraswapError], int] = {
     Forbidden: 403,
     NotReady: 503,
     SlotsBusy: 503,
+    Draining: 503,
+    Overloaded: 429,
+    DeadlineExceeded: 504,
+    ClientDisconnected: 499,
 }
 
 
@@ -61,6 +70,7 @@ class Services:
         self.registry = Registry(settings.adapters_dir)
         self.engine: Engine | None = None
         self.load_error: str | None = None
+        self.lifecycle = Lifecycle()
         self.metrics = Metrics(lambda: self.engine)
         self.finetune = FineTuning(settings, self.registry, self.ready_engine)
         if engine is not None:

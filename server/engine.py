@@ -9,8 +9,10 @@ adapter never reaches the model ("validate, load, only then evict").
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from collections.abc import Iterator
+from concurrent.futures import Future
 from pathlib import Path
 from queue import Queue
 from typing import Protocol
@@ -19,19 +21,22 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .adapter_format import AdapterWeights, read_adapter
+from .admission import AdmissionGate
 from .base_model import BaseInfo, load_base
 from .encoding import InputEncoder, TextDeltas
 from .errors import AdapterChanged, AdapterInvalid, InvalidInput
 from .heads import SequenceClassifier
 from .lora import LoraContext, MultiLoraLinear, fit_problems, resolve_module_path, wrap_linear_layers
+from .request_context import current_request
 from .runner import ClassifyJob, EmbedJob, GenerateJob, MergePolicy, ModelRunner
 from .settings import Settings
-from .slots import BASE_SLOT, AdapterSlots, Installer, LoadedAdapter, Slot
+from .slots import BASE_SLOT, AdapterSlots, Installer, LoadedAdapter, Slot, SlotsBusy
 from .types import (
     AdapterLocation, ClassificationResult, EmbeddingResult, GenerationParams, GenerationResult, Task, TokenLogprob
 )
 
 log = logging.getLogger(__name__)
+SLOT_WAIT_S = 60.0  # how long a request without a deadline waits for an adapter slot when all are in use
 
 
 class EngineObserver(Protocol):
@@ -59,6 +64,7 @@ class Engine:
         merge_policy: MergePolicy | None = None,
         pinned: list[str] | tuple[str, ...] = (),
         continuous: bool = True,
+        admission: AdmissionGate | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -80,6 +86,7 @@ class Engine:
             max_wait_s=max_wait_ms / 1000, merge_policy=merge_policy, continuous=continuous,
         )
         self.slots = AdapterSlots(max_loaded_adapters, self._prepare, self._clear, pinned)
+        self.admission = admission or AdmissionGate(max_rows=2**31, max_tokens=2**62)  # default: unbounded
         self.observers: list[EngineObserver] = []  # shared with the slots and the runner
         self.slots.observers = self.runner.observers = self.observers
 
@@ -104,6 +111,7 @@ class Engine:
             merge_policy=policy,
             pinned=settings.pinned_adapters,
             continuous=settings.scheduling == "continuous",
+            admission=AdmissionGate(settings.max_rows_in_flight, settings.max_tokens_in_flight, settings.retry_after_s),
         )
 
     def close(self) -> None:
@@ -131,8 +139,17 @@ class Engine:
 
     def acquire(self, location: AdapterLocation) -> Slot:
         """The slot serving this adapter version, loaded on first use (once, however many ask at the same time);
-        the caller must release() it."""
-        return self.slots.acquire(location)
+        the caller must release() it. With every slot in use, it waits for one until the request's deadline
+        (without one, SLOT_WAIT_S)."""
+        request = current_request()
+        deadline = request.deadline
+        wait_s = SLOT_WAIT_S if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            return self.slots.acquire(location, wait_s)
+        except SlotsBusy:
+            if request.expired():
+                raise request.deadline_error() from None
+            raise
 
     def release(self, slot: Slot) -> None:
         self.slots.release(slot)
@@ -262,20 +279,33 @@ class Engine:
     def classify(self, texts: list[str], slot: Slot) -> list[ClassificationResult]:
         if slot.task != "classification":
             raise InvalidInput("adapter", f"{slot.location.name!r} is an adapter for {slot.task}, not classification")
-        job = ClassifyJob(self.encoder.for_classification(texts), slot)
-        return self.runner.classify(job).result()
+        rows = self.encoder.for_classification(texts)
+        return self._admitted(ClassifyJob(rows, slot), rows, 0).result()
 
     def embed(self, location: AdapterLocation | None, inputs: list[str | list[int]]) -> list[EmbeddingResult]:
         """Mean-pooled, L2-normalized last hidden states (float32) of texts or token ids, with an adapter's LoRA
         applied (any adapter: its body is what counts) or the base's own (None). Batched with classifications."""
+        self.admission.check()
         rows = self.encoder.for_embedding(inputs)
         if location is None:
-            return self.runner.classify(EmbedJob(rows, BASE_SLOT)).result()
+            return self._admitted(EmbedJob(rows, BASE_SLOT), rows, 0).result()
         slot = self.acquire(location)
         try:
-            return self.runner.classify(EmbedJob(rows, slot.index)).result()
+            return self._admitted(EmbedJob(rows, slot.index), rows, 0).result()
         finally:
             self.release(slot)
+
+    def _admitted(self, job: ClassifyJob | EmbedJob | GenerateJob, rows: list[list[int]], new_tokens: int) -> Future:
+        """Queue a job if the admission gate lets its rows and tokens in (else Overloaded); its future's end
+        frees them."""
+        ticket = self.admission.reserve(len(rows), sum(len(row) + new_tokens for row in rows))
+        try:
+            future = self.runner.generate(job) if isinstance(job, GenerateJob) else self.runner.classify(job)
+        except BaseException:
+            ticket.release()
+            raise
+        future.add_done_callback(ticket.release)
+        return future
 
     def _generation_job(
         self, prompts: list[str | list[int]], slot: Slot | None, params: GenerationParams, stream: bool = False
@@ -289,13 +319,15 @@ class Engine:
         self, prompts: list[str | list[int]], slot: Slot | None, params: GenerationParams
     ) -> list[GenerationResult]:
         """Every prompt is one row of the shared decode batch; the answers come when the last row finishes."""
-        return self.runner.generate(self._generation_job(prompts, slot, params)).result()
+        job = self._generation_job(prompts, slot, params)
+        return self._admitted(job, job.prompts, params.max_new_tokens).result()
 
     def predict(
         self, location: AdapterLocation | None, texts: list[str | list[int]], params: GenerationParams
     ) -> tuple[Task, list[ClassificationResult] | list[GenerationResult]]:
         """Serve texts with one adapter version (None: the base generates); loads the adapter if needed.
         Generation also takes prompt ids (encode_messages); classification takes texts only."""
+        self.admission.check()  # a full engine refuses before it loads anything
         if location is None:
             return "generation", self.generate(texts, None, params)
         slot = self.acquire(location)
@@ -316,7 +348,7 @@ class Engine:
         Closing the iterator early cancels the request: its row leaves the batch at the next step.
         """
         job = self._generation_job([prompt], slot, params, stream=True)
-        future = self.runner.generate(job)
+        future = self._admitted(job, job.prompts, params.max_new_tokens)
         deltas = TextDeltas(self.tokenizer, params.stop)
         try:
             while (token := job.stream.get()) is not None:
@@ -338,6 +370,7 @@ class Engine:
         """predict() for one input as a stream: a generation adapter (or the base) yields text deltas then its
         GenerationResult, a classification adapter (text prompts only) yields its ClassificationResult.
         The adapter is held until the stream ends or is closed."""
+        self.admission.check()
         if location is None:
             yield from self.generate_stream(prompt, None, params)
             return

@@ -65,3 +65,23 @@ class Forbidden(LoraswapError):
 
 class NotReady(LoraswapError):
     pass
+
+
+class Overloaded(LoraswapError):
+    """The engine holds as many rows or tokens as it may: the client should retry later."""
+
+    def __init__(self, message: str, retry_after_s: int):
+        super().__init__(message)
+        self.headers = {"Retry-After": str(retry_after_s)}
+
+
+class DeadlineExceeded(LoraswapError):
+    """The request's deadline passed before it was answered; its rows left the batch."""
+
+
+class ClientDisconnected(LoraswapError):
+    """The client went away: nobody reads the answer (logged as 499, as nginx does)."""
+
+
+class Draining(LoraswapError):
+    """The server is shutting down: it finishes what it holds and takes nothing new."""

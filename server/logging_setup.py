@@ -7,10 +7,12 @@ import logging
 from datetime import datetime, timezone
 from typing import Literal
 
+from .request_context import RequestIdFilter
+
 # attributes every LogRecord has; anything else on a record came from `extra=` and goes into the JSON object
 _STANDARD_ATTRS = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
-TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"  # `-`: not about one request
 
 
 class JsonFormatter(logging.Formatter):
@@ -33,6 +35,7 @@ def configure_logging(log_format: Literal["text", "json"], level: int = logging.
     """One handler on the root logger (uvicorn's loggers propagate to it when it runs with log_config=None)."""
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
+    handler.addFilter(RequestIdFilter())  # every line names its request (JSON: a "request_id" field)
     logging.basicConfig(level=level, handlers=[handler], force=True)
     if log_format == "json":
         # transformers writes progress bars ("Loading weights") and its log lines to stderr itself, and Python

@@ -38,6 +38,10 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.rejected = Counter(
+            "loraswap_rejected_requests", "Inference requests refused by admission control (429).", ["adapter"],
+            registry=r,
+        )
         self.tokens_in = Counter("loraswap_input_tokens", "Prompt tokens read.", ["adapter"], registry=r)
         self.tokens_out = Counter("loraswap_output_tokens", "Tokens generated.", ["adapter"], registry=r)
         self.load_seconds = Histogram(
@@ -57,6 +61,8 @@ class Metrics:
 
     def observe_request(self, adapter: str, status: int, seconds: float, tokens_in: int, tokens_out: int) -> None:
         self.requests.labels(adapter, str(status)).inc()
+        if status == 429:
+            self.rejected.labels(adapter).inc()
         self.latency.labels(adapter).observe(seconds)
         self.tokens_in.labels(adapter).inc(tokens_in)
         self.tokens_out.labels(adapter).inc(tokens_out)
@@ -88,6 +94,14 @@ class _EngineGauges(Collector):
         yield GaugeMetricFamily("loraswap_loaded_adapters", "Adapters in memory.", value=len(engine.loaded()))
         yield GaugeMetricFamily(
             "loraswap_queue_depth", "Requests waiting for the engine thread.", value=engine.queue_depth
+        )
+        admission = engine.admission
+        yield GaugeMetricFamily(
+            "loraswap_admitted_rows", "Rows of admitted requests (queued or decoding).", value=admission.rows
+        )
+        yield GaugeMetricFamily(
+            "loraswap_admitted_tokens", "Tokens admitted requests may hold (prompts plus max_new_tokens).",
+            value=admission.tokens,
         )
         yield GaugeMetricFamily(
             "loraswap_decoding_rows", "Generation rows in the decode batch now.", value=engine.runner.decoding

@@ -10,6 +10,7 @@ says 422), an unknown model is 404 with code `model_not_found`.
 from __future__ import annotations
 
 import base64
+import logging
 import time
 import uuid
 from collections.abc import Callable, Coroutine, Iterator, Sequence
@@ -23,15 +24,20 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from starlette.exceptions import HTTPException
 
 from .deps import ServicesDep, status_of
 from .engine import Engine
 from .errors import AdapterNotFound, InvalidInput, LoraswapError
-from .serving import count_tokens, event_stream, generation_params, resolve_model, sse, started
+from .request_context import current_request
+from .serving import (
+    count_tokens, event_stream, generation_params, internal_error_message, resolve_model, sse, started, stream_failure
+)
 from .settings import Settings
 from .telemetry import RecordDep, RequestRecord
 from .types import MAX_TOP_LOGPROBS, ClassificationResult, GenerationParams, GenerationResult, Result, TokenLogprob
 
+log = logging.getLogger(__name__)
 DEFAULT_TEMPERATURE = 1.0  # OpenAI's default: sampling unless asked otherwise
 
 
@@ -54,6 +60,7 @@ class Sampling(BaseModel):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    timeout: float | None = Field(None, gt=0)  # ours (extra_body): seconds; lowers the server's request_timeout_s
 
     @field_validator("stop")
     @classmethod
@@ -106,6 +113,7 @@ class EmbeddingRequest(BaseModel):
     encoding_format: Literal["float", "base64"] = "float"  # base64: the float32 values' bytes, little-endian
     dimensions: int | None = None  # refused: the vectors have the base's hidden size
     user: str | None = None
+    timeout: float | None = Field(None, gt=0)  # as in completions
 
 
 class TextPart(BaseModel):
@@ -247,8 +255,9 @@ class Reply:
                 yield sse(self.chunk({}, finish))
                 if include_usage:
                     yield sse(self.usage_chunk(record))
-        except LoraswapError as exc:  # after the first token: the status has gone out, the error goes in the stream
-            yield sse(error_content(500, str(exc)))
+        except Exception as exc:  # noqa: BLE001 - after the first byte the status has gone out: the error goes in the stream
+            message = str(exc) if isinstance(exc, LoraswapError) else internal_error_message()
+            yield sse(error_content(stream_failure(exc), message))
         yield sse("[DONE]")
 
 
@@ -286,7 +295,9 @@ def _domain_error(exc: LoraswapError, status: int) -> JSONResponse:
         return error_response(404, message, "model", "model_not_found")
     if isinstance(exc, InvalidInput):
         return error_response(400, str(exc), exc.field)
-    return error_response(400 if status == 422 else status, str(exc))
+    response = error_response(400 if status == 422 else status, str(exc))
+    response.headers.update(exc.headers or {})  # Retry-After with a 429, WWW-Authenticate with a 401
+    return response
 
 
 def _validation_error(exc: RequestValidationError) -> JSONResponse:
@@ -311,6 +322,11 @@ class OpenAIRoute(APIRoute):
                 return _validation_error(exc)
             except LoraswapError as exc:
                 return _domain_error(exc, status_of(exc))
+            except HTTPException as exc:  # FastAPI's own, e.g. a body that is not UTF-8
+                return error_response(exc.status_code, str(exc.detail))
+            except Exception:
+                log.exception("request failed")
+                return error_response(500, internal_error_message())
 
         return handle
 
@@ -376,6 +392,7 @@ def list_models(svc: ServicesDep) -> dict:
 @router.post("/completions")
 def completions(body: CompletionRequest, svc: ServicesDep, record: RecordDep):
     engine = svc.ready_engine()
+    current_request().limit_timeout(body.timeout)
     location = resolve_model(svc.registry, engine, record, body.model)
     prompts = inputs_of(body.prompt, "prompt", svc.settings.max_inputs)
     if location is not None and svc.registry.get(location.name).task == "classification":
@@ -401,6 +418,7 @@ def completions(body: CompletionRequest, svc: ServicesDep, record: RecordDep):
 @router.post("/chat/completions")
 def chat_completions(body: ChatRequest, svc: ServicesDep, record: RecordDep):
     engine = svc.ready_engine()
+    current_request().limit_timeout(body.timeout)
     location = resolve_model(svc.registry, engine, record, body.model)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = params_of(svc.settings, body, body.max_completion_tokens or body.max_tokens, chat=True, logprobs=logprobs)
@@ -424,6 +442,7 @@ def chat_completions(body: ChatRequest, svc: ServicesDep, record: RecordDep):
 @router.post("/embeddings")
 def embeddings(body: EmbeddingRequest, svc: ServicesDep, record: RecordDep):
     engine = svc.ready_engine()
+    current_request().limit_timeout(body.timeout)
     location = resolve_model(svc.registry, engine, record, body.model)
     if body.dimensions is not None:
         raise InvalidInput("dimensions", f"not supported: embeddings have the base's size, {engine.info.hidden_size}")

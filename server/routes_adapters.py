@@ -120,7 +120,8 @@ def delete_adapter(name: str, svc: ServicesDep, _admin: AdminDep) -> dict:
     return {"deleted": name, "version": record.version}
 
 
-@router.get("/adapters/{name}/download")
+@router.get("/adapters/{name}/download", response_class=FileResponse,
+            responses={200: {"content": {"application/zip": {}}, "description": "The adapter as a zip"}})
 def download_adapter(name: str, svc: ServicesDep) -> FileResponse:
     """The current version as a zip of one folder `<name>/`, loadable with PeftModel.from_pretrained."""
     record = svc.registry.get(name)
@@ -150,7 +151,8 @@ def adapter_metadata(name: str, svc: ServicesDep) -> dict:
     return json.loads(text)  # valid: the registry's check parsed it before the adapter became visible
 
 
-@router.get("/adapters/{name}/training.png")
+@router.get("/adapters/{name}/training.png", response_class=FileResponse,
+            responses={200: {"content": {"image/png": {}}, "description": "The training loss plot"}})
 def training_plot(name: str, svc: ServicesDep) -> FileResponse:
     """The adapter's loss plot and no other file of its folder."""
     record = svc.registry.get(name)
@@ -178,4 +180,6 @@ async def _bounded_form(request: Request, limit: int, max_files: int) -> FormDat
             raise PayloadTooLarge(f"the request body is over the limit of {limit} bytes")
         return message
 
+    if b"boundary=" not in request.headers.get("content-type", "").encode("latin-1"):
+        raise InvalidInput("body", "a multipart/form-data body needs a boundary in its Content-Type")
     return await Request(request.scope, receive).form(max_files=max_files, max_fields=len(FORM_FIELDS))

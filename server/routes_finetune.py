@@ -11,7 +11,7 @@ from typing import Annotated, Literal, TypeVar
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
@@ -29,9 +29,16 @@ MEDIA_TYPES = {".jsonl": "application/jsonl", ".csv": "text/csv", ".png": "image
 class Hyperparameters(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    n_epochs: Literal["auto"] | int | float | None = Field(None, gt=0, le=1000)  # fractional allowed
-    batch_size: Literal["auto"] | int | None = Field(None, ge=1, le=256)
-    learning_rate_multiplier: Literal["auto"] | float | None = Field(None, gt=0, le=100)
+    # "auto" is read as None (the same default) before the bounds apply: pydantic would compare "auto" with them
+    # (a TypeError, a 500, found by schemathesis)
+    n_epochs: int | float | None = Field(None, gt=0, le=1000)  # fractional allowed
+    batch_size: int | None = Field(None, ge=1, le=256)
+    learning_rate_multiplier: float | None = Field(None, gt=0, le=100)
+
+    @field_validator("n_epochs", "batch_size", "learning_rate_multiplier", mode="before")
+    @classmethod
+    def _auto_is_default(cls, value: object) -> object:
+        return None if value == "auto" else value
 
 
 class Supervised(BaseModel):
@@ -72,7 +79,7 @@ def _hyperparameters(body: JobRequest) -> Hyperparameters:
 
 
 def _resolve(value: object, key: str) -> object:
-    return AUTO[key] if value in (None, "auto") else value
+    return AUTO[key] if value is None else value
 
 
 def _lora_options(metadata: dict[str, str], max_rank: int, num_layers: int, max_context: int) -> dict:
@@ -173,7 +180,8 @@ def get_file(svc: ServicesDep, file_id: str) -> dict:
     return svc.finetune.files.get(file_id).as_openai()
 
 
-@router.get("/files/{file_id}/content")
+@router.get("/files/{file_id}/content", response_class=Response,
+            responses={200: {"content": {t: {} for t in MEDIA_TYPES.values()}, "description": "The file as uploaded"}})
 def file_content(svc: ServicesDep, file_id: str) -> Response:
     record = svc.finetune.files.get(file_id)
     return Response(svc.finetune.files.path(record).read_bytes(), media_type=MEDIA_TYPES[record.suffix])

@@ -2,7 +2,8 @@
 
 It runs a step loop (continuous batching, across adapters). Each turn of the loop:
 1. control jobs (adapter installs and evictions, merges) run, in order;
-2. rows whose request was cancelled (a closed stream) or failed leave the decode batch;
+2. requests past their deadline (answered DeadlineExceeded) or whose client went away leave the queues, and rows
+   whose request was cancelled (a closed stream), failed or so ended leave the decode batch;
 3. queued classification requests run as one forward, so a classification waits at most one decode step;
 4. queued generation requests are prefilled as one forward of their own; each new row gets its first token there
    and joins the decode batch (its KV cache is left-padded to the batch's width and concatenated); classification
@@ -33,8 +34,10 @@ import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from .encoding import stop_cut
+from .errors import ClientDisconnected
 from .heads import SequenceClassifier, output_rows
 from .lora import LoraContext, MultiLoraLinear
+from .request_context import RequestContext, current_request
 from .slots import BASE_SLOT, Slot
 from .types import ClassificationResult, EmbeddingResult, GenerationParams, GenerationResult, TokenLogprob
 
@@ -100,6 +103,7 @@ class ClassifyJob:
     slot: Slot
     future: Future = field(default_factory=Future)  # -> list[ClassificationResult]
     enqueued: float = field(default_factory=time.perf_counter)
+    request: RequestContext = field(default_factory=current_request)  # its id, deadline and client
 
     @property
     def slot_index(self) -> int:
@@ -115,6 +119,7 @@ class EmbedJob:
     slot_index: int  # BASE_SLOT: the base itself
     future: Future = field(default_factory=Future)  # -> list[EmbeddingResult]
     enqueued: float = field(default_factory=time.perf_counter)
+    request: RequestContext = field(default_factory=current_request)
 
 
 @dataclass
@@ -125,6 +130,7 @@ class GenerateJob:
     stream: Queue[int | None] | None = None  # a streamed request's new token ids, one per step (None: it ended)
     future: Future = field(default_factory=Future)  # -> list[GenerationResult]; cancel() frees its rows
     enqueued: float = field(default_factory=time.perf_counter)
+    request: RequestContext = field(default_factory=current_request)
     results: list[GenerationResult | None] = field(default_factory=list)
     # per prompt, when params ask: the generated tokens' logprobs, EOS's included (each is added before its token
     # goes to the stream), and the prompt's own (from the prefill)
@@ -135,6 +141,18 @@ class GenerateJob:
         self.results = [None] * len(self.prompts)
         self.logprobs = [[] for _ in self.prompts]
         self.prompt_logprobs = [None] * len(self.prompts)
+
+
+def _end_if_abandoned(job: ClassifyJob | EmbedJob | GenerateJob) -> bool:
+    """Answer a job whose deadline passed (DeadlineExceeded) or whose client went away; True if it has ended."""
+    if not job.future.done():
+        if job.request.client_gone.is_set():
+            _settle(job.future, error=ClientDisconnected("the client disconnected"))
+        elif job.request.expired():
+            log.info("request past its deadline of %g s leaves", job.request.timeout_s,
+                     extra={"request_id": job.request.request_id})
+            _settle(job.future, error=job.request.deadline_error())
+    return job.future.done()
 
 
 def _settle(future: Future, result: Any = None, error: BaseException | None = None) -> None:
@@ -293,16 +311,16 @@ class ModelRunner:
         """Run fn on the worker thread (alone, between forwards) and return its result."""
         if threading.current_thread() is self._thread:
             return fn()
-        return self._enqueue(self._controls, ControlJob(fn)).result()
+        return self._enqueue(ControlJob(fn)).result()
 
     def classify(self, job: ClassifyJob | EmbedJob) -> Future:
         """Queue a classification or embedding job: they share one forward per turn."""
-        return self._enqueue(self._classify, job)
+        return self._enqueue(job)
 
     def generate(self, job: GenerateJob) -> Future:
         if job.stream is not None:
             job.future.add_done_callback(lambda _: job.stream.put(None))
-        return self._enqueue(self._generate, job)
+        return self._enqueue(job)
 
     @property
     def decoding(self) -> int:
@@ -322,10 +340,14 @@ class ModelRunner:
             self._cond.notify()
         self._thread.join(timeout=30)
 
-    def _enqueue(self, queue: list, job: ControlJob | ClassifyJob | EmbedJob | GenerateJob) -> Future:
-        with self._cond:
+    def _enqueue(self, job: ControlJob | ClassifyJob | EmbedJob | GenerateJob) -> Future:
+        with self._cond:  # the queue is looked up under the lock: the worker swaps the lists for new ones
             if self._closed:
                 raise RuntimeError("the engine is shut down")
+            queue = (
+                self._controls if isinstance(job, ControlJob) else self._generate if isinstance(job, GenerateJob)
+                else self._classify
+            )
             queue.append(job)
             self._cond.notify()
         return job.future
@@ -341,6 +363,8 @@ class ModelRunner:
                     self._cond.wait()
                 if self._batch is None:
                     self._wait_for_company()
+                self._classify = [job for job in self._classify if not _end_if_abandoned(job)]
+                self._generate = [job for job in self._generate if not _end_if_abandoned(job)]
                 controls, self._controls = self._controls, []
                 decoding = self.decoding
                 classify = self._take(self._classify, lambda job: len(job.rows), decoding, room=0)
@@ -407,7 +431,7 @@ class ModelRunner:
             run(jobs)
         except Exception as exc:  # noqa: BLE001 - it goes to the request that caused it
             if len(jobs) == 1:
-                log.warning("request failed on the model: %r", exc)
+                log.warning("request failed on the model: %r", exc, extra={"request_id": jobs[0].request.request_id})
                 _settle(jobs[0].future, error=exc)
                 return
             for job in jobs:
@@ -597,7 +621,7 @@ class ModelRunner:
         return True
 
     def _fail_row(self, row: Row, exc: BaseException) -> None:
-        log.warning("generation row failed: %r", exc)
+        log.warning("generation row failed: %r", exc, extra={"request_id": row.job.request.request_id})
         _settle(row.job.future, error=exc)  # its other rows leave at the next turn (gone)
 
     def _leave(self, rows: set[int]) -> None:
@@ -610,9 +634,11 @@ class ModelRunner:
             self._batch = None
 
     def _drop_gone_rows(self) -> None:
-        """Rows of cancelled or failed requests leave before the next forward (and before any control job frees
-        their adapter's slot)."""
+        """Rows of requests cancelled, failed, past their deadline or left by their client leave before the next
+        forward (and before any control job frees their adapter's slot)."""
         if self._batch is not None:
+            for job in {id(row.job): row.job for row in self._batch.rows}.values():
+                _end_if_abandoned(job)
             gone = {i for i, row in enumerate(self._batch.rows) if row.gone}
             if gone:
                 self._leave(gone)

@@ -37,6 +37,9 @@ class PredictRequest(BaseModel):
     inputs: str | list[str] = Field(..., description="One text or a list of texts.")
     parameters: Parameters = Field(default_factory=Parameters)
     stream: bool = Field(False, description="Answer as server-sent events (one input only).")
+    timeout: float | None = Field(
+        None, gt=0, description="Seconds this request may take; lowers the server's request_timeout_s (504 past it)."
+    )
 
     @field_validator("inputs")
     @classmethod

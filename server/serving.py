@@ -14,10 +14,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
+from .deps import status_of
 from .engine import Engine
 from .errors import InvalidInput, LoraswapError
 from .metrics import BASE_LABEL
 from .registry import Registry
+from .request_context import current_request
 from .settings import Settings
 from .telemetry import RequestRecord
 from .types import AdapterLocation, GenerationParams, GenerationResult, Result, Task, TokenLogprob
@@ -129,9 +131,24 @@ def predict_events(
                 count_tokens(record, [item])
                 task: Task = "generation" if isinstance(item, GenerationResult) else "classification"
                 yield sse(predict_body(adapter, task, [item]), "result")
-    except LoraswapError as exc:
-        log.warning("stream failed: %s", exc)
-        yield sse({"detail": str(exc)}, "error")
+    except Exception as exc:  # noqa: BLE001 - after the first byte the status has gone out: the error goes in the stream
+        detail = str(exc) if isinstance(exc, LoraswapError) else internal_error_message()
+        yield sse({"status": stream_failure(exc), "detail": detail}, "error")
+
+
+def internal_error_message() -> str:
+    """What a client is told of a failure that is not its fault: the request id to find it in the logs."""
+    return f"internal error (request id {current_request().request_id})"
+
+
+def stream_failure(exc: Exception) -> int:
+    """The status a stream that failed after its first byte would have had; logged here, once, with the request
+    id (the log filter adds it)."""
+    if isinstance(exc, LoraswapError):
+        log.warning("stream ended early: %s", exc)
+        return status_of(exc)
+    log.error("stream failed", exc_info=exc)
+    return 500
 
 
 def started(stream: Generator[T, None, None]) -> Generator[T, None, None]:

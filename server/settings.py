@@ -44,6 +44,21 @@ class Settings(BaseSettings):
         description="continuous: requests join and leave the decode batch at every step; static: a batch runs to "
         "its longest row while everything else waits (the old way, kept for comparison).",
     )
+    max_rows_in_flight: int = Field(
+        256, ge=1, description="Most rows (inputs) admitted at once, queued or decoding; beyond it 429 Retry-After."
+    )
+    max_tokens_in_flight: int = Field(
+        262_144, ge=1, description="Most tokens admitted at once (each row's prompt plus its max_new_tokens: what its "
+        "KV cache may grow to); beyond it 429 Retry-After.",
+    )
+    retry_after_s: int = Field(1, ge=0, description="Retry-After (seconds) sent with a 429.")
+    request_timeout_s: float | None = Field(
+        300.0, gt=0, description="Deadline of an inference request (a request's `timeout` field may lower it); "
+        "past it the request leaves the batch at the next step and gets 504. None: no deadline.",
+    )
+    drain_timeout_s: float = Field(
+        30.0, ge=0, description="On SIGTERM, how long requests in flight may take to finish before the server exits."
+    )
     auto_merge: bool = Field(True, description="Merge an adapter into the base while it dominates traffic.")
     merge_window: int = Field(32, ge=1, description="Recent requests the merge policy looks at.")
     merge_share: float = Field(0.9, gt=0, le=1, description="Share of the window that triggers a merge.")

@@ -7,7 +7,9 @@ head). `clear(index)` empties a slot. Tests drive this class with stubs, as Ray 
 
 Rules: concurrent first requests for one version load it once; validate, load, only then evict (a broken adapter
 fails in `prepare`, before any slot is taken); a slot in use is never evicted, and one unloaded while in use
-(deleted or replaced) is freed by its last release.
+(deleted or replaced) is freed by its last release. When every slot is in use, a load waits (up to `wait_s`) for one
+to become idle rather than failing at once: more adapters in flight than slots is ordinary traffic, not an error
+(the soak benchmark found that, with 2 slots and 6 adapters, most such requests had been 503s).
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ class AdapterSlots:
         self._slots: OrderedDict[AdapterLocation, Slot] = OrderedDict()  # LRU order: oldest first
         self._free = list(range(capacity, 0, -1))  # indices 1..capacity; BASE_SLOT is never handed out
         self._lock = threading.Lock()  # guards _slots/_free/_loading/_unloaded_while_loading/_pinned
+        self._idle = threading.Condition(self._lock)  # notified when a slot may have become free or evictable
         self._loading: dict[AdapterLocation, threading.Event] = {}
         self._unloaded_while_loading: set[AdapterLocation] = set()  # unload() ran during their first load
         self._pinned: set[str] = set(pinned)
@@ -105,8 +108,9 @@ class AdapterSlots:
                 if key.name == name:
                     slot.pinned = pinned
 
-    def acquire(self, location: AdapterLocation) -> Slot:
-        """The slot serving this adapter version, loaded on first use; the caller must release() it."""
+    def acquire(self, location: AdapterLocation, wait_s: float = 0.0) -> Slot:
+        """The slot serving this adapter version, loaded on first use; the caller must release() it. A load that
+        finds every slot in use waits up to `wait_s` seconds for one to become idle (then SlotsBusy)."""
         while True:
             with self._lock:
                 slot = self._slots.get(location)
@@ -120,7 +124,7 @@ class AdapterSlots:
                     break
             pending.wait()  # another request is loading it: take its slot (or try ourselves if it failed)
         try:
-            return self._load(location)
+            return self._load(location, wait_s)
         finally:
             with self._lock:
                 del self._loading[location]
@@ -131,6 +135,8 @@ class AdapterSlots:
         with self._lock:
             slot.in_use -= 1
             free = slot.retired and slot.in_use == 0
+            if slot.in_use == 0:
+                self._idle.notify_all()
         if free:
             self._free_slot(slot)
 
@@ -146,15 +152,16 @@ class AdapterSlots:
         for slot in idle:
             self._free_slot(slot)
 
-    def _load(self, location: AdapterLocation) -> Slot:
+    def _load(self, location: AdapterLocation, wait_s: float) -> Slot:
         started = time.perf_counter()
         install = self._prepare(location)
-        index, evicting = self._take_free_index()
+        index, evicting = self._take_free_index(wait_s)
         try:
             adapter = install(index, evicting)
         except BaseException:
             with self._lock:
                 self._free.append(index)
+                self._idle.notify_all()
             raise
         slot = Slot(index, location, adapter, load_ms=(time.perf_counter() - started) * 1000)
         with self._lock:
@@ -170,15 +177,24 @@ class AdapterSlots:
                  adapter.task, index, slot.load_ms)
         return slot
 
-    def _take_free_index(self) -> tuple[int, bool]:
+    def _take_free_index(self, wait_s: float) -> tuple[int, bool]:
         """A free slot index, evicting the least recently used idle, unpinned adapter if none is free; and whether
-        it was evicted (the model still holds the old adapter there until the loader clears it)."""
+        it was evicted (the model still holds the old adapter there until the loader clears it). With every slot in
+        use, wait up to `wait_s` for one to become idle; with every slot pinned, there is nothing to wait for."""
+        deadline = time.monotonic() + wait_s
         with self._lock:
+            while not self._free:
+                victim = next((k for k, s in self._slots.items() if s.in_use == 0 and not s.pinned), None)
+                if victim is not None:
+                    break
+                remaining = deadline - time.monotonic()
+                never = self._slots and all(s.pinned for s in self._slots.values())
+                if never or remaining <= 0:
+                    waited = f" (waited {wait_s:g} s)" if wait_s > 0 and not never else ""
+                    raise SlotsBusy(f"all {self.capacity} adapter slots are in use or pinned{waited}; retry shortly")
+                self._idle.wait(remaining)
             if self._free:
                 return self._free.pop(), False
-            victim = next((k for k, s in self._slots.items() if s.in_use == 0 and not s.pinned), None)
-            if victim is None:
-                raise SlotsBusy(f"all {self.capacity} adapter slots are in use or pinned; retry shortly")
             slot = self._slots.pop(victim)
             self.evictions += 1
             for observer in self.observers:
@@ -191,4 +207,5 @@ class AdapterSlots:
         slot.adapter.head = None
         with self._lock:
             self._free.append(slot.index)
+            self._idle.notify_all()
         log.info("unloaded adapter %s v%d from slot %d", slot.location.name, slot.location.version, slot.index)

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
+import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -243,6 +246,42 @@ def wait_for_health(process: subprocess.Popen, url: str, log_path: Path, seconds
         if time.monotonic() > deadline:
             pytest.fail(f"the server was not ready after {seconds:.0f} s:\n{log_path.read_text()}")
         time.sleep(0.2)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def serve_in_thread(app, seconds: float = 30) -> Iterator[str]:
+    """A real uvicorn server of `app` in a thread of this process, on a free port; yields its URL."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + seconds
+        while not server.started:
+            assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(seconds)
+
+
+def stop_process(process: subprocess.Popen, seconds: float = 10) -> None:
+    """SIGTERM a server process and wait for it; SIGKILL if it has not exited within `seconds`."""
+    process.terminate()
+    try:
+        process.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 # ---- tiny random bases of each supported family (tests/test_bases.py) -----------------------------------------

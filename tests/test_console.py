@@ -10,10 +10,7 @@ import json
 import re
 import shlex
 import shutil
-import socket
 import struct
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,7 +19,7 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
-from tests.helpers import archive_bytes, make_adapter
+from tests.helpers import archive_bytes, make_adapter, serve_in_thread
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(
@@ -74,28 +71,14 @@ def console_store(tmp_path_factory, tiny_base, adapter_store) -> Path:
 @contextmanager
 def serving(settings) -> Iterator[str]:
     """A real uvicorn server (in a thread) of an app on `settings`; yields its URL."""
-    import uvicorn
-
     from server.api import create_app
     from server.engine import Engine
 
     engine = Engine.from_settings(settings)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(settings, engine=engine), host="127.0.0.1", port=port,
-                                           log_config=None, access_log=False))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
     try:
-        deadline = time.monotonic() + TIMEOUT
-        while not server.started:
-            assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-            time.sleep(0.05)
-        yield f"http://127.0.0.1:{port}"
+        with serve_in_thread(create_app(settings, engine=engine), TIMEOUT) as url:
+            yield url
     finally:
-        server.should_exit = True
-        thread.join(10)
         engine.close()
 
 

@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ import openai
 import pytest
 
 from server.finetune import inspect_jsonl
-from tests.helpers import ADMIN_TOKEN, app_client, tree, wait_for_health
+from tests.helpers import ADMIN_TOKEN, app_client, free_port, stop_process, tree, wait_for_health
 
 REPO = Path(__file__).resolve().parent.parent
 CHAT_ROWS = [
@@ -184,12 +183,6 @@ def test_writes_need_the_admin_token(tiny_settings, engine, store):
 # ---- real server processes and the official client --------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextmanager
 def serve(base: Path | None, store: Path, log_path: Path, *flags: str) -> Iterator[tuple[str, subprocess.Popen]]:
     """`python -m server` with the admin token on a free port (base None: the embedded one); yields its URL and
@@ -207,12 +200,7 @@ def serve(base: Path | None, store: Path, log_path: Path, *flags: str) -> Iterat
         yield url, process
     finally:
         if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop_process(process, 30)
 
 
 def client_for(url: str, token: str = ADMIN_TOKEN) -> openai.OpenAI:

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
-import threading
-import time
 
 import pytest
 from pydantic import SecretStr
 
+from tests.helpers import serve_in_thread
 from tests.test_console import CHROMEDRIVER, CHROMIUM, browser, wait_for  # noqa: F401 (browser is a fixture)
 from tests.test_finetune import CLS_ROWS
 
@@ -23,8 +21,6 @@ TOKEN = "finetune-console-token"
 @pytest.fixture(scope="module")
 def finetune_url(tiny_settings, adapter_store, tmp_path_factory):
     """A real uvicorn server (in a thread) on its own store, with the admin token."""
-    import uvicorn
-
     from server.api import create_app
     from server.engine import Engine
 
@@ -32,21 +28,11 @@ def finetune_url(tiny_settings, adapter_store, tmp_path_factory):
     shutil.copytree(adapter_store / "sentiment", store / "sentiment")
     settings = tiny_settings.model_copy(update={"adapters_dir": store, "admin_token": SecretStr(TOKEN)})
     engine = Engine.from_settings(settings)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(settings, engine=engine), host="127.0.0.1", port=port,
-                                           log_config=None, access_log=False))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(30)
-    engine.close()
+    try:
+        with serve_in_thread(create_app(settings, engine=engine)) as url:
+            yield url
+    finally:
+        engine.close()
 
 
 def test_upload_train_watch_and_try(browser, finetune_url, tmp_path):  # noqa: F811 (browser is the fixture)

@@ -23,6 +23,7 @@ from tests.helpers import (
     ADMIN_TOKEN as TOKEN,
     archive_bytes,
     folder_files,
+    free_port,
     peft_reference_greedy,
     peft_reference_probs,
     tree,
@@ -121,17 +122,11 @@ def test_replace_lets_in_flight_requests_finish_on_the_old_version(
 # ---- a real server process -----------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class ServerProcess:
     """`python -m server` on a free port with the tiny base; killed without mercy by the test."""
 
     def __init__(self, base: Path, store: Path, log: Path):
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         args = [sys.executable, "-m", "server", "--base-model", str(base), "--adapters-dir", str(store),
                 "--port", str(self.port), "--dtype", "float32", "--num-threads", "1", "--admin-token", TOKEN]

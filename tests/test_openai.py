@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ import openai
 import pytest
 
 from tests.conftest import LABELS
-from tests.helpers import wait_for_health
+from tests.helpers import free_port, stop_process, wait_for_health
 
 REPO = Path(__file__).resolve().parent.parent
 ADAPTERS = {"gen-a", "gen-b", "gen-mlp", "sentiment", "topic"}
@@ -88,12 +87,6 @@ def test_completions_with_several_prompts(client):
 # ---- a real server process and the official client ------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tiny_base, adapter_store, tmp_path_factory):
     """`python -m server` on a free port, JSON logs into a file; killed when the module's tests are done."""
@@ -111,12 +104,7 @@ def server(tiny_base, adapter_store, tmp_path_factory):
         wait_for_health(process, url, log_path, 90)
         yield url, log_path
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
 
 
 @pytest.fixture(scope="module")

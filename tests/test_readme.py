@@ -18,7 +18,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import wait_for_health
+from tests.helpers import free_port, stop_process, wait_for_health
 
 REPO = Path(__file__).resolve().parent.parent
 README_PORT = "127.0.0.1:8000"
@@ -82,12 +81,6 @@ def test_every_block_is_run_checked_or_skipped_with_a_reason():
     assert sum(b.language in RUNNABLE and b.skip_reason is None for b in BLOCKS) >= 8
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @dataclass
 class Reader:
     """Where the blocks run: a working directory shaped like the repository, and a server on the embedded base."""
@@ -112,7 +105,7 @@ def reader(tmp_path_factory) -> Reader:
     curl_home.mkdir()
     (curl_home / ".curlrc").write_text("fail-with-body\nshow-error\n")
 
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "CURL_HOME": str(curl_home), "OMP_NUM_THREADS": "1"}
     server_env = {**env, "LORASWAP_PORT": str(port), "LORASWAP_ADMIN_TOKEN": ADMIN_TOKEN,
                   "LORASWAP_ADAPTERS_DIR": str(workdir / "adapters")}
@@ -125,12 +118,7 @@ def reader(tmp_path_factory) -> Reader:
         wait_for_health(server, url, log_path, 300)  # a first start converts the embedded base (about 35 s)
         yield Reader(workdir, url, env)
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop_process(server, 20)
 
 
 def _run(block: Block, reader: Reader) -> subprocess.CompletedProcess:

@@ -189,10 +189,10 @@ def loads(engine8, monkeypatch) -> list[str]:
     seen: list[str] = []
     real = engine8.slots._load
 
-    def counting(location):
+    def counting(location, wait_s):
         seen.append(location.name)
         time.sleep(0.02)
-        return real(location)
+        return real(location, wait_s)
 
     monkeypatch.setattr(engine8.slots, "_load", counting)
     return seen

@@ -3,6 +3,8 @@ behaviour and exactness against PEFT."""
 
 from __future__ import annotations
 
+import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -195,3 +197,33 @@ def test_a_request_rerun_after_its_batch_failed_is_counted_once(tiny_settings, a
                 engine.release(slot)
     finally:
         engine.close()
+
+
+def test_no_job_is_lost_when_callers_race_the_worker_swapping_its_queues(engine, adapter_store):
+    """The worker takes each queue by swapping in a new list; a caller must append to the current one (found by
+    the soak benchmark: an adapter install queued at the wrong moment waited forever; with the old lookup this test
+    failed in about half of its runs)."""
+    location = AdapterLocation("sentiment", 1, adapter_store / "sentiment")
+    slot = engine.acquire(location)
+    done: list[str] = []
+
+    def control_calls() -> None:
+        assert sum(engine.runner.call(lambda: 1) for _ in range(800)) == 800
+        done.append("controls")
+
+    def classifications() -> None:
+        assert sum(len(engine.classify(["fine"], slot)) for _ in range(30)) == 30
+        done.append("classifications")
+
+    threads = [threading.Thread(target=work, daemon=True) for work in [control_calls] * 3 + [classifications] * 3]
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads change at almost every bytecode: the race shows within a few hundred calls
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=30)
+        assert sorted(done) == ["classifications"] * 3 + ["controls"] * 3  # a lost job never returns
+    finally:
+        sys.setswitchinterval(switch)
+        engine.release(slot)

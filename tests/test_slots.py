@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -409,3 +410,27 @@ def test_name_of_maps_indices_to_loaded_names(model: StubModel) -> None:
     assert slots.name_of(BASE_SLOT) is None  # the base is no adapter's slot
     slots.unload("a")
     assert slots.name_of(a.index) is None
+
+
+def test_a_load_waits_for_a_slot_in_use_to_become_idle(model: StubModel) -> None:
+    slots = make_slots(model, capacity=2)
+    held = [slots.acquire(at("a")), slots.acquire(at("b"))]
+    with ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(slots.acquire, at("c"), 30)
+        time.sleep(0.2)
+        assert not waiting.done()  # every slot is in use: it waits rather than failing
+        slots.release(held[1])
+        got = waiting.result(timeout=5)
+    assert got.location == at("c") and got.index == held[1].index
+    assert names(slots) == ["a", "c"]
+    with pytest.raises(SlotsBusy, match=r"waited 0.1 s"):  # a and c in use: the wait ends
+        slots.acquire(at("d"), 0.1)
+
+
+def test_a_load_does_not_wait_when_every_slot_is_pinned(model: StubModel) -> None:
+    slots = make_slots(model, capacity=1, pinned=("a",))
+    use(slots, at("a"))
+    started = time.monotonic()
+    with pytest.raises(SlotsBusy):
+        slots.acquire(at("b"), 30)
+    assert time.monotonic() - started < 1
