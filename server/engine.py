@@ -25,6 +25,7 @@ from .admission import AdmissionGate
 from .base_model import BaseInfo, load_base
 from .encoding import InputEncoder, TextDeltas
 from .errors import AdapterChanged, AdapterInvalid, InvalidInput
+from .heads import SequenceClassifier
 from .lora import LoraContext, MultiLoraLinear, fit_problems, resolve_module_path, wrap_linear_layers
 from .request_context import current_request
 from .runner import ClassifyJob, EmbedJob, GenerateJob, MergePolicy, ModelRunner
@@ -74,11 +75,15 @@ class Engine:
         self.encoder = InputEncoder(tokenizer, info.max_context, info.name)
         context = LoraContext()
         self.layers: dict[str, MultiLoraLinear] = wrap_linear_layers(model, context, max_loaded_adapters + 1)
-        # torch's CPU slow path: F.linear on a non-contiguous 3-D input with a frozen weight copies it per row
-        model.get_output_embeddings().register_forward_pre_hook(lambda _m, args: (args[0].contiguous(),))
+        self.classifier = SequenceClassifier(
+            model.config, tokenizer.pad_token_id, {name: getattr(model, name) for name in info.trained_heads}
+        )
+        if (lm_head := model.get_output_embeddings()) is not None:
+            # torch's CPU slow path: F.linear on a non-contiguous 3-D input with a frozen weight copies it per row
+            lm_head.register_forward_pre_hook(lambda _m, args: (args[0].contiguous(),))
         self.runner = ModelRunner(
-            model, tokenizer, self.layers, context, max_batch_rows=max_batch_size, max_wait_s=max_wait_ms / 1000,
-            merge_policy=merge_policy, continuous=continuous,
+            model, tokenizer, self.layers, context, self.classifier, max_batch_rows=max_batch_size,
+            max_wait_s=max_wait_ms / 1000, merge_policy=merge_policy, continuous=continuous,
         )
         self.slots = AdapterSlots(max_loaded_adapters, self._prepare, self._clear, pinned)
         self.admission = admission or AdmissionGate(max_rows=2**31, max_tokens=2**62)  # default: unbounded
@@ -164,32 +169,52 @@ class Engine:
 
     def check_adapter(self, folder: Path) -> AdapterWeights:
         """Read an adapter and check that it fits this base; raise AdapterInvalid with every problem."""
+        adapter, _ = self._checked(folder)
+        return adapter
+
+    def _checked(self, folder: Path) -> tuple[AdapterWeights, dict[str, torch.nn.Module] | None]:
+        """The adapter and its classification head modules (built here, in the caller's thread), or AdapterInvalid
+        listing every way it does not fit this base."""
         adapter = read_adapter(folder, max_rank=self.max_rank)
-        problems = fit_problems(adapter, self.layers, self.info.hidden_size)
         trained_on = adapter.metadata.get("base_model")
         fingerprint = trained_on.get("fingerprint") if isinstance(trained_on, dict) else None
-        if fingerprint and fingerprint != self.info.fingerprint:
-            problems.append(f"the adapter was trained on base {trained_on.get('name')!r} ({fingerprint}), not on "
-                            f"the loaded {self.info.name!r} ({self.info.fingerprint})")
+        if fingerprint and fingerprint != self.info.fingerprint:  # says it all: the rest would list every module
+            raise AdapterInvalid([f"the adapter was trained on base {trained_on.get('name')!r} ({fingerprint}), not "
+                                  f"on the loaded {self.info.name!r} ({self.info.fingerprint})"])
+        problems = fit_problems(adapter, self.layers, self.model)
+        if adapter.task not in self.info.tasks:
+            problems.append(f"a {adapter.task} adapter does not fit the base {self.info.name!r}: it is a "
+                            f"{self.info.architecture} ({self.info.family}), serving {', '.join(self.info.tasks)}")
+        head = None
+        if adapter.task == "classification" and adapter.labels is not None:
+            head, head_problems = self.classifier.build(adapter.head, len(adapter.labels), self.device, self.dtype)
+            problems += head_problems
+        problems += self._modules_to_save_problems(adapter)
         if problems:
             raise AdapterInvalid(problems)
-        return adapter
+        return adapter, head
+
+    def _modules_to_save_problems(self, adapter: AdapterWeights) -> list[str]:
+        """modules_to_save names (besides the 'classifier' and 'score' PEFT adds to every SEQ_CLS adapter) that
+        match no module of the base, as PEFT matches them (by path suffix)."""
+        named = adapter.config.get("modules_to_save") or []
+        if not isinstance(named, list):
+            return ["modules_to_save must be a list of module names"]
+        paths = [path for path, _ in self.model.named_modules()]
+        return [f"modules_to_save names {name!r}, a module the base {self.info.architecture} does not have"
+                for name in named if name not in ("classifier", "score")
+                and not any(path == name or path.endswith(f".{name}") for path in paths)]
 
     def _prepare(self, location: AdapterLocation) -> Installer:
         """Read and check one adapter version (caller's thread); return what installs it into a slot."""
         try:
-            adapter = self.check_adapter(location.folder)
+            adapter, head = self._checked(location.folder)
         except (OSError, AdapterInvalid):
             if not location.folder.is_dir():  # deleted or replaced while we read it
                 raise AdapterChanged(location.name) from None
             raise
         if location.sha256 and adapter.sha256 != location.sha256:
             raise AdapterChanged(location.name)  # its folder now holds other weights: never serve them as this
-        head = None
-        if adapter.head_weight is not None:
-            bias = None if adapter.head_bias is None else adapter.head_bias.to(self.device, self.dtype)
-            head = (adapter.head_weight.to(self.device, self.dtype), bias)  # [labels, hidden], [labels]
-
         def install(index: int, evicting: bool) -> LoadedAdapter:
             self.runner.call(lambda: self._fill(index, adapter, evicting))
             log.info("adapter %s v%d has sha256 %s", location.name, location.version, adapter.sha256[:12])
@@ -204,7 +229,8 @@ class Engine:
             self.runner.clear_slot(index)
         try:
             for module, pair in adapter.modules.items():
-                self.layers[resolve_module_path(module, self.layers)].set_slot(index, pair.A, pair.B, pair.scale)
+                path = resolve_module_path(module, self.layers, self.model.base_model_prefix)
+                self.layers[path].set_slot(index, pair.A, pair.B, pair.scale)
         except BaseException:
             self.runner.clear_slot(index)
             raise
@@ -232,10 +258,18 @@ class Engine:
     def encode_for_classification(self, texts: list[str]) -> list[list[int]]:
         return self.encoder.for_classification(texts)
 
+    def check_generates(self) -> None:
+        """InvalidInput (422) saying why, where the base cannot generate text (an encoder)."""
+        if "generation" not in self.info.tasks:
+            raise InvalidInput("model", f"the base {self.info.name!r} is a {self.info.architecture} (an encoder): it "
+                               f"serves {' and '.join(self.info.tasks)}, it cannot generate text")
+
     def encode_for_generation(self, prompts: list[str | list[int]], params: GenerationParams) -> list[list[int]]:
+        self.check_generates()
         return self.encoder.for_generation(prompts, params)
 
     def encode_messages(self, messages: list[dict[str, str]], params: GenerationParams) -> list[int]:
+        self.check_generates()
         return self.encoder.messages(messages, params)
 
     def decode(self, ids: list[int]) -> str:
@@ -278,7 +312,7 @@ class Engine:
     ) -> GenerateJob:
         if slot is not None and slot.task != "generation":
             raise InvalidInput("adapter", f"{slot.location.name!r} is an adapter for {slot.task}, not generation")
-        rows = self.encoder.for_generation(prompts, params)
+        rows = self.encode_for_generation(prompts, params)
         return GenerateJob(rows, BASE_SLOT if slot is None else slot.index, params, Queue() if stream else None)
 
     def generate(

