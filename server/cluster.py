@@ -120,7 +120,7 @@ class EngineReplica:
     def check_adapter(self, folder: str) -> AdapterWeights:
         """engine.check_adapter for the registry (an upload staged in the shared store), without the weights."""
         adapter = self.engine.check_adapter(Path(folder))
-        return dataclasses.replace(adapter, modules={}, head_weight=None, head_bias=None)
+        return dataclasses.replace(adapter, modules={}, head={})
 
     async def predict(
         self, location: AdapterLocation | None, texts: list, params: GenerationParams, request: Request
