@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -272,6 +274,31 @@ def serve_in_thread(app, seconds: float = 30) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(seconds)
+
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@contextmanager
+def server_process(
+    base: Path | None, store: Path, log_path: Path, *flags: str, ready_s: float = 90
+) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`python -m server` (float32, the admin token) on a free port, its log appended to `log_path` (base None: the
+    embedded one); yields its URL and process once /health answers, and stops it at the end if it still runs."""
+    port = free_port()
+    command = [sys.executable, "-m", "server", "--adapters-dir", str(store), "--port", str(port),
+               "--dtype", "float32", "--admin-token", ADMIN_TOKEN, *(["--base-model", str(base)] if base else []),
+               *flags]
+    with log_path.open("ab") as log:
+        process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                                   env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_health(process, url, log_path, ready_s)
+        yield url, process
+    finally:
+        if process.poll() is None:
+            stop_process(process, 30)
 
 
 def stop_process(process: subprocess.Popen, seconds: float = 10) -> None:

@@ -7,11 +7,8 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -19,9 +16,8 @@ import openai
 import pytest
 
 from server.finetune import inspect_jsonl
-from tests.helpers import ADMIN_TOKEN, app_client, free_port, stop_process, tree, wait_for_health
+from tests.helpers import ADMIN_TOKEN, app_client, server_process, tree
 
-REPO = Path(__file__).resolve().parent.parent
 CHAT_ROWS = [
     {"messages": [{"role": "system", "content": "You answer with one colour."},
                   {"role": "user", "content": f"What colour is thing {i}?"},
@@ -183,26 +179,6 @@ def test_writes_need_the_admin_token(tiny_settings, engine, store):
 # ---- real server processes and the official client --------------------------------------------------------------
 
 
-@contextmanager
-def serve(base: Path | None, store: Path, log_path: Path, *flags: str) -> Iterator[tuple[str, subprocess.Popen]]:
-    """`python -m server` with the admin token on a free port (base None: the embedded one); yields its URL and
-    process, stopped at the end."""
-    port = free_port()
-    command = [sys.executable, "-m", "server", "--adapters-dir", str(store), "--port", str(port),
-               "--dtype", "float32", "--admin-token", ADMIN_TOKEN, *(["--base-model", str(base)] if base else []),
-               *flags]
-    with log_path.open("ab") as log:
-        process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                   env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_health(process, url, log_path, 90)
-        yield url, process
-    finally:
-        if process.poll() is None:
-            stop_process(process, 30)
-
-
 def client_for(url: str, token: str = ADMIN_TOKEN) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{url}/v1", api_key=token, max_retries=0, timeout=60)
 
@@ -247,7 +223,7 @@ def live_store(tmp_path_factory, adapter_store) -> Path:
 
 @pytest.fixture(scope="module")
 def live(tiny_base, live_store, tmp_path_factory) -> Iterator[str]:
-    with serve(tiny_base, live_store, tmp_path_factory.mktemp("ft-log") / "server.log") as (url, _):
+    with server_process(tiny_base, live_store, tmp_path_factory.mktemp("ft-log") / "server.log") as (url, _):
         yield url
 
 
@@ -372,7 +348,7 @@ def test_a_restart_during_a_job_fails_it_and_the_server_serves(tiny_base, adapte
     store.mkdir()
     shutil.copytree(adapter_store / "sentiment", store / "sentiment")
     log_path = tmp_path / "server.log"
-    with serve(tiny_base, store, log_path) as (url, process):
+    with server_process(tiny_base, store, log_path) as (url, process):
         oai = client_for(url)
         training = oai.files.create(file=("long.jsonl", jsonl(CLS_ROWS)), purpose="fine-tune")
         job = oai.fine_tuning.jobs.create(model=tiny_base.name, training_file=training.id,
@@ -382,7 +358,7 @@ def test_a_restart_during_a_job_fails_it_and_the_server_serves(tiny_base, adapte
         process.send_signal(signal.SIGKILL)  # a crash: no shutdown hook runs
         process.wait()
     assert process_gone(trainer), "the trainer outlived the server"
-    with serve(tiny_base, store, log_path) as (url, _):
+    with server_process(tiny_base, store, log_path) as (url, _):
         oai = client_for(url)
         failed = oai.fine_tuning.jobs.retrieve(job.id)
         assert failed.status == "failed" and failed.error.code == "server_restarted"

@@ -15,7 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.test_finetune import client_for, serve, wait_for
+from tests.helpers import server_process
+from tests.test_finetune import client_for, wait_for
 
 pytestmark = pytest.mark.real_base
 
@@ -39,7 +40,7 @@ def test_spam_job_beats_the_majority_class_within_the_stated_time(tmp_path):
     store = tmp_path / "adapters"
     store.mkdir()
     # nice 10, not the default 19: on a machine shared with other jobs a nice-19 trainer can starve for minutes
-    with serve(None, store, tmp_path / "server.log", "--finetune-nice", "10") as (url, _):
+    with server_process(None, store, tmp_path / "server.log", "--finetune-nice", "10") as (url, _):
         oai = client_for(url)
         data = "".join(json.dumps(row) + "\n" for row in train).encode()
         training = oai.files.create(file=("spam-200.jsonl", data), purpose="fine-tune")

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ADMIN_TOKEN, free_port, stop_process, wait_for_health
+from tests.helpers import ADMIN_TOKEN, server_process
 
-REPO = Path(__file__).resolve().parent.parent
 SCHEMATHESIS = Path(sys.executable).parent / "schemathesis"
 CHECKS = "not_a_server_error,response_schema_conformance,content_type_conformance"
 
@@ -24,21 +23,12 @@ def fuzzed_server(tiny_base, adapter_store, tmp_path):
     store = tmp_path / "store"
     for name in ("gen-a", "sentiment"):
         shutil.copytree(adapter_store / name, store / name)
-    port = free_port()
     log_path = tmp_path / "server.log"
     # small bounds keep each generated request cheap: fuzzed bodies ask for many tokens and many inputs
-    command = [sys.executable, "-m", "server", "--base-model", str(tiny_base), "--adapters-dir", str(store),
-               "--port", str(port), "--dtype", "float32", "--admin-token", ADMIN_TOKEN, "--num-threads", "1",
-               "--max-new-tokens-limit", "8", "--max-inputs", "4", "--cache-dir", str(tmp_path / "cache")]
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(command, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
-                                   env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_health(process, url, log_path, 90)
+    flags = ("--num-threads", "1", "--max-new-tokens-limit", "8", "--max-inputs", "4",
+             "--cache-dir", str(tmp_path / "cache"))
+    with server_process(tiny_base, store, log_path, *flags) as (url, _):
         yield url, log_path
-    finally:
-        stop_process(process)
 
 
 def test_schemathesis_finds_no_server_error_and_no_schema_violation(fuzzed_server, tmp_path):

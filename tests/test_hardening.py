@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -22,9 +19,8 @@ import pytest
 from server.admission import AdmissionGate
 from server.request_context import RequestIdFilter
 from server.types import GenerationParams
-from tests.helpers import free_port, serve_in_thread, stop_process, wait_for_health
+from tests.helpers import serve_in_thread, server_process
 
-REPO = Path(__file__).resolve().parent.parent
 LONG = {"max_new_tokens": 200}  # the tiny base's context is 256 tokens
 
 
@@ -309,36 +305,24 @@ def test_sigterm_finishes_requests_in_flight_refuses_new_ones_and_exits_0(tiny_b
     """Three streamed requests, one decoding and two queued behind it (batch size 1), when SIGTERM comes."""
     store = tmp_path / "store"
     shutil.copytree(adapter_store / "gen-a", store / "gen-a")
-    port = free_port()
     log_path = tmp_path / "server.log"
-    command = [sys.executable, "-m", "server", "--base-model", str(tiny_base), "--adapters-dir", str(store),
-               "--port", str(port), "--dtype", "float32", "--num-threads", "1", "--max-batch-size", "1",
-               "--drain-timeout-s", "60"]
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                   env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    url = f"http://127.0.0.1:{port}"
     prompts = [f"drain story {i}" for i in range(3)]
-    try:
-        wait_for_health(process, url, log_path, 90)
-        with ThreadPoolExecutor(3) as pool:
-            streams = [
-                pool.submit(httpx.post, f"{url}/predict?adapter=gen-a", timeout=120,
-                            json={"inputs": prompt, "stream": True, "parameters": LONG})
-                for prompt in prompts
-            ]
-            wait_until(lambda: "loraswap_admitted_rows 3.0" in httpx.get(f"{url}/metrics").text, what="3 admitted")
-            process.send_signal(signal.SIGTERM)
-            wait_until(lambda: httpx.get(f"{url}/health").status_code == 503, what="draining")
-            assert httpx.get(f"{url}/health").json() == {"status": "draining"}
-            refused = httpx.post(f"{url}/predict?adapter=gen-a", json={"inputs": "new"})
-            assert refused.status_code == 503 and "shutting down" in refused.json()["detail"]
-            assert not all(stream.done() for stream in streams), "the requests ended before the drain was seen"
-            answers = [stream.result() for stream in streams]
+    flags = ("--num-threads", "1", "--max-batch-size", "1", "--drain-timeout-s", "60")
+    with server_process(tiny_base, store, log_path, *flags) as (url, process), ThreadPoolExecutor(3) as pool:
+        streams = [
+            pool.submit(httpx.post, f"{url}/predict?adapter=gen-a", timeout=120,
+                        json={"inputs": prompt, "stream": True, "parameters": LONG})
+            for prompt in prompts
+        ]
+        wait_until(lambda: "loraswap_admitted_rows 3.0" in httpx.get(f"{url}/metrics").text, what="3 admitted")
+        process.send_signal(signal.SIGTERM)
+        wait_until(lambda: httpx.get(f"{url}/health").status_code == 503, what="draining")
+        assert httpx.get(f"{url}/health").json() == {"status": "draining"}
+        refused = httpx.post(f"{url}/predict?adapter=gen-a", json={"inputs": "new"})
+        assert refused.status_code == 503 and "shutting down" in refused.json()["detail"]
+        assert not all(stream.done() for stream in streams), "the requests ended before the drain was seen"
+        answers = [stream.result() for stream in streams]
         assert process.wait(timeout=60) == 0, log_path.read_text()
-    finally:
-        if process.poll() is None:
-            stop_process(process)
     for prompt, answer in zip(prompts, answers):
         assert answer.status_code == 200
         name, data = sse_events(answer)[-1]

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,9 +11,8 @@ import openai
 import pytest
 
 from tests.conftest import LABELS
-from tests.helpers import free_port, stop_process, wait_for_health
+from tests.helpers import server_process
 
-REPO = Path(__file__).resolve().parent.parent
 ADAPTERS = {"gen-a", "gen-b", "gen-mlp", "sentiment", "topic"}
 MESSAGES = [
     {"role": "system", "content": "You answer in one word."},
@@ -89,22 +85,10 @@ def test_completions_with_several_prompts(client):
 
 @pytest.fixture(scope="module")
 def server(tiny_base, adapter_store, tmp_path_factory):
-    """`python -m server` on a free port, JSON logs into a file; killed when the module's tests are done."""
-    port = free_port()
+    """`python -m server` on a free port, JSON logs into a file; stopped when the module's tests are done."""
     log_path = tmp_path_factory.mktemp("server") / "server.log"
-    command = [
-        sys.executable, "-m", "server", "--base-model", str(tiny_base), "--adapters-dir", str(adapter_store),
-        "--port", str(port), "--dtype", "float32", "--log-format", "json",
-    ]
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                                   env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_health(process, url, log_path, 90)
+    with server_process(tiny_base, adapter_store, log_path, "--log-format", "json") as (url, _):
         yield url, log_path
-    finally:
-        stop_process(process)
 
 
 @pytest.fixture(scope="module")
