@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -26,18 +25,12 @@ from ray import serve  # noqa: E402
 
 from server.cluster import ENGINE_DEPLOYMENT, REPLICA_HEADER, build  # noqa: E402
 from server.types import AdapterLocation, GenerationParams  # noqa: E402
-from tests.helpers import ADMIN_TOKEN, folder_files, make_adapter, wait_for_health  # noqa: E402
+from tests.helpers import ADMIN_TOKEN, folder_files, free_port, make_adapter, wait_for_health  # noqa: E402
 
 pytestmark = pytest.mark.ray
 APP = "loraswap-test"
 ADAPTERS = ["gen-a", "gen-b", "sentiment", "topic"]
 GREEDY = {"max_new_tokens": 6, "temperature": 0}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +50,7 @@ def cluster(tiny_settings, cluster_store):
         "adapters_dir": cluster_store, "replicas": 2, "num_threads": 1, "admin_token": SecretStr(ADMIN_TOKEN),
         "auto_merge": False,
     })
-    port = _free_port()
+    port = free_port()
     ray.init(num_cpus=2, include_dashboard=False, object_store_memory=80 * 1024**2, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -127,7 +120,7 @@ def test_the_serve_builder_takes_settings_as_strings(tiny_settings, cluster_stor
 def test_the_command_serves_two_replicas_on_its_port(tiny_settings, cluster_store, tmp_path):
     """`loraswap --replicas 2` as a user runs it: its own local Ray, the app on --port, stopped by SIGTERM.
     Runs before the module's cluster starts (the tests run in file order)."""
-    port = _free_port()
+    port = free_port()
     command = [str(Path(sys.executable).parent / "loraswap"), "--replicas", "2", "--num-threads", "1",
                "--port", str(port), "--base-model", str(tiny_settings.base_model), "--dtype", "float32",
                "--adapters-dir", str(cluster_store), "--cache-dir", str(tmp_path / "cache")]
@@ -172,6 +165,17 @@ def test_each_adapter_sticks_to_one_replica_and_both_replicas_serve(http):
     for adapter, replicas in served.items():
         assert replicas.most_common(1)[0][1] >= 36, (adapter, replicas)  # >= 90 % of 40 on one replica
     assert len({r for replicas in served.values() for r in replicas}) == 2, served
+
+
+def test_a_deadline_reaches_the_replica(http):
+    """The request's remaining time goes with it: past it, its row leaves the replica's batch and the ingress
+    answers 504 (200 steps would take far longer than 0.05 s)."""
+    started = time.monotonic()
+    response = http.post("/predict", params={"adapter": "gen-a"},
+                         json={"inputs": "a long one", "parameters": {"max_new_tokens": 200}, "timeout": 0.05})
+    assert response.status_code == 504, response.text
+    assert "deadline of" in response.json()["detail"] and "passed before it was answered" in response.json()["detail"]
+    assert time.monotonic() - started < 5
 
 
 def test_streaming_openai_and_metrics_through_the_ingress(http, client):
