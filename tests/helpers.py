@@ -15,7 +15,9 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModel, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+from transformers import (
+    AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig, LlamaForCausalLM,
+)
 
 from server.adapter_format import METADATA_FILE
 
@@ -52,22 +54,28 @@ def make_adapter(
     seed: int = 1,
     alpha: int | None = None,
     write_labels: bool = True,
+    modules_to_save: list[str] | None = None,
 ) -> Path:
-    """A PEFT adapter saved by plain PEFT, with random (non-zero) A and B so it really changes the output."""
+    """A PEFT adapter saved by plain PEFT, with random (non-zero) A and B so it really changes the output; a SEQ_CLS
+    adapter on the architecture's own *ForSequenceClassification, its head (saved by modules_to_save) random too."""
     torch.manual_seed(seed)
     if task == "SEQ_CLS":
-        model = LlamaForSequenceClassification.from_pretrained(base, num_labels=len(labels), dtype=torch.float32)
+        model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=len(labels), dtype=torch.float32)
     elif task == "FEATURE_EXTRACTION":  # a bare LlamaModel: its keys lack the causal LM's leading "model."
         model = AutoModel.from_pretrained(base, dtype=torch.float32)
     else:
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     config = LoraConfig(
-        task_type=task, r=r, lora_alpha=alpha or 2 * r, target_modules=list(targets), init_lora_weights=False
+        task_type=task, r=r, lora_alpha=alpha or 2 * r, target_modules=list(targets), init_lora_weights=False,
+        modules_to_save=modules_to_save,
     )
     peft_model = get_peft_model(model, config)
     if task == "SEQ_CLS":
-        head = peft_model.base_model.model.score.modules_to_save["default"]
-        torch.nn.init.normal_(head.weight, std=0.5)
+        for name in ("score", "classifier", "pre_classifier"):
+            wrapper = getattr(peft_model.base_model.model, name, None)
+            if wrapper is not None:
+                for param in wrapper.modules_to_save["default"].parameters():
+                    torch.nn.init.normal_(param, std=0.5)
     peft_model.save_pretrained(out)
     if labels and write_labels:
         (out / METADATA_FILE).write_text(json.dumps({"task": "classification", "labels": labels}))
@@ -75,10 +83,11 @@ def make_adapter(
 
 
 def peft_reference_probs(base: Path, adapter: Path, tokenizer, texts: list[str], n_labels: int) -> torch.Tensor:
-    model = LlamaForSequenceClassification.from_pretrained(base, num_labels=n_labels, dtype=torch.float32)
+    """Plain PEFT on the architecture's own *ForSequenceClassification: softmax of its logits (float32)."""
+    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=n_labels, dtype=torch.float32)
     model.config.pad_token_id = tokenizer.pad_token_id
     peft_model = PeftModel.from_pretrained(model, adapter).eval()
-    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    batch = tokenizer(texts, return_tensors="pt", padding=True, padding_side="right")
     with torch.no_grad():
         return peft_model(**batch).logits.float().softmax(-1)
 
@@ -382,38 +391,8 @@ FAMILY_TARGETS = {  # what the tutorials train: attention projections (GPT-2: it
 
 def make_family_adapter(base: Path, out: Path, family: str, task: str, labels: list[str] | None = None, r: int = 4,
                         seed: int = 1) -> Path:
-    """An adapter made and saved by plain PEFT (random non-zero A and B; the head saved by modules_to_save, as
-    PEFT's SEQ_CLS does: DistilBERT's pre_classifier named, since a bare DistilBertModel has none trained)."""
-    from transformers import AutoModelForSequenceClassification
+    """make_adapter with the family's usual targets (DistilBERT's pre_classifier named in modules_to_save: PEFT's
+    SEQ_CLS saves only the classifier, and a bare DistilBertModel has no trained pre_classifier)."""
+    to_save = ["pre_classifier"] if family == "distilbert" and task == "SEQ_CLS" else None
+    return make_adapter(base, out, task, r, FAMILY_TARGETS[family], labels, seed, modules_to_save=to_save)
 
-    torch.manual_seed(seed)
-    if task == "SEQ_CLS":
-        model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=len(labels), dtype=torch.float32)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    config = LoraConfig(task_type=task, r=r, lora_alpha=2 * r, target_modules=list(FAMILY_TARGETS[family]),
-                        init_lora_weights=False,
-                        modules_to_save=["pre_classifier"] if family == "distilbert" and task == "SEQ_CLS" else None)
-    peft_model = get_peft_model(model, config)
-    if task == "SEQ_CLS":
-        for name in ("score", "classifier", "pre_classifier"):
-            wrapper = getattr(peft_model.base_model.model, name, None)
-            if wrapper is not None:
-                for param in wrapper.modules_to_save["default"].parameters():
-                    torch.nn.init.normal_(param, std=0.5)
-    peft_model.save_pretrained(out)
-    if labels:
-        (out / METADATA_FILE).write_text(json.dumps({"task": "classification", "labels": labels}))
-    return out
-
-
-def peft_family_probs(base: Path, adapter: Path, tokenizer, texts: list[str], n_labels: int) -> torch.Tensor:
-    """Plain PEFT on the architecture's own *ForSequenceClassification: softmax of its logits (float32)."""
-    from transformers import AutoModelForSequenceClassification
-
-    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=n_labels, dtype=torch.float32)
-    model.config.pad_token_id = tokenizer.pad_token_id
-    peft_model = PeftModel.from_pretrained(model, adapter).eval()
-    batch = tokenizer(texts, return_tensors="pt", padding=True, padding_side="right")
-    with torch.no_grad():
-        return peft_model(**batch).logits.float().softmax(-1)

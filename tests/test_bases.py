@@ -31,7 +31,7 @@ from tests.helpers import (
     make_family_adapter,
     make_family_base,
     make_wordpiece_tokenizer,
-    peft_family_probs,
+    peft_reference_probs,
     peft_reference_greedy,
     upload,
 )
@@ -104,7 +104,7 @@ def test_the_base_loads_as_its_family(family):
 def test_classification_equals_peft(family):
     for adapter, labels in CLASSIFIERS.items():
         ours = family.probs(adapter)
-        reference = peft_family_probs(family.base, family.store / adapter, family.tokenizer, TEXTS, len(labels))
+        reference = peft_reference_probs(family.base, family.store / adapter, family.tokenizer, TEXTS, len(labels))
         assert torch.allclose(ours, reference, atol=1e-5), (adapter, (ours - reference).abs().max())
         assert (ours - ours[0]).abs().max() > 1e-7  # the pooling sees each input: the rows differ
 
@@ -187,7 +187,7 @@ def test_plain_peft_folders_upload_unchanged_serve_and_download_back(family, tmp
             if name in CLASSIFIERS:
                 body = client.post(f"/predict?adapter=up-{name}", json={"inputs": TEXTS}).json()
                 served = torch.tensor([[o["scores"][label] for label in CLASSIFIERS[name]] for o in body["outputs"]])
-                reference = peft_family_probs(family.base, family.store / name, family.tokenizer, TEXTS,
+                reference = peft_reference_probs(family.base, family.store / name, family.tokenizer, TEXTS,
                                               len(CLASSIFIERS[name]))
                 assert torch.allclose(served, reference, atol=1e-5), name
             else:
@@ -199,7 +199,7 @@ def test_plain_peft_folders_upload_unchanged_serve_and_download_back(family, tmp
             zipfile.ZipFile(io.BytesIO(download.content)).extractall(tmp_path / name)
             folder = tmp_path / name / f"up-{name}"
             if name in CLASSIFIERS:
-                back = peft_family_probs(family.base, folder, family.tokenizer, TEXTS, len(CLASSIFIERS[name]))
+                back = peft_reference_probs(family.base, folder, family.tokenizer, TEXTS, len(CLASSIFIERS[name]))
                 assert torch.allclose(back, reference, atol=1e-6)
             else:
                 assert family.reference_greedy(folder) == family.reference_greedy(family.store / name)
@@ -341,7 +341,7 @@ def test_train_adapter_trains_a_classifier_on_the_base(family, tmp_path):
     expected_targets = {"gpt2": ["c_attn"], "bert": ["query", "value"], "distilbert": ["q_lin", "v_lin"]}[family.name]
     assert meta["hyperparameters"]["target_modules"] == expected_targets
     texts = [t for t, _ in sentiment_rows(8, 2)]
-    reference = peft_family_probs(family.base, out, family.tokenizer, texts, 2)
+    reference = peft_reference_probs(family.base, out, family.tokenizer, texts, 2)
     _, results = family.engine.predict(AdapterLocation("senti", 1, out), texts, GenerationParams())
     ours = torch.tensor([[r.scores[label] for label in meta["labels"]] for r in results])
     assert torch.allclose(ours, reference, atol=1e-5)

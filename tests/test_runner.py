@@ -199,23 +199,22 @@ def test_a_request_rerun_after_its_batch_failed_is_counted_once(tiny_settings, a
         engine.close()
 
 
-def test_no_job_is_lost_when_callers_race_the_worker_swapping_its_queues(engine, adapter_store):
+def test_no_job_is_lost_when_callers_race_the_worker_swapping_its_queues(engine):
     """The worker takes each queue by swapping in a new list; a caller must append to the current one (found by
     the soak benchmark: an adapter install queued at the wrong moment waited forever; with the old lookup this test
-    failed in about half of its runs)."""
-    location = AdapterLocation("sentiment", 1, adapter_store / "sentiment")
-    slot = engine.acquire(location)
+    failed in two runs of three: a stress test, not a proof). Embeddings of the base share the classification queue and leave the merge
+    policy as it was (requests of the base never merge)."""
     done: list[str] = []
 
     def control_calls() -> None:
-        assert sum(engine.runner.call(lambda: 1) for _ in range(800)) == 800
+        assert sum(engine.runner.call(lambda: 1) for _ in range(3000)) == 3000
         done.append("controls")
 
-    def classifications() -> None:
-        assert sum(len(engine.classify(["fine"], slot)) for _ in range(30)) == 30
-        done.append("classifications")
+    def embeddings() -> None:
+        assert sum(len(engine.embed(None, ["fine"])) for _ in range(100)) == 100
+        done.append("embeddings")
 
-    threads = [threading.Thread(target=work, daemon=True) for work in [control_calls] * 3 + [classifications] * 3]
+    threads = [threading.Thread(target=work, daemon=True) for work in [control_calls] * 3 + [embeddings] * 3]
     switch = sys.getswitchinterval()
     sys.setswitchinterval(1e-6)  # threads change at almost every bytecode: the race shows within a few hundred calls
     try:
@@ -223,7 +222,6 @@ def test_no_job_is_lost_when_callers_race_the_worker_swapping_its_queues(engine,
             thread.start()
         for thread in threads:
             thread.join(timeout=30)
-        assert sorted(done) == ["classifications"] * 3 + ["controls"] * 3  # a lost job never returns
+        assert sorted(done) == ["controls"] * 3 + ["embeddings"] * 3  # a lost job never returns
     finally:
         sys.setswitchinterval(switch)
-        engine.release(slot)
