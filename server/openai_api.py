@@ -255,7 +255,7 @@ class Reply:
                 yield sse(self.chunk({}, finish))
                 if include_usage:
                     yield sse(self.usage_chunk(record))
-        except Exception as exc:  # noqa: BLE001 - after the first byte the status has gone out: the error goes in the stream
+        except Exception as exc:  # noqa: BLE001 - past the first byte, the error goes in the stream
             message = str(exc) if isinstance(exc, LoraswapError) else internal_error_message()
             yield sse(error_content(stream_failure(exc), message))
         yield sse("[DONE]")

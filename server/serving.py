@@ -131,7 +131,7 @@ def predict_events(
                 count_tokens(record, [item])
                 task: Task = "generation" if isinstance(item, GenerationResult) else "classification"
                 yield sse(predict_body(adapter, task, [item]), "result")
-    except Exception as exc:  # noqa: BLE001 - after the first byte the status has gone out: the error goes in the stream
+    except Exception as exc:  # noqa: BLE001 - past the first byte, the error goes in the stream
         detail = str(exc) if isinstance(exc, LoraswapError) else internal_error_message()
         yield sse({"status": stream_failure(exc), "detail": detail}, "error")
 

@@ -202,8 +202,8 @@ def test_a_request_rerun_after_its_batch_failed_is_counted_once(tiny_settings, a
 def test_no_job_is_lost_when_callers_race_the_worker_swapping_its_queues(engine):
     """The worker takes each queue by swapping in a new list; a caller must append to the current one (found by
     the soak benchmark: an adapter install queued at the wrong moment waited forever; with the old lookup this test
-    failed in two runs of three: a stress test, not a proof). Embeddings of the base share the classification queue and leave the merge
-    policy as it was (requests of the base never merge)."""
+    failed in two runs of three: a stress test, not a proof). Embeddings of the base share the classification
+    queue and leave the merge policy as it was (requests of the base never merge)."""
     done: list[str] = []
 
     def control_calls() -> None:
