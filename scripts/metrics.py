@@ -93,10 +93,12 @@ def extract_decision(text: str, choices: list[str]) -> str | None:
 def generation_metrics(
     preds: list[str], refs: list[str], gold_decisions: list[str] | None = None, choices: list[str] | None = None
 ) -> dict:
-    """Token F1 and ROUGE-L of whole answers; with gold decisions, exact match of the decision word too."""
+    """Exact match (normalized tokens), token F1 and ROUGE-L of whole answers; with gold decisions, exact match of
+    the decision word too."""
     if len(preds) != len(refs) or not preds:
         raise ValueError("preds and refs must be non-empty and of equal length")
     metrics: dict = {
+        "exact_match": sum(normalize_tokens(p) == normalize_tokens(r) for p, r in zip(preds, refs)) / len(preds),
         "token_f1": sum(map(token_f1, preds, refs)) / len(preds),
         "rouge_l": sum(map(rouge_l, preds, refs)) / len(preds),
         "rows": len(preds),
@@ -113,7 +115,8 @@ def generation_metrics(
 def format_metrics(metrics: dict) -> str:
     """A human-readable report of either kind of metrics."""
     lines = []
-    for key in ("accuracy", "macro_f1", "decision_accuracy", "token_f1", "rouge_l", "no_decision", "rows"):
+    for key in ("accuracy", "macro_f1", "decision_accuracy", "exact_match", "token_f1", "rouge_l", "no_decision",
+                "rows"):
         if key in metrics:
             value = metrics[key]
             lines.append(f"{key:>18}: {value:.4f}" if isinstance(value, float) else f"{key:>18}: {value}")

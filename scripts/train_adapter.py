@@ -49,6 +49,9 @@ from scripts.metrics import classification_metrics, format_metrics, generation_m
 from server.adapter_format import CONFIG_FILE, METADATA_FILE, WEIGHTS_FILE
 from server.base_model import BaseInfo, load_base, make_readable
 from server.encoding import encode_chat, encode_prompt
+from server.finetune_auto import DataStats
+from server import finetune_auto as auto
+from server.lora import SERVED_LAYER_TYPES
 from server.settings import Settings
 
 PROG = "train-adapter"
@@ -85,7 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", choices=["classification", "generation"], required=True)
     p.add_argument("--name", required=True, help=f"adapter name (also the default output folder {OUTPUT_ROOT}/NAME)")
     p.add_argument("--train", type=Path, nargs="+", required=True, help="training file(s), .csv or .jsonl")
-    p.add_argument("--eval", type=Path, help="eval file: metrics at the end and the eval-loss curve")
+    p.add_argument("--eval", type=Path, help="eval file: metrics at the end, the eval-loss curve and the checkpoint "
+                   "kept (default: rows held out of the training file, stratified by label)")
+    p.add_argument("--no-holdout", action="store_true",
+                   help="without --eval: train on every row and measure nothing (no rows held out)")
     p.add_argument("--output", type=Path, help=f"output folder (default: {OUTPUT_ROOT}/NAME)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--limit", type=int, metavar="N",
@@ -101,8 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "with the assistant's answer; replaces the templates")
     d.add_argument("--truncate-column", action="append", default=[], metavar="COLUMN=CHARS",
                    help="generation: cut a column to its first CHARS (-CHARS: last) characters before templating")
-    d.add_argument("--max-length", type=int, default=256, help="most tokens per training row (prompt + answer)")
-    d.add_argument("--truncation", action="store_true",
+    d.add_argument("--max-length", type=int,
+                   help="most tokens per training row (prompt + answer); default auto: classification the 95th "
+                        "percentile of the rows (longer ones cut), generation the longest row")
+    d.add_argument("--truncation", action="store_true", default=None,
                    help="cut rows longer than --max-length instead of failing (classification: keeps the start)")
     m = p.add_argument_group("model and training")
     m.add_argument("--base-model", "--base", type=Path, help="local base folder or .gguf file, or a packaged base's "
@@ -112,12 +120,19 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--alpha", type=float, default=16)
     m.add_argument("--dropout", type=float, default=0.05)
     m.add_argument("--target-modules", nargs="+",
-                   help="default: PEFT's choice for the architecture (q_proj v_proj; GPT-2 c_attn; BERT query value)")
+                   help="default auto: every linear layer of the base's blocks (Llama q/k/v/o/gate/up/down_proj, "
+                        "GPT-2 c_attn c_proj c_fc, BERT query key value dense)")
     m.add_argument("--top-layers", type=int,
-                   help="LoRA only in the last N layers (default: all); the backward pass stops there (cheaper)")
-    m.add_argument("--epochs", type=float, default=1.0, help="may be fractional")
-    m.add_argument("--lr", type=float, default=2e-4)
-    m.add_argument("--batch-size", type=int, default=8)
+                   help="LoRA only in the last N layers, the backward pass stops there (cheaper); 0: all layers; "
+                        "default auto: a decoder's top quarter, an encoder's all")
+    m.add_argument("--epochs", type=float, help="may be fractional; default auto: 3, at least 640 and at most 3,200 "
+                                                "rows seen")
+    m.add_argument("--lr", type=float, help="default auto: 8e-4 for a decoder's classifier, 3e-4 for generation, "
+                                            "1e-3 for an encoder")
+    m.add_argument("--batch-size", type=int, help="default auto: 8")
+    m.add_argument("--class-weights", choices=["auto", "on", "off"], default="auto",
+                   help="classification: weight the loss by inverse label frequency; auto: when the largest label "
+                        "has 1.5 times the rows of the smallest")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--dtype", choices=["bfloat16", "float32"], default="float32",
                    help="training compute dtype: bfloat16 = autocast (weights stay float32); measured slower on "
@@ -128,8 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--eval-dtype", choices=["bfloat16", "float32"], default="float32",
                    help="dtype of the final evaluation by the server's engine (float32: the exact PEFT answers)")
     e.add_argument("--eval-points", type=int, default=4, help="how often eval loss is measured for the curve")
-    e.add_argument("--eval-curve-rows", type=int, default=128, help="eval rows used for the eval-loss curve")
-    e.add_argument("--max-new-tokens", type=int, default=128, help="generation: tokens generated per eval answer")
+    e.add_argument("--eval-curve-rows", type=int, default=200,
+                   help="eval rows measured at each eval point (the curve and the checkpoint kept)")
+    e.add_argument("--max-new-tokens", type=int,
+                   help="generation: tokens generated per eval answer; default auto: the longest answer and 8")
     u = p.add_argument_group("upload")
     u.add_argument("--push", metavar="URL", help="upload the trained adapter to a running server (POST URL/adapters)")
     u.add_argument("--token", default=os.environ.get("LORASWAP_TOKEN"), help="bearer token (env LORASWAP_TOKEN)")
@@ -211,45 +228,99 @@ def generation_examples(
     return examples, prompts, answers, decisions
 
 
-def prepare(args, tokenizer) -> Prepared:
-    """Read, check and tokenize all data; every DataError is raised here, before a model is built."""
+def measure(args, tokenizer) -> DataStats:
+    """Every training row's token lengths as the trainer sees them, before any cut: what `auto` decides from."""
+    loose = argparse.Namespace(**{**vars(args), "max_length": sys.maxsize, "truncation": False})
+    examples: list[Example] = []
+    gold: list[str] = []
+    for path in args.train:
+        if args.task == "classification":
+            found, _, labels = classification_examples(loose, tokenizer, path, [])
+            gold += labels
+        else:
+            found = generation_examples(loose, tokenizer, path)[0]
+        examples += found
+    lengths = [len(e.input_ids) for e in examples]
+    if args.task == "classification":
+        return DataStats("classification", lengths, labels=gold)
+    return DataStats("generation", lengths, prompt_lengths=[e.prompt_len for e in examples],
+                     answer_lengths=[len(e.input_ids) - e.prompt_len for e in examples])
+
+
+def requested(args) -> auto.Requested:
+    """The choices given on the command line; the rest are `auto`."""
+    return auto.Requested(
+        epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
+        target_modules=tuple(args.target_modules) if args.target_modules else None, top_layers=args.top_layers,
+        max_length=args.max_length, truncation=args.truncation,
+        class_weights=None if args.class_weights == "auto" else args.class_weights == "on",
+        validation=not args.no_holdout, max_new_tokens=args.max_new_tokens)
+
+
+def apply_plan(args, plan: auto.Plan) -> None:
+    args.epochs, args.lr, args.batch_size = plan.epochs, plan.learning_rate, plan.batch_size
+    args.target_modules, args.top_layers = plan.target_modules, plan.top_layers
+    args.max_length, args.truncation, args.max_new_tokens = plan.max_length, plan.truncation, plan.max_new_tokens
+    args.plan = plan
+
+
+def prepare(args, tokenizer, shape: auto.BaseShape) -> Prepared:
+    """Read, check and tokenize all data and decide every `auto` choice (args gets the plan); every DataError is
+    raised here, before a model is built."""
     train_hashes = [file_sha256(p) for p in args.train]
     eval_hash = file_sha256(args.eval) if args.eval else None
     if eval_hash in train_hashes:
         raise DataError(f"{args.eval}: the eval file is also a training file; evaluate on held-out data")
+    stats = measure(args, tokenizer)
+    try:
+        auto.check_usable(stats, shape.max_context)
+    except auto.DataUnusable as exc:
+        raise DataError(f"{args.train[0]}: {exc}") from None
+    apply_plan(args, auto.plan(stats, shape, requested(args), has_validation_file=args.eval is not None,
+                               seed=args.seed))
+    held: list[int] = []
+    if args.plan.validation_rows:
+        held = auto.split_validation(stats.labels, stats.rows, args.seed)[1]
     if args.task == "classification":
-        train, gold = [], []
+        labels = sorted(set(stats.labels or []))
+        train, texts, gold = [], [], []
         for path in args.train:
-            gold += column(rows_of(args, path), args.label_column, path)
-        labels = sorted(set(gold))
-        if len(labels) < 2:
-            raise DataError(f"{args.train[0]}: classification needs at least 2 labels, found {labels}")
-        for path in args.train:
-            train += classification_examples(args, tokenizer, path, labels)[0]
+            found = classification_examples(args, tokenizer, path, labels)
+            train, texts, gold = train + found[0], texts + found[1], gold + found[2]
         prepared = Prepared(train, [], labels=labels)
-        if args.eval:
+        if held:
+            prepared.eval, prepared.eval_inputs, prepared.eval_gold = (
+                [train[i] for i in held], [texts[i] for i in held], [gold[i] for i in held])
+        elif args.eval:
             eval_gold = column(rows_of(args, args.eval), args.label_column, args.eval)
             check_labels_known(labels, eval_gold, args.eval)
             prepared.eval, prepared.eval_inputs, prepared.eval_gold = classification_examples(
                 args, tokenizer, args.eval, labels)
     else:
-        train, decisions = [], []
+        train, prompts, answers, decisions = [], [], [], []
         for path in args.train:
-            examples, _, _, file_decisions = generation_examples(args, tokenizer, path)
-            train += examples
+            examples, file_prompts, file_answers, file_decisions = generation_examples(args, tokenizer, path)
+            train, prompts, answers = train + examples, prompts + file_prompts, answers + file_answers
             decisions += file_decisions or []
         prepared = Prepared(train, [], labels=sorted(set(decisions)))
-        if args.eval:
+        if held:
+            prepared.eval, prepared.eval_inputs, prepared.eval_gold = (
+                [train[i] for i in held], [prompts[i] for i in held], [answers[i] for i in held])
+            prepared.eval_decisions = [decisions[i] for i in held] if decisions else None
+        elif args.eval:
             prepared.eval, prepared.eval_inputs, prepared.eval_gold, prepared.eval_decisions = generation_examples(
                 args, tokenizer, args.eval)
             if prepared.eval_decisions is not None:
                 check_labels_known(decisions, prepared.eval_decisions, args.eval, "decision")
+    if held:
+        held_set = set(held)
+        prepared.train = [e for i, e in enumerate(prepared.train) if i not in held_set]
     prepared.data = {
         "train": [{"file": str(p), "sha256": h} for p, h in zip(args.train, train_hashes)],
         "train_rows": len(prepared.train),
         "limit": args.limit,
         "eval": {"file": str(args.eval), "sha256": eval_hash, "rows": len(prepared.eval)}
-        if args.eval else None,
+        if args.eval else {"held_out_of_train": len(held), "seed": args.seed} if held else None,
     }
     return prepared
 
@@ -290,7 +361,15 @@ def to_device(batch: dict[str, torch.Tensor], device: str) -> dict[str, torch.Te
 
 # ---- model ------------------------------------------------------------------------------------------------------
 
-DEFAULT_TARGETS = {"distilbert": ["q_lin", "v_lin"]}  # where PEFT has no default of its own
+def linear_paths(model) -> tuple[str, ...]:
+    """Module paths of the layers the server wraps (server.lora.wrap_linear_layers): where LoRA can go."""
+    prefix = model.base_model_prefix
+    return tuple(path for path, module in model.named_modules()
+                 if isinstance(module, SERVED_LAYER_TYPES) and path.startswith(f"{prefix}."))
+
+
+def base_shape(model, info: BaseInfo) -> auto.BaseShape:
+    return auto.BaseShape(info.family, info.num_layers, info.max_context, linear_paths(model))
 
 
 def build_model(args, base_path: Path, n_labels: int, pad_id: int, num_layers: int):
@@ -309,8 +388,7 @@ def build_model(args, base_path: Path, n_labels: int, pad_id: int, num_layers: i
         r=args.rank,
         lora_alpha=args.alpha,
         lora_dropout=args.dropout,
-        # PEFT chooses per architecture when None; it has no default for DistilBERT's attention names
-        target_modules=args.target_modules or DEFAULT_TARGETS.get(model.config.model_type),
+        target_modules=args.target_modules,
         # the whole classification head: `score`, `classifier`, and DistilBERT's pre_classifier, which a bare
         # DistilBertModel checkpoint does not hold
         modules_to_save=[name for name, module in model.named_children()
@@ -318,15 +396,18 @@ def build_model(args, base_path: Path, n_labels: int, pad_id: int, num_layers: i
         if args.task == "classification" else None,
         layers_to_transform=list(range(num_layers - args.top_layers, num_layers)) if args.top_layers else None,
     )
-    peft_model = get_peft_model(model, config).to(args.device)
-    args.target_modules = sorted(peft_model.peft_config["default"].target_modules)  # PEFT's default, if it chose
-    return peft_model
+    return get_peft_model(model, config).to(args.device)
 
 
-def batch_loss(model, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor:
+def batch_loss(model, batch: dict[str, torch.Tensor], task: str, weights: torch.Tensor | None = None,
+               logits_out: list | None = None) -> torch.Tensor:
+    """Mean cross-entropy of the batch (classification: weighted by label when `weights` is given); a
+    classifier's logits are appended to `logits_out`."""
     if task == "classification":
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return F.cross_entropy(logits.float(), batch["targets"])
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        if logits_out is not None:
+            logits_out.append(logits.detach())
+        return F.cross_entropy(logits, batch["targets"], weight=weights)
     # the LM head only on positions that predict answer tokens: most tokens are prompt, and the head is a quarter
     # of the model's compute
     lm = model.get_base_model()
@@ -338,25 +419,48 @@ def batch_loss(model, batch: dict[str, torch.Tensor], task: str) -> torch.Tensor
 
 
 @torch.no_grad()
-def eval_loss(model, examples: list[Example], args, pad_id: int) -> float:
+def validate(model, examples: list[Example], args, pad_id: int, labels: list[str]) -> dict[str, float]:
+    """Loss on the eval rows (unweighted); a classifier's accuracy and macro F1 too."""
     model.eval()
     total, weight = 0.0, 0
+    logits: list[torch.Tensor] = []
     lengths = [len(e.input_ids) for e in examples]
     order = sorted(range(len(examples)), key=lengths.__getitem__)
     for start in range(0, len(order), args.batch_size):
         batch = to_device(collate([examples[i] for i in order[start:start + args.batch_size]], pad_id), args.device)
         with torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"):
-            loss = batch_loss(model, batch, args.task)
+            loss = batch_loss(model, batch, args.task, logits_out=logits)
         n = int(batch["answer"].sum()) if args.task == "generation" else len(batch["input_ids"])
         total, weight = total + float(loss) * n, weight + n
     model.train()
-    return total / weight
+    result = {"eval_loss": total / weight}
+    if args.task == "classification":
+        predicted = [labels[i] for i in torch.cat(logits).argmax(-1).tolist()]
+        gold = [labels[examples[i].target] for i in order]
+        measured = classification_metrics(gold, predicted, labels)
+        result.update(accuracy=measured["accuracy"], macro_f1=measured["macro_f1"])
+    return result
 
 
-def train(
-    model, prepared: Prepared, args, pad_id: int, progress: Progress | None = None
-) -> tuple[list[float], list[tuple[int, float]]]:
-    """Plain AdamW loop with linear warmup/decay; returns per-step losses and (step, eval loss) points."""
+def better(new: dict[str, float], old: dict[str, float] | None) -> bool:
+    """Checkpoint order: a classifier by macro F1, then accuracy, then loss; generation by loss."""
+    if old is None:
+        return True
+    key = (lambda m: (m["macro_f1"], m["accuracy"], -m["eval_loss"])) if "macro_f1" in new else (
+        lambda m: (-m["eval_loss"],))
+    return key(new) > key(old)
+
+
+@dataclass
+class Trained:
+    losses: list[float]  # per step
+    curve: list[tuple[int, dict[str, float]]]  # (step, validate()) at each eval point, step 0 first
+    best_step: int | None = None  # the checkpoint kept: the best eval point after step 0 (None: the last step)
+
+
+def train(model, prepared: Prepared, args, pad_id: int, progress: Progress | None = None) -> Trained:
+    """Plain AdamW loop with linear warmup/decay; measures the eval rows at `--eval-points` steps and ends with the
+    trainable weights of the best of them."""
     report = progress or (lambda event: None)
     from tqdm import tqdm
 
@@ -373,37 +477,57 @@ def train(
     warmup = max(1, round(0.06 * total_steps))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total_steps - s) / max(1, total_steps - warmup))))
+    weights = None
+    if args.plan.class_weights:
+        weights = torch.tensor([args.plan.class_weights[label] for label in prepared.labels], device=args.device)
     curve_rows = prepared.eval[: args.eval_curve_rows]
     eval_at = {round(total_steps * k / args.eval_points) for k in range(1, args.eval_points + 1)}
     if not curve_rows:
         eval_at = set()
-    losses: list[float] = []
-    curve: list[tuple[int, float]] = []
+    result = Trained([], [])
+    best: tuple[dict[str, float], dict[str, torch.Tensor]] | None = None
+
+    def measure_point(step: int) -> None:
+        nonlocal best
+        measured = validate(model, curve_rows, args, pad_id, prepared.labels)
+        result.curve.append((step, measured))
+        report({"event": "eval", "step": step, **measured})
+        if step and better(measured, best and best[0]):
+            best = (measured, {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad})
+            result.best_step = step
+
     report({"event": "start", "total_steps": total_steps})
     if curve_rows:
-        curve.append((0, eval_loss(model, curve_rows, args, pad_id)))
-        report({"event": "eval", "step": 0, "eval_loss": curve[-1][1]})
+        measure_point(0)
     model.train()
     bar = tqdm(batches, desc=f"training {args.name}", unit="step", file=sys.stderr, mininterval=5)
     for step, indices in enumerate(bar, 1):
         batch = to_device(collate([prepared.train[i] for i in indices], pad_id), args.device)
         with torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.dtype == "bfloat16"):
-            loss = batch_loss(model, batch, args.task)
+            loss = batch_loss(model, batch, args.task, weights)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
-        report({"event": "step", "step": step, "loss": losses[-1], "tokens": int(batch["attention_mask"].sum())})
-        recent = losses[-50:]
+        result.losses.append(float(loss.detach()))
+        report({"event": "step", "step": step, "loss": result.losses[-1],
+                "tokens": int(batch["attention_mask"].sum())})
+        recent = result.losses[-50:]
         bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}")
         if step in eval_at:
-            curve.append((step, eval_loss(model, curve_rows, args, pad_id)))
-            report({"event": "eval", "step": step, "eval_loss": curve[-1][1]})
-            bar.write(f"step {step}: eval loss {curve[-1][1]:.4f}", file=sys.stderr)
+            measure_point(step)
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in result.curve[-1][1].items())
+            bar.write(f"step {step}: {shown}", file=sys.stderr)
     bar.close()
-    return losses, curve
+    if best is not None and result.best_step != total_steps:
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name in best[1]:
+                    param.copy_(best[1][name])
+    if best is not None:
+        report({"event": "best", "step": result.best_step, **best[0]})
+    return result
 
 
 def plot(losses: list[float], curve: list[tuple[int, float]], path: Path, title: str) -> None:
@@ -441,7 +565,7 @@ def evaluate(args, folder: Path, prepared: Prepared) -> dict:
     model, tokenizer, info = load_base(args.base_model, args.cache_dir, args.eval_dtype, args.device)
     engine = Engine(model, tokenizer, info, max_loaded_adapters=1)
     try:
-        params = GenerationParams(max_new_tokens=args.max_new_tokens)
+        params = GenerationParams(max_new_tokens=args.max_new_tokens) if args.max_new_tokens else GenerationParams()
         outputs = []
         batch = 16 if args.task == "classification" else 8
         for start in range(0, len(prepared.eval_inputs), batch):
@@ -516,22 +640,25 @@ def main(argv: list[str] | None = None, progress: Progress | None = None) -> int
     try:
         check_output(output, args.overwrite)
         base, tokenizer, info = load_base(args.base_model, args.cache_dir, "float32")
+        shape = base_shape(base, info)
         del base
         if args.task not in info.tasks:
             return fail(f"the base {info.name} is a {info.architecture} ({info.family}): it serves "
                         f"{', '.join(info.tasks)}, not {args.task}")
-        prepared = prepare(args, tokenizer)
+        prepared = prepare(args, tokenizer, shape)
     except (DataError, OSError) as exc:
         return fail(str(exc))
     except Exception as exc:  # the base cannot load: a clear one-liner, not a traceback
         return fail(f"{exc.__class__.__name__}: {exc}")
     print(f"{PROG}: {len(prepared.train)} training rows, {len(prepared.eval)} eval rows, base {info.name} "
           f"({info.fingerprint})", file=sys.stderr)
+    for reason in args.plan.reasons:
+        print(f"{PROG}: auto {reason}", file=sys.stderr)
 
     model = build_model(args, Path(info.path), len(prepared.labels), tokenizer.pad_token_id, info.num_layers)
     model.print_trainable_parameters()
     train_started = time.perf_counter()
-    losses, curve = train(model, prepared, args, tokenizer.pad_token_id, progress)
+    trained = train(model, prepared, args, tokenizer.pad_token_id, progress)
     train_seconds = time.perf_counter() - train_started
     output.parent.mkdir(parents=True, exist_ok=True)
     # written next to the output and moved into place when complete: an interrupted run leaves no half adapter
@@ -542,10 +669,10 @@ def main(argv: list[str] | None = None, progress: Progress | None = None) -> int
         del model
         gc.collect()
 
-        metadata = metadata_for(args, info, prepared, losses, curve, train_seconds)
+        metadata = metadata_for(args, info, prepared, trained, train_seconds)
         (staged / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
         report({"event": "saved"})
-        if args.eval:
+        if prepared.eval:
             eval_started = time.perf_counter()
             metadata["metrics"] = evaluate(args, staged, prepared)
             metadata["eval_seconds"] = round(time.perf_counter() - eval_started, 1)
@@ -553,7 +680,8 @@ def main(argv: list[str] | None = None, progress: Progress | None = None) -> int
             report({"event": "metrics", "metrics": metadata["metrics"]})
         metadata["wall_seconds"] = round(time.perf_counter() - started, 1)
         (staged / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
-        plot(losses, curve, staged / PLOT_FILE, f"{args.name}: {args.task}, r={args.rank}, lr={args.lr}")
+        plot(trained.losses, [(step, m["eval_loss"]) for step, m in trained.curve], staged / PLOT_FILE,
+             f"{args.name}: {args.task}, r={args.rank}, lr={args.lr:g}")
         make_readable(staged)
         install_output(staged, output)
     finally:
@@ -569,13 +697,12 @@ def main(argv: list[str] | None = None, progress: Progress | None = None) -> int
     return 0
 
 
-def metadata_for(args, info: BaseInfo, prepared: Prepared, losses: list[float], curve: list[tuple[int, float]],
-                 train_seconds: float) -> dict:
+def metadata_for(args, info: BaseInfo, prepared: Prepared, trained: Trained, train_seconds: float) -> dict:
     """loraswap.json: what the server needs (task, labels) plus everything to reproduce and judge the adapter."""
     hyper = {k: getattr(args, k) for k in ("rank", "alpha", "dropout", "target_modules", "top_layers", "epochs", "lr",
                                            "batch_size", "max_length", "truncation", "seed", "dtype", "eval_dtype",
-                                           "device",
-                                           "max_new_tokens")}
+                                           "device", "max_new_tokens")}
+    hyper["class_weights"] = args.plan.class_weights
     metadata: dict = {"task": args.task}
     if args.task == "classification":
         metadata.update(labels=prepared.labels, text_column=args.text_column, label_column=args.label_column)
@@ -587,10 +714,13 @@ def metadata_for(args, info: BaseInfo, prepared: Prepared, losses: list[float], 
         base_model={"name": info.name, "fingerprint": info.fingerprint},
         data=prepared.data,
         hyperparameters=hyper,
-        steps=len(losses),
-        final_train_loss=round(sum(losses[-50:]) / len(losses[-50:]), 4),
-        eval_loss_curve=[[s, round(v, 4)] for s, v in curve],
-        train_losses=[round(loss, 4) for loss in losses],  # per step: the plot can always be drawn again
+        auto=args.plan.reasons,  # the choices made automatically, and why
+        steps=len(trained.losses),
+        final_train_loss=round(sum(trained.losses[-50:]) / len(trained.losses[-50:]), 4),
+        eval_loss_curve=[[s, round(m["eval_loss"], 4)] for s, m in trained.curve],
+        validation_curve=[{"step": s, **{k: round(v, 4) for k, v in m.items()}} for s, m in trained.curve],
+        kept_step=trained.best_step or len(trained.losses),  # the checkpoint saved: the best eval point after 0
+        train_losses=[round(loss, 4) for loss in trained.losses],  # per step: the plot can always be drawn again
         train_seconds=round(train_seconds, 1),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )

@@ -124,7 +124,12 @@ def test_classification_adapter_is_standard_peft_and_served_alike(cls_adapter, t
     assert torch.allclose(ours, reference, atol=1e-5)
     gold = [label for _, label in sentiment_rows(12, 2)]
     predicted = [meta["labels"][int(i)] for i in reference.argmax(-1)]
-    assert meta["metrics"] == classification_metrics(gold, predicted, meta["labels"])
+    metrics = meta["metrics"]
+    assert metrics == classification_metrics(gold, predicted, meta["labels"])
+    # the checkpoint saved is the best eval point, measured in training as the served adapter scores it
+    kept = next(point for point in meta["validation_curve"] if point["step"] == meta["kept_step"])
+    assert kept == max(meta["validation_curve"][1:], key=lambda p: (p["macro_f1"], p["accuracy"], -p["eval_loss"]))
+    assert (kept["accuracy"], kept["macro_f1"]) == (round(metrics["accuracy"], 4), round(metrics["macro_f1"], 4))
 
 
 def test_generation_adapter_is_standard_peft_and_served_alike(gen_adapter, tiny_base, tiny_engine, tokenizer):
@@ -167,7 +172,8 @@ def test_default_output_is_outside_the_store_and_never_overwritten_silently(tiny
                                                                           capsys):
     monkeypatch.chdir(tmp_path)
     args = ["--task", "classification", "--name", "quick", "--train", str(data["cls_train"]), "--eval",
-            str(data["cls_dev"]), "--base-model", str(tiny_base), "--limit", "10", "--batch-size", "4", "--rank", "4"]
+            str(data["cls_dev"]), "--base-model", str(tiny_base), "--limit", "10", "--batch-size", "4", "--rank", "4",
+            "--epochs", "1"]
     assert train_adapter.main(args) == 0
     output = tmp_path / "trained" / "quick"
     meta = json.loads((output / METADATA_FILE).read_text())
@@ -199,7 +205,7 @@ def test_limit_must_be_positive(tiny_base, data, tmp_path, capsys):
 
 def bad_data(root: Path) -> dict[str, tuple[list[str], str]]:
     """case -> (files to pass as train, eval; the expected message part)."""
-    rows = sentiment_rows(8, 5)
+    rows = sentiment_rows(10, 5)  # 5 of each label: the fewest train-adapter trains on
     (root / "empty.csv").write_text("text,label\n")
     (root / "latin1.csv").write_bytes("text,label\ncafé crème,positive\n".encode("latin-1"))
     write_csv(root / "nolabel.csv", rows, header="text,sentiment")
@@ -211,7 +217,7 @@ def bad_data(root: Path) -> dict[str, tuple[list[str], str]]:
         "empty file": (["empty.csv", "ok.csv"], "no data rows"),
         "label only in eval": (["ok.csv", "neutral.csv"], "label 'neutral' appears only in the eval data"),
         "not utf-8": (["latin1.csv", "ok.csv"], "not UTF-8"),
-        "too long": (["long.csv", "ok.csv"], "row 9 has 300 tokens, over --max-length 256"),
+        "too long": (["long.csv", "ok.csv"], "row 11 has 300 tokens, over --max-length 256"),
         "eval is train": (["ok.csv", "ok.csv"], "the eval file is also a training file"),
     }
 
@@ -223,7 +229,8 @@ def test_bad_data_fails_before_training(case, tiny_base, tmp_path, capsys, monke
     (train, dev), message = bad_data(tmp_path)[case]
     monkeypatch.setattr(train_adapter, "build_model", lambda *a: pytest.fail("training started"))
     args = ["--task", "classification", "--name", "x", "--train", str(tmp_path / train), "--eval",
-            str(tmp_path / dev), "--base-model", str(tiny_base), "--output", str(tmp_path / "out")]
+            str(tmp_path / dev), "--base-model", str(tiny_base), "--output", str(tmp_path / "out"), "--max-length",
+            "256"]
     assert train_adapter.main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("train-adapter: error: ") and message in err[-1], err[-1]
@@ -260,6 +267,7 @@ def test_generation_metrics_by_hand():
     assert m["decision_accuracy"] == pytest.approx(1 / 3)
     assert m["no_decision"] == 1
     assert m["token_f1"] == pytest.approx((1.0 + 0.0 + 0.0) / 3)
+    assert m["exact_match"] == pytest.approx(1 / 3)  # "Yes. It helps" and "yes it helps" are the same answer
 
 
 def test_push_uploads_the_adapter_files(cls_adapter):
