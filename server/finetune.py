@@ -7,6 +7,10 @@ Storage lives in hidden folders of the adapter store (the registry never reads n
     .jobs/<id>/events.jsonl      its events, appended as they happen
     .jobs/<id>/work/             the trainer's progress, log and output; removed when the job ends
 
+Every hyperparameter a job does not set is chosen when it is created, from its data and the loaded base
+(server/finetune_auto.py, the same choices train-adapter makes), and stated in its events; data that cannot make a
+useful adapter is refused then, before anything is queued.
+
 One job trains at a time, in its own process (`python -m server.finetune_worker`, i.e. train-adapter's code) at a
 lower CPU priority and with its own thread count, while the server keeps serving. The trainer writes only into the
 job's work folder; a finished adapter enters the store through `Registry.add`, the same checked, atomic path as an
@@ -33,8 +37,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Literal
 
+from . import finetune_auto as auto
 from .adapter_format import CONFIG_FILE, METADATA_FILE, WEIGHTS_FILE
 from .archive import ArchiveLimits
+from .encoding import encode_chat, encode_prompt
 from .engine import Engine
 from .errors import InvalidInput, LoraswapError, NotFound
 from .registry import Registry, valid_name
@@ -45,12 +51,14 @@ log = logging.getLogger(__name__)
 FILES_DIR = ".files"
 JOBS_DIR = ".jobs"
 PLOT_FILE = "training.png"  # written by train-adapter next to the adapter
-BASE_LEARNING_RATE = 2e-4  # learning_rate_multiplier 1 (train-adapter's default --lr)
-AUTO = {"n_epochs": 1, "batch_size": 8, "learning_rate_multiplier": 1.0}  # what "auto" means here
-LORA_DEFAULTS = {"lora_rank": 8, "lora_alpha": 16.0, "lora_dropout": 0.05, "lora_target_modules": "q_proj v_proj",
-                 "lora_top_layers": None, "max_length": 256, "truncation": False}
-TARGET_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+VALIDATION_METRICS_FILE = "validation_metrics.json"
+BASE_LEARNING_RATE = 2e-4  # learning_rate_multiplier 1
+# our LoRA options (metadata); None is auto (server/finetune_auto.py)
+LORA_DEFAULTS = {"lora_rank": 8, "lora_alpha": 16.0, "lora_dropout": 0.05, "lora_target_modules": None,
+                 "lora_top_layers": None, "max_length": None, "truncation": None}
 FINISHED = {"succeeded", "failed", "cancelled"}
+VALIDATION_FIGURES = ("eval_loss", "accuracy", "macro_f1")  # train-adapter's figures at each eval point
+SUMMARY_KEYS = ("accuracy", "macro_f1", "decision_accuracy", "exact_match", "token_f1", "rouge_l")
 SERVER_PACKAGE_PARENT = Path(__file__).resolve().parent.parent  # the trainer imports server/ and scripts/ from here
 
 RowFormat = Literal["chat", "prompt_completion", "classification"]
@@ -179,6 +187,32 @@ def inspect_jsonl(data: bytes, max_rows: int) -> Inspection:
     return Inspection(row_format, rows, sorted(labels) if row_format == "classification" else None)
 
 
+def base_shape(engine: Engine) -> auto.BaseShape:
+    """The loaded base as `auto` sees it: its family, depth, context and the layers the engine wrapped."""
+    info = engine.info
+    return auto.BaseShape(info.family, info.num_layers, info.max_context, tuple(engine.layers))
+
+
+def data_stats(data: bytes, row_format: RowFormat, tokenizer) -> auto.DataStats:
+    """Token lengths of a checked training file's rows, encoded as train-adapter encodes them (classification: the
+    raw text; generation: the prompt in the chat template, then the answer and the end token)."""
+    rows = [json.loads(line) for line in data.decode("utf-8").removeprefix("\ufeff").split("\n") if line.strip()]
+    if row_format == "classification":
+        lengths = [len(ids) for ids in tokenizer([row["text"] for row in rows])["input_ids"]]
+        return auto.DataStats("classification", lengths, labels=[row["label"] for row in rows])
+    if row_format == "chat":
+        prompts = [encode_chat(tokenizer, [{"role": m["role"], "content": m["content"]} for m in row["messages"][:-1]])
+                   for row in rows]
+        answers = [row["messages"][-1]["content"] for row in rows]
+    else:
+        prompts = [encode_prompt(tokenizer, row["prompt"]) for row in rows]
+        answers = [row["completion"] for row in rows]
+    answer_lengths = [len(ids) + 1 for ids in tokenizer(answers, add_special_tokens=False)["input_ids"]]
+    prompt_lengths = [len(ids) for ids in prompts]
+    return auto.DataStats("generation", [p + a for p, a in zip(prompt_lengths, answer_lengths)],
+                          prompt_lengths=prompt_lengths, answer_lengths=answer_lengths)
+
+
 class FileStore:
     """Uploaded training files and the result files of jobs, with their records."""
 
@@ -244,18 +278,39 @@ def _write_atomically(path: Path, content: bytes) -> None:
 
 @dataclass
 class JobSpec:
-    """What a job trains, resolved and checked when it is created."""
+    """What a job trains: as requested (None: auto), then every value resolved when it is created."""
 
     model: str
     training_file: str
     validation_file: str | None
     suffix: str | None
     seed: int
-    n_epochs: float
-    batch_size: int
-    learning_rate_multiplier: float
-    lora: dict  # LORA_DEFAULTS' keys, resolved
+    n_epochs: float | None
+    batch_size: int | None
+    learning_rate_multiplier: float | None
+    lora: dict  # LORA_DEFAULTS' keys
     metadata: dict[str, str] | None = None
+    class_weights: dict[str, float] | None = None  # classification: the loss weight per label (skewed labels)
+    validation_rows: int = 0  # held out of the training file (no validation file given)
+    max_new_tokens: int | None = None  # generation: per validation answer
+    auto: list[str] = field(default_factory=list)  # each automatic choice and why
+
+    def resolve(self, plan: auto.Plan) -> None:
+        self.n_epochs, self.batch_size = plan.epochs, plan.batch_size
+        self.learning_rate_multiplier = round(plan.learning_rate / BASE_LEARNING_RATE, 6)
+        self.lora = {**self.lora, "lora_target_modules": " ".join(plan.target_modules),
+                     "lora_top_layers": plan.top_layers, "max_length": plan.max_length, "truncation": plan.truncation}
+        self.class_weights, self.validation_rows = plan.class_weights, plan.validation_rows
+        self.max_new_tokens, self.auto = plan.max_new_tokens, plan.reasons
+
+    def requested(self) -> auto.Requested:
+        lora = self.lora
+        return auto.Requested(
+            epochs=self.n_epochs, batch_size=self.batch_size,
+            learning_rate=None if self.learning_rate_multiplier is None
+            else BASE_LEARNING_RATE * self.learning_rate_multiplier,
+            target_modules=tuple(lora["lora_target_modules"].split()) if lora["lora_target_modules"] else None,
+            top_layers=lora["lora_top_layers"], max_length=lora["max_length"], truncation=lora["truncation"])
 
 
 @dataclass
@@ -371,8 +426,9 @@ class FineTuning:
 
     # ---- jobs -----------------------------------------------------------------------------------------------
 
-    def create_job(self, spec: JobSpec) -> Job:
-        """Check the files a job names, then queue it; nothing is kept if a check fails."""
+    def create_job(self, spec: JobSpec, engine: Engine) -> Job:
+        """Check the files a job names and that its data can make a useful adapter, decide every `auto` choice,
+        then queue it; nothing is kept if a check fails."""
         training = self._training_file(spec.training_file, "training_file")
         if training.row_format == "classification" and len(training.labels or []) < 2:
             raise InvalidInput("training_file", f"a classification file needs at least 2 labels, found "
@@ -387,6 +443,13 @@ class FineTuning:
             unseen = sorted(set(validation.labels or []) - set(training.labels or []))
             if unseen:
                 raise InvalidInput("validation_file", f"label {unseen[0]!r} is not in the training file")
+        stats = data_stats(self.files.path(training).read_bytes(), training.row_format, engine.tokenizer)
+        shape = base_shape(engine)
+        try:
+            auto.check_usable(stats, shape.max_context)
+        except auto.DataUnusable as exc:
+            raise InvalidInput("training_file", str(exc)) from None
+        spec.resolve(auto.plan(stats, shape, spec.requested(), spec.validation_file is not None, spec.seed))
         job_id = "ftjob-" + uuid.uuid4().hex[:24]
         name = adapter_name_for(job_id, spec.suffix)
         if not valid_name(name):
@@ -398,6 +461,12 @@ class FineTuning:
             self._save(job)
             self._event(job, f"Validated the training file {training.id} ({training.rows} rows, "
                              f"{training.row_format})")
+            for reason in spec.auto:
+                self._event(job, f"Auto {reason}")
+            self._event(job, f"Hyperparameters: {spec.n_epochs:g} epochs, batch size {spec.batch_size}, learning "
+                             f"rate {BASE_LEARNING_RATE * spec.learning_rate_multiplier:g}, LoRA r={spec.lora['lora_rank']}"
+                             f" on {spec.lora['lora_target_modules']}", data={"hyperparameters": {
+                **asdict(spec), "learning_rate": BASE_LEARNING_RATE * spec.learning_rate_multiplier}})
             job.status = "queued"
             self._save(job)
             self._event(job, "Fine-tuning job queued")
@@ -537,13 +606,14 @@ class FineTuning:
                 "--lr", str(BASE_LEARNING_RATE * spec.learning_rate_multiplier), "--seed", str(spec.seed),
                 "--rank", str(lora["lora_rank"]), "--alpha", str(lora["lora_alpha"]),
                 "--dropout", str(lora["lora_dropout"]), "--target-modules", *lora["lora_target_modules"].split(),
-                "--max-length", str(lora["max_length"]), "--device", settings.device]
+                "--top-layers", str(lora["lora_top_layers"] or 0), "--max-length", str(lora["max_length"]),
+                "--class-weights", "on" if spec.class_weights else "off", "--device", settings.device]
         if settings.base_model is not None:
             args += ["--base-model", str(settings.base_model)]
-        if lora["lora_top_layers"] is not None:
-            args += ["--top-layers", str(lora["lora_top_layers"])]
         if lora["truncation"]:
             args.append("--truncation")
+        if spec.max_new_tokens is not None:
+            args += ["--max-new-tokens", str(spec.max_new_tokens)]
         if spec.validation_file is not None:
             args += ["--eval", str(self.files.path(self.files.get(spec.validation_file)))]
         if job.row_format == "chat":
@@ -569,17 +639,24 @@ class FineTuning:
                                 kind="metrics", data={"step": event["step"], "total_steps": tracker.total_steps,
                                                       "train_loss": event["loss"]})
                 elif kind == "eval":
-                    self._event(job, f"Step {event['step']}/{tracker.total_steps}: validation loss="
-                                     f"{event['eval_loss']:.4f}", kind="metrics",
-                                data={"step": event["step"], "total_steps": tracker.total_steps,
-                                      "valid_loss": event["eval_loss"]})
+                    figures = {f"valid_{key.removeprefix('eval_')}": value for key, value in event.items()
+                               if key in VALIDATION_FIGURES}
+                    shown = ", ".join(f"{key.removeprefix('valid_')}={value:.4f}" for key, value in figures.items())
+                    self._event(job, f"Step {event['step']}/{tracker.total_steps}: validation {shown}",
+                                kind="metrics", data={"step": event["step"], "total_steps": tracker.total_steps,
+                                                      **figures})
+                elif kind == "best":
+                    shown = ", ".join(f"{key.removeprefix('eval_')}={event[key]:.4f}" for key in VALIDATION_FIGURES
+                                      if key in event)
+                    self._event(job, f"Kept the checkpoint of step {event['step']}, the best on validation ({shown})",
+                                data={"step": event["step"]})
                 elif kind == "saved":
-                    self._event(job, "Adapter saved" + (", measuring it on the validation file"
-                                                        if job.spec.validation_file else ""))
+                    where = ("the validation file" if job.spec.validation_file
+                             else f"the {job.spec.validation_rows} held-out rows" if job.spec.validation_rows else "")
+                    self._event(job, "Adapter saved" + (f", measuring it on {where}" if where else ""))
                 elif kind == "metrics":
-                    shown = ", ".join(f"{k}={v:.4f}" for k, v in event["metrics"].items()
-                                      if isinstance(v, (int, float)))
-                    self._event(job, f"Validation metrics: {shown}", kind="metrics",
+                    tracker.final = event["metrics"]
+                    self._event(job, f"Validation metrics: {_summary(event['metrics'])}", kind="metrics",
                                 data={"metrics": event["metrics"]})
             self._save(job)
 
@@ -600,6 +677,10 @@ class FineTuning:
         if (output / PLOT_FILE).is_file():
             plot = self.files.add(PLOT_FILE, "fine-tune-results", (output / PLOT_FILE).read_bytes(), ".png")
             job.result_files.append(plot.id)
+        if tracker.final is not None:
+            final = self.files.add(VALIDATION_METRICS_FILE, "fine-tune-results",
+                                   json.dumps(tracker.final, indent=2).encode(), ".json")
+            job.result_files.append(final.id)
         job.fine_tuned_model = record.name
         self._event(job, f"New fine-tuned model created: {record.name} (sha256 {record.sha256[:12]})")
         self._finish(job, "succeeded")
@@ -639,7 +720,8 @@ class _ProgressTracker:
         self.path = path
         self.offset = 0
         self.total_steps: int | None = None
-        self.rows: dict[int, dict[str, float]] = {}  # step -> train_loss / valid_loss
+        self.rows: dict[int, dict[str, float]] = {}  # step -> train_loss / valid_loss, valid_accuracy, ...
+        self.final: dict | None = None  # the adapter's metrics on the validation rows
 
     def read(self) -> list[dict]:
         with self.path.open("rb") as handle:
@@ -654,17 +736,30 @@ class _ProgressTracker:
             elif event["event"] == "step":
                 self.rows.setdefault(event["step"], {})["train_loss"] = event["loss"]
             elif event["event"] == "eval":
-                self.rows.setdefault(event["step"], {})["valid_loss"] = event["eval_loss"]
+                self.rows.setdefault(event["step"], {}).update(
+                    {f"valid_{key.removeprefix('eval_')}": event[key] for key in VALIDATION_FIGURES if key in event})
         return events
 
     def metrics_csv(self) -> bytes:
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")
-        writer.writerow(["step", "train_loss", "valid_loss"])
+        columns = ["train_loss", *(f"valid_{key.removeprefix('eval_')}" for key in VALIDATION_FIGURES)]
+        writer.writerow(["step", *columns])
         for step in sorted(self.rows):
             row = self.rows[step]
-            writer.writerow([step, *(f"{row[k]:.6f}" if k in row else "" for k in ("train_loss", "valid_loss"))])
+            writer.writerow([step, *(f"{row[k]:.6f}" if k in row else "" for k in columns)])
         return out.getvalue().encode()
+
+
+def _summary(metrics: dict) -> str:
+    """The headline figures of train-adapter's metrics, and a classifier's confusion matrix."""
+    shown = ", ".join(f"{key}={metrics[key]:.4f}" for key in SUMMARY_KEYS if isinstance(metrics.get(key), float))
+    matrix = metrics.get("confusion_matrix")
+    if matrix:
+        rows = "; ".join(f"{gold}: " + " ".join(str(n) for n in counts)
+                         for gold, counts in zip(matrix["labels"], matrix["rows_gold_columns_predicted"]))
+        shown += f"; confusion matrix (rows gold, columns predicted {' '.join(matrix['labels'])}): {rows}"
+    return f"{shown} on {metrics.get('rows')} rows"
 
 
 def _kill(process: subprocess.Popen) -> None:

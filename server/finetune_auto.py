@@ -218,7 +218,7 @@ def plan(stats: DataStats, base: BaseShape, requested: Requested = Requested(), 
         reasons.append(f"LoRA targets: {' '.join(target_modules)} (every linear layer of the base's blocks)")
 
     if requested.top_layers is not None:
-        top_layers: int | None = requested.top_layers
+        top_layers: int | None = requested.top_layers or None  # 0: every layer
     elif family == "decoder":
         top = min(base.num_layers, max(MIN_DECODER_LAYERS, math.ceil(base.num_layers * DECODER_LAYER_FRACTION)))
         top_layers = None if top >= base.num_layers else top

@@ -17,7 +17,8 @@ from starlette.datastructures import UploadFile
 
 from .deps import ServicesDep
 from .errors import InvalidInput
-from .finetune import AUTO, LORA_DEFAULTS, TARGET_MODULES, JobSpec
+from .finetune import LORA_DEFAULTS, JobSpec, base_shape
+from .finetune_auto import block_layer_names
 from .openai_api import OpenAIRoute
 from .routes_adapters import AdminDep, _bounded_form
 
@@ -78,13 +79,11 @@ def _hyperparameters(body: JobRequest) -> Hyperparameters:
     return nested or body.hyperparameters or Hyperparameters()
 
 
-def _resolve(value: object, key: str) -> object:
-    return AUTO[key] if value is None else value
-
-
-def _lora_options(metadata: dict[str, str], max_rank: int, num_layers: int, max_context: int) -> dict:
+def _lora_options(metadata: dict[str, str], max_rank: int, num_layers: int, max_context: int,
+                  layer_names: list[str]) -> dict:
     """Our LoRA options from `metadata` (lora_rank, lora_alpha, lora_dropout, lora_target_modules, lora_top_layers,
-    max_length, truncation); other metadata keys are the client's own tags."""
+    max_length, truncation; None where not given: auto); other metadata keys are the client's own tags.
+    `layer_names`: the linear layers of the base's blocks, where LoRA can go."""
     unknown = sorted(k for k in metadata if k.startswith("lora_") and k not in LORA_DEFAULTS)
     if unknown:
         raise InvalidInput(f"metadata.{unknown[0]}", f"unknown LoRA option; known: {sorted(LORA_DEFAULTS)}")
@@ -108,9 +107,10 @@ def _lora_options(metadata: dict[str, str], max_rank: int, num_layers: int, max_
             options[key] = number(key, kind, low, high)
     if "lora_target_modules" in metadata:
         modules = metadata["lora_target_modules"].replace(",", " ").split()
-        bad = sorted(set(modules) - TARGET_MODULES) or ([] if modules else ["(none)"])
+        bad = sorted(set(modules) - set(layer_names)) or ([] if modules else ["(none)"])
         if bad:
-            raise InvalidInput("metadata.lora_target_modules", f"{bad[0]} is not one of {sorted(TARGET_MODULES)}")
+            raise InvalidInput("metadata.lora_target_modules", f"{bad[0]} is not one of the base's layers "
+                                                               f"{sorted(layer_names)}")
         options["lora_target_modules"] = " ".join(dict.fromkeys(modules))
     if "truncation" in metadata:
         if metadata["truncation"] not in ("true", "false"):
@@ -204,15 +204,14 @@ def create_job(svc: ServicesDep, body: JobRequest, _admin: AdminDep) -> dict:
                                     f"base, {engine.info.name!r}")
     hyper = _hyperparameters(body)
     lora = _lora_options(body.metadata or {}, svc.settings.max_rank, engine.info.num_layers,
-                         engine.info.max_context)
+                         engine.info.max_context, block_layer_names(base_shape(engine).linear_paths))
     spec = JobSpec(
         model=body.model, training_file=body.training_file, validation_file=body.validation_file,
-        suffix=body.suffix, seed=0 if body.seed is None else body.seed,
-        n_epochs=_resolve(hyper.n_epochs, "n_epochs"), batch_size=_resolve(hyper.batch_size, "batch_size"),
-        learning_rate_multiplier=_resolve(hyper.learning_rate_multiplier, "learning_rate_multiplier"),
-        lora=lora, metadata=body.metadata,
+        suffix=body.suffix, seed=0 if body.seed is None else body.seed, n_epochs=hyper.n_epochs,
+        batch_size=hyper.batch_size, learning_rate_multiplier=hyper.learning_rate_multiplier, lora=lora,
+        metadata=body.metadata,
     )
-    return svc.finetune.create_job(spec).as_openai()
+    return svc.finetune.create_job(spec, engine).as_openai()
 
 
 @router.get("/fine_tuning/jobs")

@@ -142,8 +142,8 @@ def test_job_requests_are_checked_before_anything_is_queued(ft, store, tiny_base
         ({"model": base, "training_file": file_id, "metadata": {"lora_top_layers": "3"}},
          error("metadata.lora_top_layers: 3 is not between 1 and 2", "metadata.lora_top_layers")),
         ({"model": base, "training_file": file_id, "metadata": {"lora_target_modules": "q_proj lm_head"}},
-         error("metadata.lora_target_modules: lm_head is not one of ['down_proj', 'gate_proj', 'k_proj', 'o_proj', "
-               "'q_proj', 'up_proj', 'v_proj']", "metadata.lora_target_modules")),
+         error("metadata.lora_target_modules: lm_head is not one of the base's layers ['down_proj', 'gate_proj', "
+               "'k_proj', 'o_proj', 'q_proj', 'up_proj', 'v_proj']", "metadata.lora_target_modules")),
         ({"model": base, "training_file": file_id, "suffix": "Bad Name"},
          error("suffix: 'Bad Name' does not make a valid adapter name ('Bad Name-", "suffix")),
         ({"model": base, "training_file": file_id, "hyperparameters": {"n_epochs": 0}},
