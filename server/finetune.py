@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 FILES_DIR = ".files"
 JOBS_DIR = ".jobs"
 PLOT_FILE = "training.png"  # written by train-adapter next to the adapter
-VALIDATION_METRICS_FILE = "validation_metrics.json"
+VALIDATION_METRICS_FILE = "validation_metrics.csv"
 BASE_LEARNING_RATE = 2e-4  # learning_rate_multiplier 1
 # our LoRA options (metadata); None is auto (server/finetune_auto.py)
 LORA_DEFAULTS = {"lora_rank": 8, "lora_alpha": 16.0, "lora_dropout": 0.05, "lora_target_modules": None,
@@ -678,8 +678,7 @@ class FineTuning:
             plot = self.files.add(PLOT_FILE, "fine-tune-results", (output / PLOT_FILE).read_bytes(), ".png")
             job.result_files.append(plot.id)
         if tracker.final is not None:
-            final = self.files.add(VALIDATION_METRICS_FILE, "fine-tune-results",
-                                   json.dumps(tracker.final, indent=2).encode(), ".json")
+            final = self.files.add(VALIDATION_METRICS_FILE, "fine-tune-results", metrics_csv(tracker.final), ".csv")
             job.result_files.append(final.id)
         job.fine_tuned_model = record.name
         self._event(job, f"New fine-tuned model created: {record.name} (sha256 {record.sha256[:12]})")
@@ -749,6 +748,30 @@ class _ProgressTracker:
             row = self.rows[step]
             writer.writerow([step, *(f"{row[k]:.6f}" if k in row else "" for k in columns)])
         return out.getvalue().encode()
+
+
+def metrics_csv(metrics: dict) -> bytes:
+    """train-adapter's final metrics as `metric,value` rows: accuracy, macro_f1, per_class.<label>.f1, ...,
+    confusion.<gold>.<predicted> (a classifier's confusion matrix), rows."""
+    flat: list[tuple[str, object]] = []
+
+    def walk(prefix: str, value: object) -> None:
+        if isinstance(value, dict) and "rows_gold_columns_predicted" in value:
+            for gold, counts in zip(value["labels"], value["rows_gold_columns_predicted"]):
+                flat.extend((f"{prefix.replace('confusion_matrix', 'confusion')}{gold}.{predicted}", n)
+                            for predicted, n in zip(value["labels"], counts))
+        elif isinstance(value, dict):
+            for key, inner in value.items():
+                walk(f"{prefix}{key}.", inner)
+        else:
+            flat.append((prefix.rstrip("."), value))
+
+    walk("", metrics)
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["metric", "value"])
+    writer.writerows((key, f"{value:.6f}" if isinstance(value, float) else value) for key, value in flat)
+    return out.getvalue().encode()
 
 
 def _summary(metrics: dict) -> str:

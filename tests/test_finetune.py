@@ -244,18 +244,27 @@ def test_chat_job_end_to_end_with_the_openai_client(live, tiny_base):
     assert done.trained_tokens > 0
 
     events = list(reversed(oai.fine_tuning.jobs.list_events(job.id, limit=100).data))  # oldest first
-    steps = [e.data for e in events if e.type == "metrics"]
-    assert [s["step"] for s in steps] == [1, 2, 3, 4, 5, 6]  # 12 rows / batch 4 x 2 epochs
+    steps = [e.data for e in events if e.type == "metrics" and "train_loss" in e.data]
+    assert [s["step"] for s in steps] == [1, 2, 3, 4, 5, 6]  # 10 rows (2 held out) / batch 4 x 2 epochs
     assert all(s["total_steps"] == 6 and s["train_loss"] > 0 for s in steps)
-    assert [e.message for e in events][:3] == [
-        f"Validated the training file {training.id} (12 rows, chat)", "Fine-tuning job queued",
-        events[2].message]  # the third names the trainer's process id
+    messages = [e.message for e in events]
+    auto_lines = [m for m in messages if m.startswith("Auto ")]  # what was not given: not epochs, batch, rate
+    assert [m.split(":")[0] for m in auto_lines] == ["Auto validation", "Auto LoRA targets", "Auto layers",
+                                                     "Auto max length", "Auto max new tokens"]
+    assert auto_lines[0] == "Auto validation: 2 of 12 rows held out of the training file"
+    assert messages[:len(auto_lines) + 4] == [
+        f"Validated the training file {training.id} (12 rows, chat)", *auto_lines,
+        "Hyperparameters: 2 epochs, batch size 4, learning rate 0.002, LoRA r=8 on q_proj k_proj v_proj o_proj "
+        "gate_proj up_proj down_proj", "Fine-tuning job queued",
+        messages[len(auto_lines) + 3]]  # the last names the trainer's process id
+    assert any(m.startswith("Validation metrics: exact_match=") for m in messages)
     assert events[-1].message == "The job has successfully completed"
     page = oai.fine_tuning.jobs.list_events(job.id, limit=2)
     assert page.has_more and len(page.data) == 2
 
     metrics_csv = oai.files.content(done.result_files[0]).text.splitlines()
-    assert metrics_csv[0] == "step,train_loss,valid_loss" and len(metrics_csv) == 7
+    assert metrics_csv[0] == "step,train_loss,valid_loss,valid_accuracy,valid_macro_f1"
+    assert [line.split(",")[0] for line in metrics_csv[1:]] == ["0", "1", "2", "3", "4", "5", "6"]
     assert oai.files.content(done.result_files[1]).content.startswith(b"\x89PNG")
 
     assert name in {m.id for m in oai.models.list()}
@@ -318,7 +327,8 @@ def test_cancel_of_a_running_job_installs_nothing(live, live_store, tiny_base):
 
 def test_a_trainer_that_fails_fails_its_job_with_its_message(live, live_store, tiny_base):
     oai = client_for(live)
-    rows = [{"text": "the film was long, slow and in the end rather " + word, "label": word} for word in GOOD + BAD]
+    rows = [{"text": "the film was long, slow and in the end rather " + word, "label": "pos" if word in GOOD else "neg"}
+            for word in (GOOD + BAD) * 2]
     training = oai.files.create(file=("long-rows.jsonl", jsonl(rows)), purpose="fine-tune")
     before = tree(live_store)
     job = oai.fine_tuning.jobs.create(model=tiny_base.name, training_file=training.id,
@@ -377,7 +387,8 @@ def test_chat_rows_train_on_the_prompt_chat_completions_sends(tokenizer, tmp_pat
     path = tmp_path / "chat.jsonl"
     path.write_bytes(jsonl(CHAT_ROWS[:2]))
     args = train_adapter.build_parser().parse_args(
-        ["--task", "generation", "--name", "c", "--train", str(path), "--messages-column", "messages"])
+        ["--task", "generation", "--name", "c", "--train", str(path), "--messages-column", "messages",
+         "--max-length", "256"])
     examples, prompts, answers, _ = train_adapter.generation_examples(args, tokenizer, path)
     messages = CHAT_ROWS[1]["messages"]
     prompt_ids = encode_chat(tokenizer, messages[:-1])

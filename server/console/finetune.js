@@ -88,11 +88,23 @@
       ?? await (await fetch(`/v1/fine_tuning/jobs/${watched}`)).json();
     const events = await (await fetch(`/v1/fine_tuning/jobs/${watched}/events?limit=10000`)).json();
     const points = { train: [], valid: [] };
+    const auto = [];
+    let figures = null;
     for (const e of events.data.slice().reverse()) {
       if (e.data?.train_loss !== undefined) points.train.push([e.data.step, e.data.train_loss]);
       if (e.data?.valid_loss !== undefined) points.valid.push([e.data.step, e.data.valid_loss]);
+      if (e.message.startsWith("Auto ")) auto.push(e.message.slice(5));
+      if (e.message.startsWith("Kept the checkpoint") || e.message.startsWith("Validation metrics: ")) {
+        figures = e.message;
+      }
     }
     drawCurve(points);
+    $("ft-auto").replaceChildren(...auto.map((text) => {
+      const item = document.createElement("li");
+      item.textContent = `auto ${text}`;
+      return item;
+    }));
+    $("ft-validation-figures").textContent = figures ?? "";
     const last = points.train.at(-1);
     $("ft-job-status").textContent = `${job.id}: ${job.status}` +
       (last ? `, step ${last[0]}, training loss ${last[1].toFixed(4)}` : "") +
@@ -143,12 +155,11 @@
     const body = {
       model: health.base.name,
       training_file: $("ft-training").value,
-      hyperparameters: {
-        n_epochs: Number($("ft-epochs").value),
-        batch_size: Number($("ft-batch").value),
-        learning_rate_multiplier: Number($("ft-lr").value),
-      },
+      hyperparameters: {},  // an empty field is "auto": the server chooses from the data and the base
     };
+    for (const [key, id] of [["n_epochs", "ft-epochs"], ["batch_size", "ft-batch"], ["learning_rate_multiplier", "ft-lr"]]) {
+      body.hyperparameters[key] = $(id).value ? Number($(id).value) : "auto";
+    }
     if ($("ft-validation").value) body.validation_file = $("ft-validation").value;
     if ($("ft-suffix").value) body.suffix = $("ft-suffix").value;
     const response = await fetch("/v1/fine_tuning/jobs", {
