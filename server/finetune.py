@@ -463,10 +463,10 @@ class FineTuning:
                              f"{training.row_format})")
             for reason in spec.auto:
                 self._event(job, f"Auto {reason}")
+            rate = BASE_LEARNING_RATE * spec.learning_rate_multiplier
             self._event(job, f"Hyperparameters: {spec.n_epochs:g} epochs, batch size {spec.batch_size}, learning "
-                             f"rate {BASE_LEARNING_RATE * spec.learning_rate_multiplier:g}, LoRA r={spec.lora['lora_rank']}"
-                             f" on {spec.lora['lora_target_modules']}", data={"hyperparameters": {
-                **asdict(spec), "learning_rate": BASE_LEARNING_RATE * spec.learning_rate_multiplier}})
+                             f"rate {rate:g}, LoRA r={spec.lora['lora_rank']} on {spec.lora['lora_target_modules']}",
+                        data={"hyperparameters": {**asdict(spec), "learning_rate": rate}})
             job.status = "queued"
             self._save(job)
             self._event(job, "Fine-tuning job queued")

@@ -157,7 +157,8 @@
       training_file: $("ft-training").value,
       hyperparameters: {},  // an empty field is "auto": the server chooses from the data and the base
     };
-    for (const [key, id] of [["n_epochs", "ft-epochs"], ["batch_size", "ft-batch"], ["learning_rate_multiplier", "ft-lr"]]) {
+    const fields = [["n_epochs", "ft-epochs"], ["batch_size", "ft-batch"], ["learning_rate_multiplier", "ft-lr"]];
+    for (const [key, id] of fields) {
       body.hyperparameters[key] = $(id).value ? Number($(id).value) : "auto";
     }
     if ($("ft-validation").value) body.validation_file = $("ft-validation").value;
