@@ -143,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--eval-dtype", choices=["bfloat16", "float32"], default="float32",
                    help="dtype of the final evaluation by the server's engine (float32: the exact PEFT answers)")
     e.add_argument("--eval-points", type=int, default=4, help="how often eval loss is measured for the curve")
+    e.add_argument("--keep", choices=["best", "last"], default="best",
+                   help="the checkpoint saved: the best eval point (a classifier's macro F1, then accuracy, then loss; "
+                        "generation's loss) or the last step")
     e.add_argument("--eval-curve-rows", type=int, default=200,
                    help="eval rows measured at each eval point (the curve and the checkpoint kept)")
     e.add_argument("--max-new-tokens", type=int,
@@ -492,7 +495,7 @@ def train(model, prepared: Prepared, args, pad_id: int, progress: Progress | Non
         measured = validate(model, curve_rows, args, pad_id, prepared.labels)
         result.curve.append((step, measured))
         report({"event": "eval", "step": step, **measured})
-        if step and better(measured, best and best[0]):
+        if step and args.keep == "best" and better(measured, best and best[0]):
             best = (measured, {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad})
             result.best_step = step
 

@@ -272,3 +272,35 @@ def test_a_job_with_only_a_training_file_on_the_family(family, targets, ham, spa
     csv_lines = results[0].text.splitlines()
     assert csv_lines[0] == "step,train_loss,valid_loss,valid_accuracy,valid_macro_f1"
     assert results[1].content.startswith(b"\x89PNG")
+
+
+# ---- one implementation: a job and train-adapter see the same data and base alike ------------------------------
+
+
+@pytest.mark.parametrize("rows, options", [
+    ([{"text": f"the film was {w}", "label": "pos" if i % 2 else "neg"} for i, w in enumerate(SPAM + HAM)], []),
+    ([{"prompt": f"What is {i} + {i}?", "completion": str(2 * i)} for i in range(6)],
+     ["--prompt-template", "{prompt}", "--answer-template", "{completion}"]),
+    ([{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"Say {i}"},
+                    {"role": "assistant", "content": f"{i}!"}]} for i in range(6)],
+     ["--messages-column", "messages"]),
+])
+def test_a_job_and_train_adapter_measure_the_same_rows_alike(rows, options, tokenizer, tmp_path):
+    from scripts import train_adapter
+    from server.finetune import data_stats, inspect_jsonl
+
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(jsonl(rows))
+    row_format = inspect_jsonl(path.read_bytes(), 100).row_format
+    task = "classification" if row_format == "classification" else "generation"
+    args = train_adapter.build_parser().parse_args(["--task", task, "--name", "x", "--train", str(path), *options])
+    assert data_stats(path.read_bytes(), row_format, tokenizer) == train_adapter.measure(args, tokenizer)
+
+
+def test_a_job_and_train_adapter_see_the_same_layers(engine, tiny_base, tmp_path):
+    from scripts import train_adapter
+    from server.base_model import load_base
+    from server.finetune import base_shape
+
+    model, _, info = load_base(tiny_base, tmp_path, "float32")
+    assert train_adapter.base_shape(model, info) == base_shape(engine)

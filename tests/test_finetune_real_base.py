@@ -1,8 +1,9 @@
-"""A fine-tuning job on the real embedded base: 200 rows of ../shared/data/sms_spam, one epoch, through the official
-client against a server process; the adapter it installs must beat the majority class on the whole dev split.
+"""A fine-tuning job on the real embedded base with only `training_file` (every hyperparameter auto): 200 random rows
+of ../shared/data/sms_spam (its natural balance, 9 % spam in this draw), through the official client against a server
+process; the adapter it installs must beat the majority class by 8 points on 200 random dev rows.
 
-The 200 rows are 100 of each class: the split is 13 % spam, and the same job on 200 random rows (18 spam) learned to
-answer "ham" to everything in its 25 steps (exactly the majority class, 87.45 %)."""
+Before `auto` (1 epoch of q/v LoRA at 2e-4), such a job learned to answer "ham" to everything;
+benchmarks/finetune_auto.py measures the same job on sms_spam and sst2 and records its time and the machine's load."""
 
 from __future__ import annotations
 
@@ -21,8 +22,9 @@ from tests.test_finetune import client_for, wait_for
 pytestmark = pytest.mark.real_base
 
 SPAM = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "sms_spam"
-PER_CLASS = 100
-STATED_SECONDS = 900  # README, "Fine-tuning jobs": about 1 minute on a quiet 2-core machine, 15 at most when shared
+ROWS = 200
+MARGIN = 0.08  # over the majority class's accuracy
+STATED_SECONDS = 900  # README, "Fine-tuning jobs": about 5 minutes on a loaded 2-core machine, 15 at most
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -32,11 +34,9 @@ def read_csv(path: Path) -> list[dict]:
 
 @pytest.mark.skipif(not SPAM.is_dir(), reason="needs ../shared/data/sms_spam")
 def test_spam_job_beats_the_majority_class_within_the_stated_time(tmp_path):
-    rows, rng = read_csv(SPAM / "train.csv"), random.Random(0)
-    train = [row for label in ("spam", "ham")
-             for row in rng.sample([r for r in rows if r["label"] == label], PER_CLASS)]
-    rng.shuffle(train)
-    dev = sorted(read_csv(SPAM / "dev.csv"), key=lambda row: len(row["text"]))  # less padding per batch
+    rng = random.Random(0)  # the draw of benchmarks/finetune_auto.py
+    train = rng.sample(read_csv(SPAM / "train.csv"), ROWS)
+    dev = sorted(rng.sample(read_csv(SPAM / "dev.csv"), ROWS), key=lambda row: len(row["text"]))  # less padding
     store = tmp_path / "adapters"
     store.mkdir()
     # nice 10, not the default 19: on a machine shared with other jobs a nice-19 trainer can starve for minutes
@@ -45,12 +45,7 @@ def test_spam_job_beats_the_majority_class_within_the_stated_time(tmp_path):
         data = "".join(json.dumps(row) + "\n" for row in train).encode()
         training = oai.files.create(file=("spam-200.jsonl", data), purpose="fine-tune")
         started = time.monotonic()
-        job = oai.fine_tuning.jobs.create(
-            model="SmolLM2-135M-Instruct", training_file=training.id, suffix="spam", seed=0,
-            hyperparameters={"n_epochs": 1, "batch_size": 8, "learning_rate_multiplier": 4},
-            metadata={"lora_top_layers": "8", "max_length": "96", "truncation": "true",
-                      "lora_target_modules": "q_proj k_proj v_proj o_proj gate_proj up_proj down_proj"},
-        )
+        job = oai.fine_tuning.jobs.create(model="SmolLM2-135M-Instruct", training_file=training.id)
         done = wait_for(oai, job.id, {"succeeded", "failed", "cancelled"}, timeout=STATED_SECONDS)
         seconds = time.monotonic() - started
         assert done.status == "succeeded", done.error
@@ -63,4 +58,4 @@ def test_spam_job_beats_the_majority_class_within_the_stated_time(tmp_path):
     accuracy = sum(p == r["label"] for p, r in zip(predicted, dev)) / len(dev)
     majority = max(sum(r["label"] == label for r in dev) for label in ("ham", "spam")) / len(dev)
     print(f"spam job: {seconds:.0f} s, dev accuracy {accuracy:.4f} (majority class {majority:.4f})")
-    assert seconds < STATED_SECONDS and accuracy > majority
+    assert seconds < STATED_SECONDS and accuracy >= majority + MARGIN
