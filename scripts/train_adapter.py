@@ -124,10 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "GPT-2 c_attn c_proj c_fc, BERT query key value dense)")
     m.add_argument("--top-layers", type=int,
                    help="LoRA only in the last N layers, the backward pass stops there (cheaper); 0: all layers; "
-                        "default auto: a decoder's top quarter, an encoder's all")
+                        "default auto: a decoder's top half, an encoder's all")
     m.add_argument("--epochs", type=float, help="may be fractional; default auto: 3, at least 640 and at most 3,200 "
                                                 "rows seen")
-    m.add_argument("--lr", type=float, help="default auto: 8e-4 for a decoder's classifier, 3e-4 for generation, "
+    m.add_argument("--lr", type=float, help="default auto: 4e-4 for a decoder's classifier, 3e-4 for generation, "
                                             "1e-3 for an encoder")
     m.add_argument("--batch-size", type=int, help="default auto: 8")
     m.add_argument("--class-weights", choices=["auto", "on", "off"], default="auto",
@@ -323,7 +323,8 @@ def prepare(args, tokenizer, shape: auto.BaseShape) -> Prepared:
         "train_rows": len(prepared.train),
         "limit": args.limit,
         "eval": {"file": str(args.eval), "sha256": eval_hash, "rows": len(prepared.eval)}
-        if args.eval else {"held_out_of_train": len(held), "seed": args.seed} if held else None,
+        if args.eval else {"file": f"held out of the training file (seed {args.seed})", "sha256": None,
+                           "rows": len(held), "held_out_of_train": len(held), "seed": args.seed} if held else None,
     }
     return prepared
 

@@ -53,7 +53,13 @@ def test_upload_train_watch_and_try(browser, finetune_url, tmp_path):  # noqa: F
     wait_for(browser, lambda d: ": succeeded, step 4, training loss " in d.find_element(By.ID, "ft-job-status").text,
              "the job did not succeed in the console")
     curve = browser.find_element(By.CSS_SELECTOR, '#ft-curve polyline[data-series="train"]')
-    assert curve.get_attribute("data-count") == "4"  # 16 rows / batch 8 x 2 epochs
+    assert curve.get_attribute("data-count") == "4"  # 14 rows (2 held out) / batch 8 x 2 epochs
+    auto = [item.text for item in browser.find_elements(By.CSS_SELECTOR, "#ft-auto li")]
+    assert auto[0] == "auto validation: 2 of 16 rows held out of the training file, stratified by label"
+    assert not any(line.startswith("auto epochs") for line in auto)  # given: 2
+    assert "auto LoRA targets: q_proj k_proj v_proj o_proj gate_proj up_proj down_proj (every linear layer of the " \
+        "base's blocks)" in auto
+    assert browser.find_element(By.ID, "ft-validation-figures").text.startswith("Validation metrics: accuracy=")
     model = browser.find_element(By.ID, "ft-try-model").get_attribute("value")
     assert model.startswith("ft-")
     assert browser.find_element(By.CSS_SELECTOR, '#ft-jobs tbody tr td:nth-child(3)').text == model

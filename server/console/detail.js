@@ -6,7 +6,7 @@ import { cell, element, formatBytes, formatSeconds, formatValue, metricSummary, 
 const $ = (id) => document.getElementById(id);
 // loraswap.json keys shown elsewhere in the view (or, for the loss curve, drawn in training.png)
 const SHOWN_ELSEWHERE = new Set(["task", "labels", "metrics", "data", "hyperparameters", "description",
-  "eval_loss_curve", "train_loss_curve"]);
+  "eval_loss_curve", "train_loss_curve", "train_losses", "validation_curve"]);
 
 function isObject(value) {
   return value !== null && typeof value === "object" && !Array.isArray(value);
