@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "default auto: a decoder's top half, an encoder's all")
     m.add_argument("--epochs", type=float, help="may be fractional; default auto: 3, at least 640 and at most 3,200 "
                                                 "rows seen")
-    m.add_argument("--lr", type=float, help="default auto: 4e-4 for a decoder's classifier, 3e-4 for generation, "
+    m.add_argument("--lr", type=float, help="default auto: 8e-4 for a decoder's classifier, 3e-4 for generation, "
                                             "1e-3 for an encoder")
     m.add_argument("--batch-size", type=int, help="default auto: 8")
     m.add_argument("--class-weights", choices=["auto", "on", "off"], default="auto",

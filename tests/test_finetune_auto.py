@@ -49,11 +49,11 @@ def test_targets_are_every_linear_layer_of_the_blocks_in_block_order():
 
 def test_200_skewed_rows_on_the_embedded_base():
     """sms_spam's natural balance (13 % spam): 30 rows held out by label, 640 rows seen of the other 170 (3 epochs
-    would be 510), all seven projections of the top 15 layers at 4e-4, spam's loss weighted by how rare it is."""
+    would be 510), all seven projections of the top 15 layers at 8e-4, spam's loss weighted by how rare it is."""
     stats = classification({"ham": 174, "spam": 26})
     plan = auto.plan(stats, SMOLLM2)
     assert (plan.validation_rows, plan.train_rows, plan.epochs, plan.batch_size, plan.steps) == (30, 170, 3.76, 8, 83)
-    assert (plan.learning_rate, plan.target_modules, plan.top_layers) == (4e-4, LLAMA_BLOCK, 15)
+    assert (plan.learning_rate, plan.target_modules, plan.top_layers) == (8e-4, LLAMA_BLOCK, 15)
     assert plan.class_weights == {"ham": round(200 / (2 * 174), 4), "spam": round(200 / (2 * 26), 4)}
     assert plan.reasons[0] == "validation: 30 of 200 rows held out of the training file, stratified by label"
     assert "class weights: ham 0.5747, spam 3.8462 (labels skewed: ham 174, spam 26)" in plan.reasons
