@@ -51,6 +51,15 @@ class EngineObserver(Protocol):
     def batch_ran(self, rows: int) -> None: ...
 
 
+def attention_weight(config, layers: dict[str, MultiLoraLinear]) -> float:
+    """What attending to one earlier position costs a token, relative to the token's linear layers (multiply-adds:
+    QK and AV over every head, against every wrapped weight of one transformer layer)."""
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    linear = sum(layer.base.weight.numel() for layer in layers.values()) / config.num_hidden_layers
+    return 2 * heads * head_dim / linear
+
+
 class Engine:
     def __init__(
         self,
@@ -87,6 +96,7 @@ class Engine:
             model, tokenizer, self.layers, context, self.classifier, max_batch_rows=max_batch_size,
             max_batch_tokens=max_batch_tokens, max_wait_s=max_wait_ms / 1000, merge_policy=merge_policy,
             continuous=continuous, chunkable="generation" in info.tasks,  # a decoder: causal attention
+            context_weight=attention_weight(model.config, self.layers),
         )
         self.slots = AdapterSlots(max_loaded_adapters, self._prepare, self._clear, pinned)
         self.admission = admission or AdmissionGate(max_rows=2**31, max_tokens=2**62)  # default: unbounded
@@ -313,8 +323,9 @@ class Engine:
         kv_tokens = sum(len(row) + job.params.max_new_tokens for row in job.rows) if isinstance(job, GenerateJob) else 0
         deadline = job.request.deadline
         time_left_s = None if deadline is None else deadline - time.monotonic()
+        steps = job.params.max_new_tokens if isinstance(job, GenerateJob) else 0
         job.ticket = ticket = self.admission.reserve(len(job.rows), kv_tokens, self.runner.scheduler.work(job),
-                                                     time_left_s, self.runner.costs)
+                                                     time_left_s, self.runner.costs, steps)
         try:
             future = self.runner.generate(job) if isinstance(job, GenerateJob) else self.runner.classify(job)
         except BaseException:

@@ -224,6 +224,7 @@ class ModelRunner:
         merge_policy: MergePolicy | None = None,
         continuous: bool = True,
         chunkable: bool = True,
+        context_weight: float = 0.0,
     ):
         self.model = model
         self.body = getattr(model, model.base_model_prefix)  # the transformer without its LM head
@@ -241,7 +242,7 @@ class ModelRunner:
         self.merged: int | None = None  # slot folded into the base weights (worker thread only)
         self.observers: list[BatchObserver] = []
         self.batch_sizes: Counter[int] = Counter()  # rows per forward, for metrics and benchmarks
-        self.scheduler = Scheduler(max_batch_rows, max_batch_tokens, continuous, chunkable)  # under _cond
+        self.scheduler = Scheduler(max_batch_rows, max_batch_tokens, continuous, chunkable, context_weight)  # under _cond
         self.costs = WorkCosts(max_batch_tokens, max_batch_rows)  # measured here, read by the admission gate
         self._batch: DecodeBatch | None = None  # worker thread only
         self._long: LongRow | None = None  # worker thread only
