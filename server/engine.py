@@ -70,7 +70,7 @@ class Engine:
         max_loaded_adapters: int = 8,
         max_rank: int | None = None,
         max_batch_size: int = 16,
-        max_batch_tokens: int = 1024,
+        max_batch_tokens: int = 256,
         max_wait_ms: float = 2.0,
         merge_policy: MergePolicy | None = None,
         pinned: list[str] | tuple[str, ...] = (),

@@ -219,7 +219,7 @@ class ModelRunner:
         classifier: SequenceClassifier,
         *,
         max_batch_rows: int = 16,
-        max_batch_tokens: int = 1024,
+        max_batch_tokens: int = 256,
         max_wait_s: float = 0.002,
         merge_policy: MergePolicy | None = None,
         continuous: bool = True,
