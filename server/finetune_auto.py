@@ -12,7 +12,7 @@ gives explicitly wins over the automatic one.
   3e-4 for generation; a small encoder adapts every layer at 1e-3. These are the shipped adapters' settings
   (adapters/*/loraswap.json). Measured on SmolLM2 with 200 rows (benchmarks/finetune_auto.py's draws; dev
   accuracy): sst2 73.5 % with the top quarter at 8e-4, 81.5 % with the top half at 4e-4 or 8e-4; sms_spam 98.5 %
-  with the top quarter at 8e-4 but 95.0 % with the top half at 4e-4 (its 15 spam rows need the higher rate).
+  with the top quarter or half at 8e-4 but 95.0 % with the top half at 4e-4 (its 15 spam rows need the higher rate).
 - Epochs from the number of rows: three passes, but at least MIN_EXAMPLES and at most MAX_EXAMPLES rows seen.
 - Class weights (inverse frequency) when the largest class has 1.5 times the rows of the smallest: a skewed file
   otherwise teaches "always the majority class".
