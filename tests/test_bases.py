@@ -323,8 +323,8 @@ def test_a_store_lists_only_the_adapters_of_the_loaded_base_and_says_why_it_skip
 
 
 def test_train_adapter_trains_a_classifier_on_the_base(family, tmp_path):
-    """train-adapter --base: PEFT's default targets for the architecture, the whole head saved; its adapter
-    serves like PEFT, and the metrics it records are what the served adapter scores."""
+    """train-adapter --base: auto targets, every linear layer of the architecture's blocks (never Llama names), the
+    whole head saved; its adapter serves like PEFT, and the metrics it records are what the served adapter scores."""
     if family.name not in ("gpt2", "bert", "distilbert"):
         pytest.skip("GPT-2 (Conv1D) and two encoders cover what differs from the Llama base of test_training.py")
     from scripts import train_adapter
@@ -338,7 +338,8 @@ def test_train_adapter_trains_a_classifier_on_the_base(family, tmp_path):
                                "3e-3", "--rank", "4", "--eval-points", "1", "--dtype", "float32"]) == 0
     meta = json.loads((out / "loraswap.json").read_text())
     assert meta["base_model"]["fingerprint"] == family.engine.info.fingerprint
-    expected_targets = {"gpt2": ["c_attn"], "bert": ["query", "value"], "distilbert": ["q_lin", "v_lin"]}[family.name]
+    expected_targets = {"gpt2": ["c_attn", "c_proj", "c_fc"], "bert": ["query", "key", "value", "dense"],
+                        "distilbert": ["q_lin", "k_lin", "v_lin", "out_lin", "lin1", "lin2"]}[family.name]
     assert meta["hyperparameters"]["target_modules"] == expected_targets
     texts = [t for t, _ in sentiment_rows(8, 2)]
     reference = peft_reference_probs(family.base, out, family.tokenizer, texts, 2)
