@@ -188,10 +188,29 @@ def test_delete_unloads_and_frees_the_slot(admin, store, engine):
     assert admin.delete("/adapters/doomed").status_code == 404
 
 
-def test_delete_a_shipped_adapter(admin, store):
+def test_delete_a_plain_folder_of_the_store(admin, store):
     assert admin.delete("/adapters/sentiment").status_code == 200
     assert tree(store) == {}
     assert admin.get("/adapters").json()["adapters"] == []
+
+
+def test_a_shipped_adapter_is_409_to_delete_and_a_replacement_of_it_is_deletable(
+    tiny_settings, engine, tmp_path, adapter_store, monkeypatch
+):
+    package = tmp_path / "package"
+    shutil.copytree(adapter_store / "gen-a", package / "shipped-gen")
+    before = tree(package)
+    monkeypatch.setattr("server.deps.SHIPPED_ADAPTERS", package)
+    with app_client(tiny_settings, engine, tmp_path / "store") as admin:
+        admin.headers["Authorization"] = f"Bearer {TOKEN}"
+        refused = admin.delete("/adapters/shipped-gen")
+        assert refused.status_code == 409
+        assert refused.json()["detail"].startswith("adapter 'shipped-gen' is shipped with loraswap and cannot be "
+                                                   "deleted")
+        assert upload(admin, "shipped-gen", folder_files(adapter_store / "gen-b"), replace=True).json()["version"] == 2
+        assert admin.delete("/adapters/shipped-gen").json()["version"] == 2
+        assert admin.get("/adapters/shipped-gen").json()["version"] == 1  # the shipped one again
+    assert tree(package) == before
 
 
 def test_download_is_the_uploaded_adapter(admin, adapter_store):
