@@ -1,11 +1,15 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# the default writable store is the per-user data folder: tests (and the servers they start) never write into the
+# user's real one, nor into the checkout
+os.environ["XDG_DATA_HOME"] = tempfile.mkdtemp(prefix="loraswap-test-data-")
 
 from server.base_model import embedded_gguf_path  # noqa: E402
 from tests.helpers import make_adapter, make_tiny_base  # noqa: E402

@@ -6,7 +6,6 @@ import fnmatch
 import json
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 import tomllib
@@ -14,6 +13,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import fresh_clone
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -138,12 +139,7 @@ def test_starts_the_project_command():
 def test_the_wheel_holds_the_console_and_the_shipped_adapters_and_builds_without_warnings(tmp_path):
     """The image runs the installed package (pip install .): the console's files and the shipped adapters must be in
     the wheel. Built from a copy of the tracked files, so that the build leaves nothing in the checkout."""
-    source = tmp_path / "source"
-    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
-    for name in filter(None, tracked.decode().split("\0")):
-        if (REPO / name).is_file():
-            (source / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, source / name)
+    source = fresh_clone(tmp_path / "source")
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-v", "--no-deps", "--no-build-isolation", "-w",
                             str(tmp_path / "wheel"), str(source)], capture_output=True, text=True)
     assert built.returncode == 0, built.stdout[-2000:] + built.stderr[-2000:]
