@@ -96,6 +96,21 @@ def test_write_routes_are_401_with_a_wrong_token(tiny_settings, engine, store, a
         assert tree(store) == before
 
 
+def test_every_write_operation_names_the_bearer_scheme_in_openapi_and_only_those_need_it(admin):
+    """Swagger UI's Authorize button sends the token for the operations that name the scheme: all writes."""
+    spec = admin.get("/openapi.json").json()
+    assert spec["components"]["securitySchemes"]["adminToken"]["scheme"] == "bearer"
+    secured = {(method.upper(), path) for path, operations in spec["paths"].items()
+               for method, operation in operations.items() if operation.get("security") == [{"adminToken": []}]}
+    assert secured == {("POST", "/adapters"), ("DELETE", "/adapters/{name}"), ("POST", "/v1/files"),
+                       ("DELETE", "/v1/files/{file_id}"), ("POST", "/v1/fine_tuning/jobs"),
+                       ("POST", "/v1/fine_tuning/jobs/{job_id}/cancel")}
+    for method, path in secured:  # without the token each is refused before anything else is looked at
+        response = admin.request(method, path.format(name="sentiment", file_id="file-x", job_id="ftjob-x"),
+                                 headers={"Authorization": ""})
+        assert response.status_code == 401, (method, path, response.text)
+
+
 # ---- upload, replace, delete, download ---------------------------------------------------------------------------
 
 
