@@ -38,7 +38,8 @@ UPLOAD_FORM = {
     "type": "object",
     "required": ["name", "files"],
     "properties": {
-        "name": {"type": "string", "pattern": f"^{NAME_PATTERN.pattern}$", "description": "The adapter's name."},
+        "name": {"type": "string", "pattern": f"^{NAME_PATTERN.pattern}$", "description": "The adapter's name.",
+                 "examples": ["my-adapter"]},
         "replace": {"type": "boolean", "default": False,
                     "description": "Replace an adapter of this name with a new version (else: 409)."},
         "files": {

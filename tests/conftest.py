@@ -102,3 +102,11 @@ def admin(tiny_settings, engine, store):
     with app_client(tiny_settings, engine, store) as client:
         client.headers["Authorization"] = f"Bearer {ADMIN_TOKEN}"
         yield client
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """One line that cannot be missed when the browser tests did not run (they skip where Chromium is absent)."""
+    skipped = [r for r in terminalreporter.stats.get("skipped", []) if "needs chromium" in str(r.longrepr)]
+    if skipped:
+        terminalreporter.write_sep("=", f"{len(skipped)} browser tests (console, Swagger UI) SKIPPED: chromium and "
+                                   "chromedriver not found; apt-get install chromium chromium-driver", yellow=True)

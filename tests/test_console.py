@@ -468,3 +468,62 @@ def test_html_in_labels_and_description_renders_as_text(browser, console_url):
     assert browser.execute_script("return window.xssFired") is None
     assert browser.execute_script("return document.querySelectorAll('img:not(#detail-plot), script:not([src])')"
                                   ".length") == 0
+
+
+# ---- Swagger UI (/docs): Authorize sends the admin token ---------------------------------------------------------
+
+
+def swagger_operation(driver, operation_id: str):
+    """Expand an operation of /docs and press its "Try it out"; returns the operation's element."""
+    from selenium.webdriver.common.by import By
+
+    block = wait_for(driver, lambda d: d.find_elements(By.CSS_SELECTOR, f"[id$='-{operation_id}']"),
+                     f"{operation_id} not in /docs")[0]
+    block.find_element(By.CSS_SELECTOR, ".opblock-summary").click()
+    wait_for(driver, lambda d: block.find_elements(By.CSS_SELECTOR, ".try-out__btn"), "no Try it out")[0].click()
+    return block
+
+
+def swagger_execute(driver, block) -> tuple[str, str]:
+    """Press Execute; the status and body Swagger UI shows for the answer."""
+    from selenium.webdriver.common.by import By
+
+    block.find_element(By.CSS_SELECTOR, ".btn.execute").click()
+    status = wait_for(driver, lambda d: block.find_elements(By.CSS_SELECTOR,
+                                                            ".live-responses-table tbody .response-col_status"),
+                      "no response shown")[0]
+    body = block.find_element(By.CSS_SELECTOR, ".live-responses-table .response-col_description pre").text
+    return status.text.strip(), body
+
+
+def test_swagger_authorize_then_upload_and_delete(browser, console_url, adapter_store):
+    from selenium.webdriver.common.by import By
+
+    browser.get(f"{console_url}/docs")
+    wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, ".btn.authorize"), "no Authorize button")[0].click()
+    modal = wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, ".modal-ux"), "no authorize dialog")[0]
+    modal.find_element(By.CSS_SELECTOR, "input").send_keys(TOKEN)
+    modal.find_element(By.CSS_SELECTOR, ".btn.authorize").click()
+    modal.find_element(By.CSS_SELECTOR, ".btn-done").click()
+
+    block = swagger_operation(browser, "upload_adapter_adapters_post")
+    name = block.find_element(By.CSS_SELECTOR, "tr[data-property-name='name'] input")
+    name.clear()  # Swagger fills in the schema's example
+    name.send_keys("from-swagger")
+    source = adapter_store / "gen-a"
+    for index, path in enumerate((source / "adapter_config.json", source / "adapter_model.safetensors")):
+        inputs = block.find_elements(By.CSS_SELECTOR, "tr[data-property-name='files'] input[type=file]")
+        if index == len(inputs):
+            block.find_element(By.CSS_SELECTOR, "tr[data-property-name='files'] .json-schema-form-item-add").click()
+            inputs = block.find_elements(By.CSS_SELECTOR, "tr[data-property-name='files'] input[type=file]")
+        inputs[index].send_keys(str(path))
+    status, body = swagger_execute(browser, block)
+    assert status == "201", body
+    assert json.loads(body)["name"] == "from-swagger"
+    assert httpx.get(f"{console_url}/adapters/from-swagger").json()["version"] == 1
+
+    block = swagger_operation(browser, "delete_adapter_adapters__name__delete")
+    block.find_element(By.CSS_SELECTOR, "tr[data-param-name='name'] input").send_keys("from-swagger")
+    status, body = swagger_execute(browser, block)
+    assert status == "200", body
+    assert httpx.get(f"{console_url}/adapters/from-swagger").status_code == 404
