@@ -37,7 +37,8 @@ class Settings(BaseSettings):
         "not served). An upload of the same name with replace=true supersedes one."
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Compute dtype; auto: bfloat16 where the hardware has native bf16, else float32."
+        "auto", description="Compute dtype; auto: float32 on a CPU (the dtype of the shipped adapters' recorded "
+        "figures), bfloat16 on CUDA (float16 where the GPU lacks bf16)."
     )
     device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1 ...")
     num_threads: int | None = Field(
