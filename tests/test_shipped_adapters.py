@@ -15,7 +15,7 @@ from server.settings import SHIPPED_ADAPTERS
 
 pytestmark = pytest.mark.real_base
 
-DATA = Path(__file__).parents[1].parent / "shared" / "data"
+DATA = Path(__file__).parents[1] / "examples" / "data"  # the dev samples: the first rows of each dev split
 ROWS = 20
 TOLERANCE = 0.2  # 20 rows: one row is 0.05
 # name -> (dev file, the recorded metric compared)
@@ -59,10 +59,8 @@ def test_shipped_adapter_scores_its_recorded_metric(client, name):
 
 def assert_recorded_metric(client, name: str, dev_file: str, key: str, **options) -> tuple[dict, list[dict]]:
     """Served through `client` on the first ROWS dev rows, the adapter scores what its metadata records (within
-    TOLERANCE); returns the metadata and those rows. Skips where the shared data is absent."""
+    TOLERANCE); returns the metadata and those rows."""
     path = DATA / dev_file
-    if not path.is_file():
-        pytest.skip(f"{path} is absent")
     meta = json.loads((SHIPPED_ADAPTERS / name / METADATA_FILE).read_text())
     rows = eval_adapter.read_rows(path)[:ROWS]
     metrics = eval_adapter.evaluate(client, name, eval_adapter.EvalSpec.from_metadata(meta), rows, path, **options)
