@@ -4,8 +4,9 @@ Storage only: loading weights into memory is the engine's job. Two layers: the a
 (plain folders, read-only, never written) and the writable store, outside the source tree, which holds everything
 uploaded or fine-tuned; a name in the store shadows a shipped one. Layout under the writable store:
 
-    <name>/                      a shipped adapter: a plain PEFT folder (adapter_config.json, adapter_model.safetensors,
-                                 loraswap.json), version 1 unless its record.json says otherwise
+    <name>/                      a plain PEFT folder put there by hand (adapter_config.json, adapter_model.safetensors,
+                                 loraswap.json), version 1 unless its record.json says otherwise (the shipped
+                                 adapters are such folders, in the package)
     <name> -> .versions/<name>/<v>   an uploaded (or replaced) adapter: a relative symlink to its current version
     .versions/<name>/<v>/        one immutable version: the PEFT files plus record.json (version, created)
     .tmp/                        uploads being unpacked and checked; deleted folders on their way out
