@@ -15,7 +15,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from scripts import eval_adapter, train_adapter
-from scripts.adapter_data import read_rows
+from scripts.adapter_data import data_sha256, read_rows
 from scripts.metrics import classification_metrics, extract_decision, generation_metrics, rouge_l, token_f1
 from server.adapter_format import CONFIG_FILE, METADATA_FILE, WEIGHTS_FILE
 from server.base_model import load_base
@@ -114,7 +114,7 @@ def test_classification_adapter_is_standard_peft_and_served_alike(cls_adapter, t
     meta = json.loads((cls_adapter / METADATA_FILE).read_text())
     assert meta["task"] == "classification" and meta["labels"] == ["negative", "positive"]
     assert meta["base_model"]["fingerprint"] == tiny_engine.info.fingerprint
-    assert meta["data"]["train"][0]["sha256"] == train_adapter.file_sha256(data["cls_train"])
+    assert meta["data"]["train"][0]["sha256"] == data_sha256(data["cls_train"])
     assert meta["hyperparameters"]["rank"] == 4 and meta["steps"] == 12 and meta["wall_seconds"] > 0
     assert len(meta["eval_loss_curve"]) == 5  # before training + 4 points
     assert len(meta["train_losses"]) == meta["steps"]
