@@ -12,8 +12,9 @@ Three rules, checked when a request is queued (`reserve`), so a refusal costs no
   classification/embedding rows, long rows in chunks, tokens to generate), and the measured cost of each lane's
   forwards give how long a new request would wait and when it would be answered (`WorkCosts`). A request that
   could not start within `wait_share` of the time left before its deadline, or not be answered before it, is
-  refused, with the time it is short of as its Retry-After: it is told when to come back instead of timing out. A
-  request whose own work alone would outlast its deadline is a 422 (retrying would not help).
+  refused, with when to come back as its Retry-After (the waiting beyond its share, or the delay the other work
+  causes it) instead of timing out. A request whose own work alone would outlast its deadline is a 422 (retrying
+  would not help).
 The engine also checks the gate before it loads an adapter (`check`: full already?); while the gate is full, the
 HTTP edge refuses inference requests before it even parses them (server/api.py, `ShedWhenFull`).
 """
@@ -192,8 +193,8 @@ class AdmissionGate:
 
     def _refuse_if_late(self, estimate: Estimate, time_left_s: float) -> None:
         """422 if the request's own work outlasts its deadline (retrying would not help); 429 if it could not start
-        within wait_share of its time left or not be answered before its deadline, with how much sooner the work
-        ahead would have to end as Retry-After."""
+        within wait_share of its time left, or not be answered before its deadline: Retry-After is how much sooner
+        the work ahead would have to end, or (answered late) how long the other work delays it."""
         if estimate.alone_s > time_left_s:
             raise InvalidInput("inputs", f"the request needs about {estimate.alone_s:.0f} s of work at the engine's "
                                f"measured speed, more than the {time_left_s:.0f} s before its deadline; send fewer "
@@ -201,8 +202,8 @@ class AdmissionGate:
         allowed_s = self.wait_share * time_left_s
         if estimate.wait_s <= allowed_s and estimate.answer_s <= time_left_s:
             return
-        retry = max(self.retry_after_s,
-                    math.ceil(max(estimate.wait_s - allowed_s, estimate.answer_s - time_left_s)))
+        late_s = estimate.answer_s - estimate.alone_s if estimate.answer_s > time_left_s else 0.0  # the others' part
+        retry = max(self.retry_after_s, math.ceil(max(estimate.wait_s - allowed_s, late_s)))
         raise Overloaded(f"the server is busy: this request would wait about {estimate.wait_s:.0f} s for the work "
                          f"ahead of it and be answered in about {estimate.answer_s:.0f} s; it may wait "
                          f"{allowed_s:.0f} s (wait_share {self.wait_share:g}) and must be answered within the "

@@ -69,10 +69,10 @@ def test_a_request_that_could_not_start_or_finish_in_time_gets_429_with_what_it_
     assert refused.value.headers == {"Retry-After": "1"}
     with pytest.raises(Overloaded) as refused:
         generation(10, time_left_s=2)
-    assert refused.value.headers == {"Retry-After": "4"}  # 4 s too much waiting, answered 4 s late
+    assert refused.value.headers == {"Retry-After": "5"}  # answered at 6 s, of which 1 s is its own work
     with pytest.raises(Overloaded) as refused:
         generation(100, time_left_s=12)  # starts in time (5 s of 6), but its own 100 steps end at 15 s
-    assert refused.value.headers == {"Retry-After": "3"}
+    assert refused.value.headers == {"Retry-After": "5"}  # once the 5 s of work ahead is done, it would fit
     with pytest.raises(InvalidInput, match=r"inputs: the request needs about 20 s of work at the engine's measured "
                                            r"speed, more than the 12 s before its deadline"):
         generation(200, time_left_s=12)  # 200 steps of its own: not even on an idle engine
