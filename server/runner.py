@@ -327,22 +327,18 @@ class ModelRunner:
             self._drop_gone_rows()
             self._run_chunk(plan.chunk)
             self._run_encode(plan.encode)
-            started = time.perf_counter()  # the generation lane's share of the turn, for the admission's estimates
-            encode_s = 0.0
             prefill = [piece for piece in plan.prefill if not piece.job.future.done()]
             if prefill:
                 self._observe(prefill)
                 self._isolated(prefill, self._prefill)
                 with self._cond:  # what arrived during the prefill does not wait for the decode step too
                     encode = self.scheduler.take_encode()
-                encode_started = time.perf_counter()
                 self._run_encode(encode)
-                encode_s = time.perf_counter() - encode_started
             if self._batch is not None:
-                rows = len(self._batch)
+                rows, started = len(self._batch), time.perf_counter()
                 self._decode_step()
-                # a step as generation rows see it: the forward, sampling and cache upkeep, and new rows' prefill
-                self.costs.observe_step(rows, time.perf_counter() - started - encode_s)
+                # a step as its rows see it: the forward, sampling, streaming and cache upkeep
+                self.costs.observe_step(rows, time.perf_counter() - started)
 
     def _answer_everything(self, error: LoraswapError) -> None:
         """Shutdown (lock held): every request queued, in chunks or decoding is answered with `error`."""
@@ -479,6 +475,7 @@ class ModelRunner:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = self._new_cache()
         head = self.model.get_output_embeddings()
+        started = time.perf_counter()
         with self._forward_rows([row.job.slot_index for row in rows]):
             hidden = self.body(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
                                use_cache=True).last_hidden_state  # [rows, width, hidden]
@@ -490,6 +487,9 @@ class ModelRunner:
                     first = TokenLogprob(prompt[0], None)
                     top = row.job.params.logprobs or 0
                     row.job.prompt_logprobs[row.index] = [first, *token_logprobs(predicted, prompt[1:], top)]
+        self.costs.observe("prefill", time.perf_counter() - started, ids.numel())
+        for piece in pieces:
+            progress(piece.job, "prefill", len(piece.ids))
         self._join(rows, cache, mask, logits)
 
     def _join(self, rows: list[Row], cache: DynamicCache, mask: torch.Tensor, logits: torch.Tensor) -> None:
@@ -514,6 +514,7 @@ class ModelRunner:
         self.costs.observe("encode", seconds, ids.numel())
         if not self.scheduler.chunkable:
             return
+        self.costs.observe("prefill", seconds, ids.numel())
         self.costs.observe("long", seconds, ids.numel())
         for size in sorted({1, rows}):
             with self.context.rows([BASE_SLOT] * size, self.device):
