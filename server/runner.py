@@ -33,6 +33,7 @@ from typing import Any, Protocol, TypeVar
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
+from .decode import KV, InPlaceLayer, LeanDecoder, grow_kv
 from .encoding import stop_cut
 from .errors import ClientDisconnected
 from .heads import SequenceClassifier, output_rows
@@ -43,7 +44,6 @@ from .types import ClassificationResult, EmbeddingResult, GenerationParams, Gene
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [rows, kv_heads, width, head_dim]
 
 
 class BatchObserver(Protocol):
@@ -198,8 +198,9 @@ def _left_pad(x: torch.Tensor, width: int, dim: int) -> torch.Tensor:
 
 @dataclass
 class DecodeBatch:
-    """Rows being generated, left-padded to one width. The KV tensors are replaced, never changed in place, so a
-    step that fails leaves the batch as it was."""
+    """Rows being generated, left-padded to one width. The KV buffers have room beyond the valid width (the mask's):
+    a step writes its column there in place and only then widens the mask, so a step that fails leaves the batch as
+    it was."""
 
     rows: list[Row]
     kv: KV
@@ -215,14 +216,16 @@ class DecodeBatch:
         index = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
         mask = self.mask[index]
         start = int(mask.any(0).long().argmax())  # first column some row still attends to
-        kv = [(k[index, :, start:], v[index, :, start:]) for k, v in self.kv]
+        width = self.mask.shape[1]
+        kv = [(k[index, :, start:width], v[index, :, start:width]) for k, v in self.kv]
         return DecodeBatch([self.rows[i] for i in keep], kv, mask[:, start:], self.positions[index], self.last[index])
 
     @staticmethod
     def join(batches: Sequence[DecodeBatch]) -> DecodeBatch:
         width = max(b.mask.shape[1] for b in batches)
         kv = [
-            tuple(torch.cat([_left_pad(b.kv[layer][part], width, 2) for b in batches]) for part in (0, 1))
+            tuple(torch.cat([_left_pad(b.kv[layer][part][:, :, : b.mask.shape[1]], width, 2) for b in batches])
+                  for part in (0, 1))
             for layer in range(len(batches[0].kv))
         ]
         return DecodeBatch(
@@ -293,6 +296,7 @@ class ModelRunner:
         self.max_wait_s = max_wait_s
         self.merge_policy = merge_policy  # None: never merge automatically
         self.continuous = continuous
+        self.lean = LeanDecoder.for_model(model)  # the decode step without transformers' machinery; None: full forward
         self.merged: int | None = None  # slot folded into the base weights (worker thread only)
         self.observers: list[BatchObserver] = []
         self.batch_sizes: Counter[int] = Counter()  # rows per forward, for metrics and benchmarks
@@ -494,11 +498,11 @@ class ModelRunner:
         vectors = torch.nn.functional.normalize(mean, dim=-1).tolist()
         return [EmbeddingResult(vector, len(row)) for vector, row in zip(vectors, job.rows)]
 
-    def _new_cache(self, kv: KV | None = None) -> DynamicCache:
+    def _new_cache(self, kv: KV | None = None, width: int = 0) -> DynamicCache:
+        """An empty cache (a prefill), or one over the decode batch's buffers whose steps write in place."""
         cache = DynamicCache(config=self.model.config)
-        for layer, (keys, values) in zip(cache.layers, kv or []):
-            layer.lazy_initialization(keys, values)
-            layer.keys, layer.values = keys, values
+        if kv is not None:
+            cache.layers = [InPlaceLayer(keys, values, width) for keys, values in kv]
         return cache
 
     @torch.no_grad()
@@ -554,12 +558,16 @@ class ModelRunner:
 
     def _step(self, batch: DecodeBatch) -> torch.Tensor:
         """One decode forward; commits the batch's new cache, mask and positions only if it succeeds."""
+        width = batch.mask.shape[1]
         mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch), 1)], 1)
-        cache = self._new_cache(batch.kv)
+        batch.kv = grow_kv(batch.kv, width, width + 1)  # the valid columns are unchanged: safe before the forward
         with self._forward_rows([row.job.slot_index for row in batch.rows]):
-            logits = self.model(input_ids=batch.last[:, None], attention_mask=mask, position_ids=batch.positions[:, None],
-                                cache=cache, use_cache=True).logits[:, -1]  # [rows, vocab]
-        batch.kv = [(layer.keys, layer.values) for layer in cache.layers]
+            if self.lean is not None:
+                logits = self.lean.step(batch.last, batch.positions, mask, batch.kv, width)
+            else:
+                logits = self.model(input_ids=batch.last[:, None], attention_mask=mask,
+                                    position_ids=batch.positions[:, None], cache=self._new_cache(batch.kv, width),
+                                    use_cache=True).logits[:, -1]  # [rows, vocab]
         batch.mask, batch.positions = mask, batch.positions + 1
         return logits
 
