@@ -71,7 +71,7 @@ class Services:
         self.engine: Engine | None = None
         self.load_error: str | None = None
         self.lifecycle = Lifecycle()
-        self.metrics = Metrics(lambda: self.engine)
+        self.metrics = Metrics(lambda: self.engine, self.registry.__contains__)
         self.finetune = FineTuning(settings, self.registry, self.ready_engine)
         if engine is not None:
             self._attach(engine)
@@ -91,6 +91,11 @@ class Services:
         except Exception as exc:
             self.load_error = f"{exc.__class__.__name__}: {exc}"
             log.exception("base model failed to load")
+
+    def stop_engine(self) -> None:
+        """Shutdown past the drain timeout: the engine answers what it still holds with 503 and stops."""
+        if self.engine is not None:
+            self.engine.abort(Draining("the server is shutting down: the request was cut at its drain timeout"))
 
     def ready_engine(self) -> Engine:
         if self.engine is None:
