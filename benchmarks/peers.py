@@ -9,8 +9,9 @@ Installs nothing. It prepares, once, under --work (default /work/peers/data; not
 - four generation adapters: the shipped `pubmedqa` and three seeded variants of it (its B matrices scaled by
   random factors), as PEFT folders for loraswap and converted with llama.cpp's `convert_lora_to_gguf.py` for it.
 Then it starts each server with one thread (loraswap: `--num-threads 1`, float32, plus `--dtype bfloat16` as a
-second column; llama.cpp: `-t 1 -tb 1`, 8 parallel slots, continuous batching) and runs, in rounds whose server order
-rotates, the workloads on `/v1/completions` (the prompt rendered by the base's chat template, 64 new tokens, greedy):
+second column with --bf16; llama.cpp: `-t 1 -tb 1`, 8 parallel slots, continuous batching) and runs, in rounds
+whose server order rotates, the workloads on `/v1/completions` (the prompt rendered by the base's chat template, 64
+new tokens, greedy):
 - single: 4 requests one after another, adapter pubmedqa;
 - 4 adapters: 8 concurrent requests, 2 per adapter;
 - 1 adapter: 8 concurrent requests, pubmedqa;
@@ -29,6 +30,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -233,7 +235,8 @@ def main() -> None:
     parser.add_argument("--llama-server", type=Path, help="the built llama-server binary")
     parser.add_argument("--vllm", help="the command that starts vLLM's OpenAI server, e.g. "
                                        "'/work/peers/vllm/bin/python -m vllm.entrypoints.openai.api_server'")
-    parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="no loraswap bfloat16 column")
+    parser.add_argument("--bf16", action="store_true", help="also loraswap in bfloat16 (slow on CPUs without native "
+                                                            "bf16: 4x the float32 prefill time on AVX2)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--work", type=Path, default=Path("/work/peers/data"))
@@ -241,6 +244,7 @@ def main() -> None:
     args = parser.parse_args()
     if (args.llama_server is None) != (args.llama_cpp is None):
         parser.error("--llama-server and --llama-cpp go together (the server, and the converter of its adapters)")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # the servers are stopped on the way out
     files = prepare(args.work, args.llama_cpp)
     texts = prompts(8)
     servers = start_servers(args, files, args.work / "servers.log")

@@ -15,6 +15,7 @@ import cProfile
 import io
 import os
 import pstats
+import statistics
 import time
 from pathlib import Path
 
@@ -50,20 +51,36 @@ def main() -> None:
     lean = runner.lean
     paths = {"lean": lean, "full": None}
     rates: dict[str, list[float]] = {name: [] for name in paths}
+    step_cpu: dict[str, list[float]] = {name: [] for name in paths}  # the worker thread's CPU time per step
+    original = runner._step
+
+    def timed(batch, into: list[float]):  # type: ignore[no-untyped-def]
+        started = time.thread_time()
+        try:
+            return original(batch)
+        finally:
+            into.append(time.thread_time() - started)
+
     for name, decoder in paths.items():  # warm-up: allocations, thread pool, a merge if asked
         runner.lean = decoder
         engine.generate(prompts, slot, params)
-    for round_ in range(4):  # AB BA AB BA: the machine's drift falls on both alike
+    for round_ in range(6):  # AB BA AB ...: the machine's drift falls on both alike
         for name in list(paths)[:: 1 if round_ % 2 == 0 else -1]:
             runner.lean = paths[name]
+            runner._step = lambda batch, into=step_cpu[name]: timed(batch, into)  # type: ignore[method-assign]
             started = time.perf_counter()
             results = engine.generate(prompts, slot, params)
             rates[name].append(sum(r.tokens for r in results) / (time.perf_counter() - started))
+            runner._step = original  # type: ignore[method-assign]
     say(f"{args.rows} row(s), {'base' if args.base else 'pubmedqa'}, merged={engine.merged_adapter}, float32, "
         f"{torch.get_num_threads()} thread, load average {os.getloadavg()[0]:.2f}")
-    say("tokens/s of whole requests (64 new tokens, prefill included), 4 alternating rounds:")
+    say("tokens/s of whole requests (64 new tokens, prefill included), 6 alternating rounds; the CPU time of a decode "
+        "step (the worker thread's, which other processes' load inflates less than wall time):")
     for name, values in rates.items():
-        say(f"  {name:5} {', '.join(f'{r:.1f}' for r in values)}  (median {sorted(values)[2]:.1f})")
+        cpu = statistics.median(step_cpu[name])
+        say(f"  {name:5} {', '.join(f'{r:.1f}' for r in values)}  (median {statistics.median(values):.1f} tokens/s); "
+            f"step CPU median {1000 * cpu:.1f} ms over {len(step_cpu[name])} steps")
+    say(f"  lean / full step CPU time: {statistics.median(step_cpu['lean']) / statistics.median(step_cpu['full']):.2f}")
     original = runner._step
     for name, decoder in paths.items():
         runner.lean = decoder
