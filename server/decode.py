@@ -1,4 +1,4 @@
-"""The decode step's storage and its lean forward.
+"""The decode batch (its rows, KV cache, mask and positions), its storage and its lean forward step.
 
 `grow_kv` keeps the decode batch's KV cache in buffers with room for more columns, so a step writes its keys and
 values in place (one column) instead of concatenating the whole cache (transformers' DynamicCache copies every
@@ -7,17 +7,22 @@ step does not cover.
 
 `LeanDecoder` is one decode step (one new token per row) of a Llama-like decoder (Llama, Mistral, Qwen2) run
 straight from the model's own modules: the same operations as transformers' forward with SDPA attention, without its
-per-step machinery (the 4-D mask builder, the cache object, output records, kwargs plumbing through 30 layers), which
-took about a third of a single-stream step (benchmarks/results/profile-*.txt). The LoRA layers are called as they
-are, so adapters, mixed rows and merges behave exactly as in the full forward (tests/test_exactness.py).
+per-step machinery (the 4-D mask builder, the cache object, output records, kwargs plumbing through 30 layers): 8 %
+less CPU per single-stream step (README "Decode speed"). The LoRA layers are called as they are, so adapters, mixed
+rows and merges behave exactly as in the full forward (tests/test_decode.py, tests/test_exactness.py).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.cache_utils import DynamicLayer
+
+from .jobs import GenerateJob
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [rows, kv_heads, capacity, head_dim]
 GROW_COLUMNS = 64  # a full buffer grows by this many columns: one copy per 64 steps instead of one per step
@@ -38,6 +43,74 @@ def grow_kv(kv: KV, width: int, needed: int) -> KV:
             pair.append(bigger)
         grown.append((pair[0], pair[1]))
     return grown
+
+
+@dataclass
+class Row:
+    job: GenerateJob
+    index: int  # which of the job's prompts
+    prompt_tokens: int
+    generator: torch.Generator | None  # seeded rows sample from their own stream, whatever their batch mates
+    ids: list[int] = field(default_factory=list)  # generated so far (EOS excluded)
+
+    @property
+    def gone(self) -> bool:
+        """The request was cancelled or has failed (another of its rows did): this row's work is wasted."""
+        return self.job.future.done()
+
+    @property
+    def finished(self) -> bool:
+        return self.job.results[self.index] is not None or self.gone
+
+
+def _left_pad(x: torch.Tensor, width: int, dim: int) -> torch.Tensor:
+    missing = width - x.shape[dim]
+    if missing == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = missing
+    return torch.cat([x.new_zeros(shape), x], dim)
+
+
+@dataclass
+class DecodeBatch:
+    """Rows being generated, left-padded to one width. The KV buffers have room beyond the valid width (the mask's):
+    a step writes its column there in place and only then widens the mask, so a step that fails leaves the batch as
+    it was."""
+
+    rows: list[Row]
+    kv: KV
+    mask: torch.Tensor  # [rows, width] 1 = a real token
+    positions: torch.Tensor  # [rows] position id of each row's next input token
+    last: torch.Tensor  # [rows] each row's latest token: the next step's input
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def select(self, keep: Sequence[int]) -> DecodeBatch:
+        """Only these rows, with the columns that became padding for all of them cut away."""
+        index = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
+        mask = self.mask[index]
+        start = int(mask.any(0).long().argmax())  # first column some row still attends to
+        width = self.mask.shape[1]
+        kv = [(k[index, :, start:width], v[index, :, start:width]) for k, v in self.kv]
+        return DecodeBatch([self.rows[i] for i in keep], kv, mask[:, start:], self.positions[index], self.last[index])
+
+    @staticmethod
+    def join(batches: Sequence[DecodeBatch]) -> DecodeBatch:
+        width = max(b.mask.shape[1] for b in batches)
+        kv = [
+            tuple(torch.cat([_left_pad(b.kv[layer][part][:, :, : b.mask.shape[1]], width, 2) for b in batches])
+                  for part in (0, 1))
+            for layer in range(len(batches[0].kv))
+        ]
+        return DecodeBatch(
+            [row for b in batches for row in b.rows],
+            kv,
+            torch.cat([_left_pad(b.mask, width, 1) for b in batches]),
+            torch.cat([b.positions for b in batches]),
+            torch.cat([b.last for b in batches]),
+        )
 
 
 class InPlaceLayer(DynamicLayer):

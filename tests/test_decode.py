@@ -9,7 +9,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from server.decode import GROW_COLUMNS, LeanDecoder, grow_kv
 from server.engine import Engine
-from server.runner import GenerateJob
+from server.jobs import GenerateJob
 from server.types import AdapterLocation, GenerationParams
 from tests.helpers import generate_together
 
