@@ -192,7 +192,8 @@ def prompts(count: int) -> list[str]:
 
     gguf = embedded_gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    rows = [json.loads(line) for line in (ROOT.parent / "shared/data/pubmedqa/dev.jsonl").read_text().splitlines()]
+    lines = (ROOT.parent / "shared/data/pubmedqa/dev.jsonl").read_text().split("\n")  # not splitlines: U+2028 in rows
+    rows = [json.loads(line) for line in lines if line]
     if not rows:
         raise SystemExit("no PubMedQA dev rows")
     texts = []
