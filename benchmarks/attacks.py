@@ -1,5 +1,5 @@
-"""Hostile and careless requests against a real server on the embedded base, default settings: each case's answer,
-time and the server's peak RSS growth while it runs.
+"""Hostile and careless requests against a real server on the embedded base, default settings (one torch thread):
+each case's answer, time and the server's peak RSS growth while it runs.
 
     .venv/bin/python benchmarks/attacks.py          # every case (about 10 minutes here)
 
@@ -69,7 +69,8 @@ class PeakRss:
 
 
 def start_server(store: Path, log_path: Path) -> subprocess.Popen:
-    command = [sys.executable, "-m", "server", "--adapters-dir", str(store), "--port", str(PORT)]
+    # default settings but one torch thread: on a 2-core machine that other processes share, two threads thrash
+    command = [sys.executable, "-m", "server", "--adapters-dir", str(store), "--port", str(PORT), "--num-threads", "1"]
     with log_path.open("wb") as log:
         server = subprocess.Popen(command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
                                   env={**os.environ, "HF_HUB_OFFLINE": "1"})

@@ -10,9 +10,9 @@ Three rules, checked when a request is queued (`reserve`), so a refusal costs no
   would otherwise never run; the encoder's own limits bound it).
 - Time: the work admitted requests have left, per lane of the scheduler (server/scheduler.py: short
   classification/embedding rows, long rows in chunks, tokens to generate), and the measured cost of each lane's
-  forwards give how long a new request would wait (`WorkCosts`). A request that could not start within
-  `wait_share` of the time left before its deadline is refused, with the wait beyond that as its Retry-After: it is
-  told when to come back instead of timing out in the queue.
+  forwards give how long a new request would wait and when it would be answered (`WorkCosts`). A request that
+  could not start within `wait_share` of the time left before its deadline, or not be answered before it, is
+  refused, with the time it is short of as its Retry-After: it is told when to come back instead of timing out.
 The engine also checks the gate before it loads an adapter (`check`: full already?); while the gate is full, the
 HTTP edge refuses inference requests before it even parses them (server/api.py, `ShedWhenFull`).
 """
@@ -50,6 +50,13 @@ class WorkCosts:
         cost = seconds / tokens
         old = self.seconds.get(lane)
         self.seconds[lane] = cost if old is None else old + self.smoothing * (cost - old)
+
+    def alone_s(self, work: dict[str, float], steps: int) -> float:
+        """Seconds a request's own work takes even with nothing ahead of it: its tokens, and one decode step per
+        token it may generate (a row gets one token a step, however many rows share it)."""
+        seconds = self.seconds
+        return (steps * seconds.get("generate", 0.0) + work.get("encode", 0) * seconds.get("encode", 0.0)
+                + work.get("long", 0) * seconds.get("long", 0.0))
 
     def wait_s(self, pending: dict[str, float], lanes: set[str]) -> float:
         """Seconds until the work ahead in these lanes is done (lanes never measured count as free)."""
@@ -106,15 +113,15 @@ class AdmissionGate:
         return None
 
     def reserve(self, rows: int, tokens: int, work: dict[str, float] | None = None,
-                time_left_s: float | None = None, costs: WorkCosts | None = None) -> Ticket:
-        """Admit a request of `rows` rows holding up to `tokens` KV tokens, with `work` per lane; `time_left_s`
-        before its deadline (None: none) and the engine's `costs` for the time rule."""
+                time_left_s: float | None = None, costs: WorkCosts | None = None, steps: int = 0) -> Ticket:
+        """Admit a request of `rows` rows holding up to `tokens` KV tokens, with `work` per lane and up to `steps`
+        decode steps; `time_left_s` before its deadline (None: none) and the engine's `costs` for the time rule."""
         work = {lane: amount for lane, amount in (work or {}).items() if amount}
         self._refuse_if_too_large(rows, tokens)
         with self._lock:
             self._refuse_if_over(rows, tokens)
             if time_left_s is not None and costs is not None:
-                self._refuse_if_late(set(work), time_left_s, costs)
+                self._refuse_if_late(work, steps, time_left_s, costs)
             self.rows += rows
             self.tokens += tokens
             for lane, amount in work.items():
@@ -143,14 +150,21 @@ class AdmissionGate:
             raise Overloaded(f"the server is full: {self.tokens} tokens in flight, at most {self.max_tokens}; "
                              "retry later", self.retry_after_s)
 
-    def _refuse_if_late(self, lanes: set[str], time_left_s: float, costs: WorkCosts) -> None:
+    def _refuse_if_late(self, work: dict[str, float], steps: int, time_left_s: float, costs: WorkCosts) -> None:
+        """429 if the request could not start within wait_share of its time left, or not finish before its
+        deadline; Retry-After: how much sooner the work ahead would have to end."""
+        lanes = set(work)
         wait_s = costs.wait_s(self.pending, lanes)
+        with_own = {lane: left + work.get(lane, 0) for lane, left in self.pending.items()}
+        finish_s = max(costs.wait_s(with_own, lanes), wait_s + costs.alone_s(work, steps))
         allowed_s = self.wait_share * time_left_s
-        if wait_s > allowed_s:
-            retry = max(self.retry_after_s, math.ceil(wait_s - allowed_s))
-            raise Overloaded(f"the server is busy: this request would wait about {wait_s:.0f} s for the work ahead "
-                             f"of it, over {allowed_s:.0f} s (wait_share {self.wait_share:g} of the {time_left_s:.0f} "
-                             f"s before its deadline); retry in {retry} s", retry)
+        if wait_s <= allowed_s and finish_s <= time_left_s:
+            return
+        retry = max(self.retry_after_s, math.ceil(max(wait_s - allowed_s, finish_s - time_left_s)))
+        raise Overloaded(f"the server is busy: this request would wait about {wait_s:.0f} s for the work ahead of "
+                         f"it and be answered in about {finish_s:.0f} s; it may wait {allowed_s:.0f} s "
+                         f"(wait_share {self.wait_share:g}) and must be answered within the {time_left_s:.0f} s "
+                         f"before its deadline; retry in {retry} s", retry)
 
     def _progress(self, ticket: Ticket, lane: str, amount: float) -> None:
         with self._lock:

@@ -26,10 +26,10 @@ from .base_model import BaseInfo, load_base
 from .encoding import InputEncoder, TextDeltas
 from .errors import AdapterChanged, AdapterInvalid, InvalidInput, LoraswapError
 from .heads import SequenceClassifier
-from .lora import LoraContext, MultiLoraLinear, fit_problems, resolve_module_path, wrap_linear_layers
-from .request_context import current_request
 from .jobs import ClassifyJob, EmbedJob, GenerateJob
+from .lora import LoraContext, MultiLoraLinear, fit_problems, resolve_module_path, wrap_linear_layers
 from .merging import MergePolicy
+from .request_context import current_request
 from .runner import ModelRunner
 from .settings import Settings
 from .slots import BASE_SLOT, AdapterSlots, Installer, LoadedAdapter, Slot, SlotsBusy
@@ -52,6 +52,15 @@ class EngineObserver(Protocol):
     def batch_ran(self, rows: int) -> None: ...
 
 
+def attention_weight(config, layers: dict[str, MultiLoraLinear]) -> float:
+    """What attending to one earlier position costs a token, relative to the token's linear layers (multiply-adds:
+    QK and AV over every head, against every wrapped weight of one transformer layer)."""
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    linear = sum(layer.base.weight.numel() for layer in layers.values()) / config.num_hidden_layers
+    return 2 * heads * head_dim / linear
+
+
 class Engine:
     def __init__(
         self,
@@ -62,7 +71,7 @@ class Engine:
         max_loaded_adapters: int = 8,
         max_rank: int | None = None,
         max_batch_size: int = 16,
-        max_batch_tokens: int = 1024,
+        max_batch_tokens: int = 256,
         max_wait_ms: float = 2.0,
         merge_policy: MergePolicy | None = None,
         pinned: list[str] | tuple[str, ...] = (),
@@ -88,6 +97,7 @@ class Engine:
             model, tokenizer, self.layers, context, self.classifier, max_batch_rows=max_batch_size,
             max_batch_tokens=max_batch_tokens, max_wait_s=max_wait_ms / 1000, merge_policy=merge_policy,
             continuous=continuous, chunkable="generation" in info.tasks,  # a decoder: causal attention
+            context_weight=attention_weight(model.config, self.layers),
         )
         self.slots = AdapterSlots(max_loaded_adapters, self._prepare, self._clear, pinned)
         self.admission = admission or AdmissionGate(max_rows=2**31, max_tokens=2**62)  # default: unbounded
@@ -314,8 +324,9 @@ class Engine:
         kv_tokens = sum(len(row) + job.params.max_new_tokens for row in job.rows) if isinstance(job, GenerateJob) else 0
         deadline = job.request.deadline
         time_left_s = None if deadline is None else deadline - time.monotonic()
+        steps = job.params.max_new_tokens if isinstance(job, GenerateJob) else 0
         job.ticket = ticket = self.admission.reserve(len(job.rows), kv_tokens, self.runner.scheduler.work(job),
-                                                     time_left_s, self.runner.costs)
+                                                     time_left_s, self.runner.costs, steps)
         try:
             future = self.runner.generate(job) if isinstance(job, GenerateJob) else self.runner.classify(job)
         except BaseException:

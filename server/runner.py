@@ -33,16 +33,16 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
+from .admission import WorkCosts
 from .decode import KV, DecodeBatch, InPlaceLayer, LeanDecoder, Row, grow_kv
 from .encoding import stop_cut
 from .errors import LoraswapError
 from .heads import SequenceClassifier, output_rows
-from .admission import WorkCosts
 from .jobs import (
     ClassifyJob, ControlJob, EmbedJob, GenerateJob, RowJob, end_if_abandoned, progress, row_done, settle
 )
@@ -51,7 +51,7 @@ from .merging import MergePolicy, Merging
 from .sampling import sample, token_logprobs
 from .scheduler import Piece, Scheduler
 from .slots import BASE_SLOT
-from .types import ClassificationResult, EmbeddingResult, GenerationParams, GenerationResult, TokenLogprob
+from .types import ClassificationResult, EmbeddingResult, GenerationResult, TokenLogprob
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -90,11 +90,12 @@ class ModelRunner:
         classifier: SequenceClassifier,
         *,
         max_batch_rows: int = 16,
-        max_batch_tokens: int = 1024,
+        max_batch_tokens: int = 256,
         max_wait_s: float = 0.002,
         merge_policy: MergePolicy | None = None,
         continuous: bool = True,
         chunkable: bool = True,
+        context_weight: float = 0.0,
     ):
         self.model = model
         self.body = getattr(model, model.base_model_prefix)  # the transformer without its LM head
@@ -112,7 +113,7 @@ class ModelRunner:
         self.lean = LeanDecoder.for_model(model)  # the decode step without transformers' machinery; None: full forward
         self.observers: list[BatchObserver] = []
         self.batch_sizes: Counter[int] = Counter()  # rows per forward, for metrics and benchmarks
-        self.scheduler = Scheduler(max_batch_rows, max_batch_tokens, continuous, chunkable)  # under _cond
+        self.scheduler = Scheduler(max_batch_rows, max_batch_tokens, continuous, chunkable, context_weight)  # under _cond
         self.costs = WorkCosts(max_batch_tokens, max_batch_rows)  # measured here, read by the admission gate
         self._batch: DecodeBatch | None = None  # worker thread only
         self._long: LongRow | None = None  # worker thread only

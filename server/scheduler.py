@@ -9,7 +9,10 @@ width) and `max_rows` rows, so no request makes the others wait longer than one 
   several turns; rows of generation requests also count the rows decoding against `max_rows`;
 - a row longer than `max_tokens` (on a decoder, whose causal attention lets a row run in pieces through its KV
   cache) becomes the long row: it runs one chunk of at most `max_tokens` tokens per turn, while the rest of the
-  queues and the decode batch go on around it; its request's later rows wait for it, other requests do not;
+  queues and the decode batch go on around it; its request's later rows wait for it, other requests do not. A chunk
+  attends to every position before it, which costs more than the chunk's own tokens deep into a long row
+  (`context_weight`: 1/3,072 per position on SmolLM2, so at 7,000 tokens a chunk costs 3.3 times its tokens):
+  there chunks are shorter, so that each turn stays as long as one of `max_tokens` tokens;
 - on an encoder (bidirectional attention: a row cannot be cut) a longer row runs whole, alone in its forward;
 - static batching (`continuous=False`, kept to measure against) takes no new work while rows decode.
 Between turns the runner's loop sees deadlines, departed clients and shutdown, so they take effect after at most
@@ -77,11 +80,15 @@ class Scheduler:
     """The queues of jobs waiting for the worker and the long row in progress. Not thread-safe: the runner calls
     it under its lock."""
 
-    def __init__(self, max_rows: int, max_tokens: int, continuous: bool = True, chunkable: bool = True):
+    def __init__(self, max_rows: int, max_tokens: int, continuous: bool = True, chunkable: bool = True,
+                 context_weight: float = 0.0):
         self.max_rows = max_rows
         self.max_tokens = max_tokens
         self.continuous = continuous
         self.chunkable = chunkable  # a decoder: a row can run in chunks through its KV cache
+        # what attending to one earlier position costs, in tokens' worth of the rest of the forward: a chunk deep in
+        # a long row is shortened so that it costs no more than `max_tokens` tokens at its start
+        self.context_weight = context_weight
         self.controls: list[ControlJob] = []
         self.encode: list[ClassifyJob | EmbedJob] = []
         self.generate: list[GenerateJob] = []
@@ -179,5 +186,6 @@ class Scheduler:
             if job.taken == len(job.rows):
                 (self.generate if isinstance(job, GenerateJob) else self.encode).remove(job)
         length = len(previous.job.rows[previous.row])
-        self.long = Piece(previous.job, previous.row, previous.stop, min(previous.stop + self.max_tokens, length))
+        size = max(1, int(self.max_tokens / (1 + self.context_weight * previous.stop)))
+        self.long = Piece(previous.job, previous.row, previous.stop, min(previous.stop + size, length))
         return self.long

@@ -46,7 +46,7 @@ class Settings(BaseSettings):
     default_max_new_tokens: int = Field(64, ge=1)
     max_batch_size: int = Field(16, ge=1, description="Most rows in one forward (the decode batch included).")
     max_batch_tokens: int = Field(
-        512, ge=1, description="Most tokens in one forward (rows x width, padding included), like vLLM's "
+        256, ge=1, description="Most tokens in one forward (rows x width, padding included), like vLLM's "
         "max_num_batched_tokens: longer work runs in chunks (a row longer than this: chunked through its KV cache "
         "on a decoder), with other requests, deadlines and shutdown served between chunks.",
     )

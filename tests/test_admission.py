@@ -42,25 +42,33 @@ def test_the_wait_follows_the_scheduler_turns():
     assert costs.seconds["generate"] == pytest.approx(0.07)
 
 
-def test_a_request_that_could_not_start_in_time_gets_429_with_the_wait_as_retry_after():
+def test_a_request_that_could_not_start_or_finish_in_time_gets_429_with_what_it_is_short_of():
     costs = WorkCosts(budget=100, max_rows=4)
     costs.observe("generate", 0.1)
     gate = AdmissionGate(max_rows=1000, max_tokens=10**6, wait_share=0.5)
-    first = gate.reserve(4, 100, {"generate": 200}, time_left_s=60, costs=costs)  # nothing ahead
+
+    def generation(tokens: int, time_left_s: float):
+        return gate.reserve(1, 10, {"generate": tokens}, time_left_s=time_left_s, costs=costs, steps=tokens)
+
+    first = gate.reserve(4, 100, {"generate": 200}, time_left_s=60, costs=costs, steps=50)  # nothing ahead
     assert gate.pending["generate"] == 200
-    # 200 tokens ahead: 50 steps x 0.1 s = 5 s; a 20 s deadline allows 10 s of waiting, an 8 s one 4 s
-    gate.reserve(1, 10, {"generate": 10}, time_left_s=20, costs=costs).release()
-    with pytest.raises(Overloaded, match=r"wait about 5 s .* over 4 s \(wait_share 0.5 of the 8 s before its "
-                                         r"deadline\); retry in 1 s") as refused:
-        gate.reserve(1, 10, {"generate": 10}, time_left_s=8, costs=costs)
+    # 200 tokens ahead: 50 steps of 0.1 s = 5 s of waiting, then 10 steps of its own: answered in about 6 s
+    generation(10, time_left_s=20).release()
+    with pytest.raises(Overloaded, match=r"wait about 5 s for the work ahead of it and be answered in about 6 s; it "
+                                         r"may wait 4 s \(wait_share 0.5\) and must be answered within the 8 s "
+                                         r"before its deadline; retry in 1 s") as refused:
+        generation(10, time_left_s=8)  # may wait only 4 s
     assert refused.value.headers == {"Retry-After": "1"}
     with pytest.raises(Overloaded) as refused:
-        gate.reserve(1, 10, {"generate": 10}, time_left_s=2, costs=costs)
-    assert refused.value.headers == {"Retry-After": "4"}  # 5 s of wait, 1 s allowed
+        generation(10, time_left_s=2)
+    assert refused.value.headers == {"Retry-After": "4"}  # 4 s too much waiting, answered 4 s late
+    with pytest.raises(Overloaded) as refused:
+        generation(100, time_left_s=12)  # starts in time (5 s of 6), but its own 100 steps end at 15 s
+    assert refused.value.headers == {"Retry-After": "3"}
     # work done is no longer ahead; release frees the rest
     first.progress("generate", 150)
     assert gate.pending["generate"] == 50
-    gate.reserve(1, 10, {"generate": 10}, time_left_s=3, costs=costs).release()  # 13 steps: 1.3 s of 1.5 allowed
+    generation(10, time_left_s=3).release()  # waits 1.3 s of 1.5 allowed, answered at 2.3 s
     first.release()
     assert gate.pending == {"encode": 0, "long": 0, "generate": 0} and gate.rows == 0 and gate.tokens == 0
 

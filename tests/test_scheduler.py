@@ -134,3 +134,11 @@ def test_whole_rows_runs_every_row_in_one_forward():
     a, b = numbered(classify(3, 50), generate(2))
     assert shape(whole_rows([a, b])) == [(0, 0, 0, 3), (0, 1, 0, 50), (1, 0, 0, 2)]
     assert a.taken == 2 and b.taken == 1
+
+
+def test_chunks_deep_in_a_long_row_are_shorter_by_what_their_attention_costs():
+    scheduler = Scheduler(max_rows=16, max_tokens=100, context_weight=1 / 100)
+    scheduler.add(numbered(classify(400))[0])
+    stops = [scheduler.plan(decoding=0).chunk.stop for _ in range(7)]
+    # 100 tokens from 0; from 100: 100 / (1 + 1) = 50; from 150: 100 / 2.5 = 40; from 190: 100 / 2.9 = 34 ...
+    assert stops == [100, 150, 190, 224, 254, 282, 308]
