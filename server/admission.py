@@ -12,7 +12,8 @@ Three rules, checked when a request is queued (`reserve`), so a refusal costs no
   classification/embedding rows, long rows in chunks, tokens to generate), and the measured cost of each lane's
   forwards give how long a new request would wait and when it would be answered (`WorkCosts`). A request that
   could not start within `wait_share` of the time left before its deadline, or not be answered before it, is
-  refused, with the time it is short of as its Retry-After: it is told when to come back instead of timing out.
+  refused, with the time it is short of as its Retry-After: it is told when to come back instead of timing out. A
+  request whose own work alone would outlast its deadline is a 422 (retrying would not help).
 The engine also checks the gate before it loads an adapter (`check`: full already?); while the gate is full, the
 HTTP edge refuses inference requests before it even parses them (server/api.py, `ShedWhenFull`).
 """
@@ -153,10 +154,15 @@ class AdmissionGate:
     def _refuse_if_late(self, work: dict[str, float], steps: int, time_left_s: float, costs: WorkCosts) -> None:
         """429 if the request could not start within wait_share of its time left, or not finish before its
         deadline; Retry-After: how much sooner the work ahead would have to end."""
+        alone_s = costs.alone_s(work, steps)
+        if alone_s > time_left_s:  # not even on an idle engine: retrying would not help
+            raise InvalidInput("inputs", f"the request needs about {alone_s:.0f} s of work at the engine's measured "
+                               f"speed, more than the {time_left_s:.0f} s before its deadline; send fewer or "
+                               "shorter inputs (or fewer max_new_tokens)")
         lanes = set(work)
         wait_s = costs.wait_s(self.pending, lanes)
         with_own = {lane: left + work.get(lane, 0) for lane, left in self.pending.items()}
-        finish_s = max(costs.wait_s(with_own, lanes), wait_s + costs.alone_s(work, steps))
+        finish_s = max(costs.wait_s(with_own, lanes), wait_s + alone_s)
         allowed_s = self.wait_share * time_left_s
         if wait_s <= allowed_s and finish_s <= time_left_s:
             return
