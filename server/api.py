@@ -21,7 +21,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .body_limit import BoundedBody
 from .deps import Services, ServicesDep, status_of
-from .engine import Engine
+from .engine_api import EngineAPI
 from .metrics import BASE_LABEL, UNKNOWN_LABEL
 from .errors import AdapterInvalid, InvalidInput, LoraswapError
 from .openai_api import error_content
@@ -183,7 +183,7 @@ class ShedWhenFull:
 
 
 def create_app(
-    settings: Settings | None = None, engine: Engine | None = None, services: Services | None = None
+    settings: Settings | None = None, engine: EngineAPI | None = None, services: Services | None = None
 ) -> FastAPI:
     """App factory: with an engine given (tests), serve it; else load the base in the background at start-up
     (with `services` given: theirs, as the Ray Serve ingress's replicas in server/cluster.py)."""

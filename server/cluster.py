@@ -334,6 +334,9 @@ class RemoteEngine:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids)
 
+    def abort(self, error: LoraswapError) -> None:
+        """Nothing to cut here: the ingress holds no work (the replicas do, and Ray Serve stops them with it)."""
+
     def close(self) -> None:
         pass  # the replicas belong to Ray Serve
 

@@ -28,8 +28,9 @@ from .errors import AdapterChanged, AdapterForOtherBase, AdapterInvalid, Invalid
 from .heads import SequenceClassifier
 from .jobs import ClassifyJob, EmbedJob, GenerateJob
 from .lora import LoraContext, MultiLoraLinear, fit_problems, resolve_module_path, wrap_linear_layers
+from .merging import MergePolicy
 from .request_context import current_request
-from .runner import MergePolicy, ModelRunner
+from .runner import ModelRunner
 from .settings import Settings
 from .slots import BASE_SLOT, AdapterSlots, Installer, LoadedAdapter, Slot, SlotsBusy
 from .types import (
@@ -153,7 +154,7 @@ class Engine:
 
     @property
     def merge_policy(self) -> MergePolicy | None:
-        return self.runner.merge_policy
+        return self.runner.merging.policy
 
     # ---- adapter slots ---------------------------------------------------------------------------------------
 
@@ -264,15 +265,15 @@ class Engine:
     @property
     def merged_adapter(self) -> str | None:
         """The adapter folded into the base weights now, if any."""
-        merged = self.runner.merged
+        merged = self.runner.merging.merged
         return None if merged is None else self.slots.name_of(merged)
 
     def merge(self, slot: Slot) -> None:
         """Fold one loaded adapter into the base weights; its requests then run at exactly base cost."""
-        self.runner.call(lambda: self.runner.merge(slot.index))
+        self.runner.call(lambda: self.runner.merging.merge(slot.index))
 
     def unmerge(self) -> None:
-        self.runner.call(self.runner.unmerge)
+        self.runner.call(self.runner.merging.unmerge)
 
     # ---- inference -------------------------------------------------------------------------------------------
 

@@ -35,7 +35,7 @@ from typing import BinaryIO, Literal
 
 from .adapter_format import CONFIG_FILE, METADATA_FILE, WEIGHTS_FILE
 from .archive import ArchiveLimits
-from .engine import Engine
+from .engine_api import EngineAPI
 from .errors import InvalidInput, LoraswapError, NotFound
 from .registry import Registry, valid_name
 from .settings import Settings
@@ -302,7 +302,7 @@ def adapter_name_for(job_id: str, suffix: str | None) -> str:
 class FineTuning:
     """Files, jobs and the one runner thread that trains queued jobs in order."""
 
-    def __init__(self, settings: Settings, registry: Registry, ready_engine: Callable[[], Engine]):
+    def __init__(self, settings: Settings, registry: Registry, ready_engine: Callable[[], EngineAPI]):
         self.settings = settings
         self.registry = registry
         self.ready_engine = ready_engine
@@ -478,7 +478,7 @@ class FineTuning:
                         self._finish(job, "failed", error={"code": "internal_error", "param": None,
                                                            "message": f"{exc.__class__.__name__}: {exc}"})
 
-    def _train(self, job: Job, engine: Engine) -> None:
+    def _train(self, job: Job, engine: EngineAPI) -> None:
         work = self._folder(job) / "work"
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
@@ -585,7 +585,7 @@ class FineTuning:
                                 data={"metrics": event["metrics"]})
             self._save(job)
 
-    def _install(self, job: Job, engine: Engine, output: Path, tracker: _ProgressTracker) -> None:
+    def _install(self, job: Job, engine: EngineAPI, output: Path, tracker: _ProgressTracker) -> None:
         """The registry's checked, atomic add; then the loss curve and the plot become result files."""
         uploads = [(name, (output / name).open("rb")) for name in (CONFIG_FILE, WEIGHTS_FILE, METADATA_FILE)]
         try:

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from starlette.exceptions import HTTPException
 
 from .deps import ServicesDep, status_of
-from .engine import Engine
+from .engine_api import EngineAPI
 from .errors import AdapterNotFound, InvalidInput, LoraswapError
 from .request_context import current_request
 from .serving import (
@@ -368,7 +368,7 @@ def refuse_for_classifier(name: str, *, logprobs: bool, echo: bool = False, toke
         raise InvalidInput("prompt", f"{name!r} is a classification adapter: it takes text prompts, not token ids")
 
 
-def _token_text(engine: Engine, wanted: bool) -> Callable[[int], str] | None:
+def _token_text(engine: EngineAPI, wanted: bool) -> Callable[[int], str] | None:
     return (lambda token_id: engine.decode([token_id])) if wanted else None
 
 
