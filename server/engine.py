@@ -230,7 +230,7 @@ class Engine:
         try:
             for module, pair in adapter.modules.items():
                 path = resolve_module_path(module, self.layers, self.model.base_model_prefix)
-                self.layers[path].set_slot(index, pair.A, pair.B, pair.scale)
+                self.layers[path].set_slot(index, pair.A, pair.B, pair.scale, pair.magnitude)
         except BaseException:
             self.runner.clear_slot(index)
             raise

@@ -55,9 +55,12 @@ def make_adapter(
     alpha: int | None = None,
     write_labels: bool = True,
     modules_to_save: list[str] | None = None,
+    dora: bool = False,
 ) -> Path:
     """A PEFT adapter saved by plain PEFT, with random (non-zero) A and B so it really changes the output; a SEQ_CLS
-    adapter on the architecture's own *ForSequenceClassification, its head (saved by modules_to_save) random too."""
+    adapter on the architecture's own *ForSequenceClassification, its head (saved by modules_to_save) random too.
+    With `dora`, a DoRA adapter (use_dora) whose magnitude vectors are moved off their initial value (the norm of
+    W + scale B A, where DoRA would change nothing) by up to +-50 %."""
     torch.manual_seed(seed)
     if task == "SEQ_CLS":
         model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=len(labels), dtype=torch.float32)
@@ -67,9 +70,12 @@ def make_adapter(
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     config = LoraConfig(
         task_type=task, r=r, lora_alpha=alpha or 2 * r, target_modules=list(targets), init_lora_weights=False,
-        modules_to_save=modules_to_save,
+        modules_to_save=modules_to_save, use_dora=dora,
     )
     peft_model = get_peft_model(model, config)
+    for name, param in peft_model.named_parameters():
+        if "lora_magnitude_vector" in name:
+            param.data *= 1 + (torch.rand_like(param) - 0.5)
     if task == "SEQ_CLS":
         for name in ("score", "classifier", "pre_classifier"):
             wrapper = getattr(peft_model.base_model.model, name, None)
@@ -390,9 +396,9 @@ FAMILY_TARGETS = {  # what the tutorials train: attention projections (GPT-2: it
 
 
 def make_family_adapter(base: Path, out: Path, family: str, task: str, labels: list[str] | None = None, r: int = 4,
-                        seed: int = 1) -> Path:
+                        seed: int = 1, dora: bool = False) -> Path:
     """make_adapter with the family's usual targets (DistilBERT's pre_classifier named in modules_to_save: PEFT's
     SEQ_CLS saves only the classifier, and a bare DistilBertModel has no trained pre_classifier)."""
     to_save = ["pre_classifier"] if family == "distilbert" and task == "SEQ_CLS" else None
-    return make_adapter(base, out, task, r, FAMILY_TARGETS[family], labels, seed, modules_to_save=to_save)
+    return make_adapter(base, out, task, r, FAMILY_TARGETS[family], labels, seed, modules_to_save=to_save, dora=dora)
 
