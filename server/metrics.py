@@ -15,9 +15,11 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .engine import Engine
+from .types import MIXTURE_PREFIX
 
 BASE_LABEL = "__base__"
 UNKNOWN_LABEL = "__unknown__"
+MIXTURE_LABEL = "__mixture__"  # every per-request mixture (its name holds weights: unbounded as a label)
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 LOAD_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -69,16 +71,21 @@ class Metrics:
 
     # EngineObserver
     def adapter_loaded(self, name: str, seconds: float) -> None:
-        self.load_seconds.labels(name).observe(seconds)
+        self.load_seconds.labels(slot_label(name)).observe(seconds)
 
     def adapter_evicted(self, name: str) -> None:
-        self.evictions.labels(name).inc()
+        self.evictions.labels(slot_label(name)).inc()
 
     def batch_ran(self, rows: int) -> None:
         self.batch_size.observe(rows)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def slot_label(name: str) -> str:
+    """The metric label of what a slot holds: an adapter's name, or MIXTURE_LABEL for any mixture."""
+    return MIXTURE_LABEL if name.startswith(MIXTURE_PREFIX) else name
 
 
 class _EngineGauges(Collector):
@@ -91,7 +98,14 @@ class _EngineGauges(Collector):
         engine = self._engine()
         if engine is None:
             return
-        yield GaugeMetricFamily("loraswap_loaded_adapters", "Adapters in memory.", value=len(engine.loaded()))
+        yield GaugeMetricFamily("loraswap_loaded_adapters", "Adapters and mixtures in memory.",
+                                value=len(engine.loaded()))
+        kinds = GaugeMetricFamily("loraswap_loaded_adapters_by_kind",
+                                  "Slots in memory by what they hold: lora, dora or mixture.", labels=["kind"])
+        loaded = engine.loaded_kinds()
+        for kind in ("lora", "dora", "mixture"):
+            kinds.add_metric([kind], loaded[kind])
+        yield kinds
         yield GaugeMetricFamily(
             "loraswap_queue_depth", "Requests waiting for the engine thread.", value=engine.queue_depth
         )
@@ -110,5 +124,5 @@ class _EngineGauges(Collector):
             "loraswap_merged_adapter", "1 for the adapter merged into the base weights, if any.", labels=["adapter"]
         )
         if engine.merged_adapter is not None:
-            merged.add_metric([engine.merged_adapter], 1)
+            merged.add_metric([slot_label(engine.merged_adapter)], 1)
         yield merged

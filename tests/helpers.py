@@ -102,6 +102,43 @@ def peft_reference_greedy(base: Path, adapter: Path | None, prompt_ids: list[int
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     if adapter is not None:
         model = PeftModel.from_pretrained(model, adapter)
+    return greedy_ids(model, prompt_ids, max_new_tokens)
+
+
+def peft_mixture(base: Path, adapters: list[Path], weights: list[float], combination: str,
+                 density: float | None = None, seed: int | None = None) -> PeftModel:
+    """Plain PEFT's add_weighted_adapter of these adapters (named a0, a1, ...) into the active adapter "mix", on the
+    causal LM (float32). DARE prunes with torch's global RNG, which add_weighted_adapter also draws from before (it
+    initialises the new adapter's weights): with a seed, torch.manual_seed(seed) runs just before its first pruning
+    draw, which is where the server's per-mixture generator starts."""
+    from unittest import mock
+
+    import peft.tuners.lora.model as lora_model
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapters[0],
+                                      adapter_name="a0")
+    for i, adapter in enumerate(adapters[1:], start=1):
+        model.load_adapter(adapter, adapter_name=f"a{i}")
+    seeded = []
+
+    def seeded_first(merge):
+        def run(*args, **kwargs):
+            if not seeded:
+                torch.manual_seed(seed)
+                seeded.append(True)
+            return merge(*args, **kwargs)
+        return run
+
+    with mock.patch.object(lora_model, "dare_linear", seeded_first(lora_model.dare_linear)), \
+            mock.patch.object(lora_model, "dare_ties", seeded_first(lora_model.dare_ties)):
+        model.add_weighted_adapter([f"a{i}" for i in range(len(adapters))], weights, "mix",
+                                   combination_type=combination, density=density)
+    model.set_adapter("mix")
+    return model.eval()
+
+
+def greedy_ids(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy generate() of one prompt (float32), up to EOS."""
     model.eval()
     ids = torch.tensor([prompt_ids])
     with torch.no_grad():
