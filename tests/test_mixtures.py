@@ -247,7 +247,7 @@ def test_predict_serves_a_mixture_from_the_body(mix_client, mix_engine, mix_stor
     assert 'loraswap_requests_total{adapter="__mixture__",status="200"} 1.0' in metrics
     assert 'loraswap_loaded_adapters_by_kind{kind="mixture"}' in metrics
     streamed = mix_client.post("/predict", json={**body, "inputs": PROMPTS[0], "stream": True})
-    assert f'"token_ids": {expected[0].token_ids}' in streamed.text.replace(", ", ", ")
+    assert f'"token_ids": {expected[0].token_ids}' in streamed.text
 
 
 @pytest.mark.parametrize("body, status, field, words", [
