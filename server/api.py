@@ -19,6 +19,7 @@ from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from .body_limit import BoundedBody
 from .deps import Services, ServicesDep, status_of
 from .engine import Engine
 from .metrics import BASE_LABEL, UNKNOWN_LABEL
@@ -133,6 +134,11 @@ def document_error_body(app: FastAPI) -> None:
     app.openapi = openapi
 
 
+def error_body(path: str, message: str, status: int = 413) -> dict:
+    """An error's JSON body in the shape of the route: OpenAI's under /v1, {"detail"} elsewhere."""
+    return error_content(status, message) if path.startswith("/v1/") else {"detail": message}
+
+
 INFERENCE_PATHS = frozenset({"/predict", "/v1/completions", "/v1/chat/completions", "/v1/embeddings"})
 MAX_SHED_BODY = 64 * 1024  # of a refused request, read at most this much to label its metrics by model
 
@@ -155,7 +161,7 @@ class ShedWhenFull:
             return
         openai = scope["path"].startswith("/v1/")
         scope["state"][STATE_KEY].adapter = self._label(await self._model_of(scope, receive, openai))
-        content = error_content(429, str(refusal)) if openai else {"detail": str(refusal)}
+        content = error_body(scope["path"], str(refusal), 429)
         await JSONResponse(status_code=429, content=content, headers=refusal.headers)(scope, receive, send)
 
     async def _model_of(self, scope: Scope, receive: Receive, openai: bool) -> str | None:
@@ -209,6 +215,7 @@ def create_app(
 
     app = FastAPIOffline(title="loraswap", lifespan=lifespan)  # /docs and /redoc work offline
     app.state.services = services
+    app.add_middleware(BoundedBody, max_body_bytes=settings.max_body_bytes, error_content=error_body)
     app.add_middleware(ShedWhenFull, services=services)  # inside the telemetry: its refusals are logged and counted
     app.add_middleware(RequestTelemetry, metrics=services.metrics, lifecycle=services.lifecycle,
                        timeout_s=settings.request_timeout_s)

@@ -351,8 +351,8 @@ class ClusterMetrics(Metrics):
     """The ingress's request metrics (as in one process), plus every replica's engine metrics with a `replica`
     label, gathered at scrape time."""
 
-    def __init__(self, engine: Callable[[], RemoteEngine | None]):
-        super().__init__(lambda: None)  # no engine gauges of its own: they come from the replicas
+    def __init__(self, engine: Callable[[], RemoteEngine | None], alive: Callable[[str], bool]):
+        super().__init__(lambda: None, alive)  # no engine gauges of its own: they come from the replicas
         for engine_metric in (self.load_seconds, self.evictions, self.batch_size):
             self.registry.unregister(engine_metric)
         self._remote = engine
@@ -399,7 +399,7 @@ class ClusterServices(Services):
     def __init__(self, settings: Settings, handle: DeploymentHandle):
         super().__init__(settings)
         self.handle = handle
-        self.metrics = ClusterMetrics(lambda: self.engine)
+        self.metrics = ClusterMetrics(lambda: self.engine, self.registry.__contains__)
 
     def load(self) -> None:
         try:

@@ -71,7 +71,7 @@ class Services:
         self.engine: Engine | None = None
         self.load_error: str | None = None
         self.lifecycle = Lifecycle()
-        self.metrics = Metrics(lambda: self.engine)
+        self.metrics = Metrics(lambda: self.engine, self.registry.__contains__)
         self.finetune = FineTuning(settings, self.registry, self.ready_engine)
         if engine is not None:
             self._attach(engine)

@@ -158,6 +158,8 @@ def inspect_jsonl(data: bytes, max_rows: int) -> Inspection:
             row = json.loads(line)
         except ValueError as exc:
             raise FileInvalid(f"line {number}: not valid JSON ({exc})") from None
+        except RecursionError:
+            raise FileInvalid(f"line {number}: JSON nested too deeply") from None
         if not isinstance(row, dict):
             raise FileInvalid(f"line {number}: not a JSON object")
         found = _format_of(row)

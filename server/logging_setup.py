@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from datetime import datetime, timezone
 from typing import Literal
 
@@ -15,8 +16,26 @@ _STANDARD_ATTRS = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"  # `-`: not about one request
 
 
+CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")  # what could end or forge a line, or hide text
+
+
+def escape_controls(text: str) -> str:
+    """Control characters as visible escapes (a newline as \\x0a): a client's value (a path, a name, a header) can
+    never start a forged log line or write a NUL."""
+    return CONTROL.sub(lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100 else f"\\u{ord(m[0]):04x}", text)
+
+
+class TextFormatter(logging.Formatter):
+    """One line per record: the message's control characters escaped (the traceback that may follow is ours)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = escape_controls(record.message)
+        return super().formatMessage(record)
+
+
 class JsonFormatter(logging.Formatter):
-    """{"time", "level", "logger", "message", ...the record's `extra` fields, "exception"?} on one line."""
+    """{"time", "level", "logger", "message", ...the record's `extra` fields, "exception"?} on one line (json.dumps
+    escapes every control character)."""
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {
@@ -35,7 +54,7 @@ class JsonFormatter(logging.Formatter):
 def configure_logging(log_format: Literal["text", "json"], level: int = logging.INFO) -> None:
     """One handler on the root logger (uvicorn's loggers propagate to it when it runs with log_config=None)."""
     handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
+    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter(TEXT_FORMAT))
     handler.addFilter(RequestIdFilter())  # every line names its request (JSON: a "request_id" field)
     logging.basicConfig(level=level, handlers=[handler], force=True)
     if log_format == "json":

@@ -2,8 +2,10 @@
 
 Three sources: the request middleware (server/telemetry.py) reports each inference request; the engine reports
 loads, evictions and batches as an `EngineObserver`; gauges (loaded adapters, queue depth, merged adapter) are
-read from the engine at scrape time. Adapter labels are bounded: a request for a name the registry does not know
-is counted under `UNKNOWN_LABEL`, one for the base model under `BASE_LABEL`.
+read from the engine at scrape time. Adapter labels are bounded by the adapters alive: a request for a name the
+registry does not know is counted under `UNKNOWN_LABEL`, one for the base model under `BASE_LABEL`; a deleted
+adapter's series leave with it (`forget`), and whatever is reported of it afterwards (a request that was in flight,
+the eviction of its slot) counts under `UNKNOWN_LABEL`. Every per-request mixture counts under `MIXTURE_LABEL`.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
 
 class Metrics:
-    def __init__(self, engine: Callable[[], Engine | None]):
+    def __init__(self, engine: Callable[[], Engine | None], alive: Callable[[str], bool] = lambda _name: True):
+        self._alive = alive  # whether an adapter is in the store: only then may its name label series
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -61,7 +64,19 @@ class Metrics:
         )
         r.register(_EngineGauges(engine))
 
+    def _label(self, adapter: str) -> str:
+        if adapter in (BASE_LABEL, UNKNOWN_LABEL, MIXTURE_LABEL) or adapter.startswith(MIXTURE_PREFIX):
+            return slot_label(adapter)
+        return adapter if self._alive(adapter) else UNKNOWN_LABEL
+
+    def forget(self, adapter: str) -> None:
+        """A deleted adapter's series leave /metrics."""
+        for metric in (self.requests, self.latency, self.rejected, self.tokens_in, self.tokens_out,
+                       self.load_seconds, self.evictions):
+            metric.remove_by_labels({"adapter": adapter})
+
     def observe_request(self, adapter: str, status: int, seconds: float, tokens_in: int, tokens_out: int) -> None:
+        adapter = self._label(adapter)
         self.requests.labels(adapter, str(status)).inc()
         if status == 429:
             self.rejected.labels(adapter).inc()
@@ -71,10 +86,10 @@ class Metrics:
 
     # EngineObserver
     def adapter_loaded(self, name: str, seconds: float) -> None:
-        self.load_seconds.labels(slot_label(name)).observe(seconds)
+        self.load_seconds.labels(self._label(name)).observe(seconds)
 
     def adapter_evicted(self, name: str) -> None:
-        self.evictions.labels(slot_label(name)).inc()
+        self.evictions.labels(self._label(name)).inc()
 
     def batch_ran(self, rows: int) -> None:
         self.batch_size.observe(rows)

@@ -98,6 +98,10 @@ class Registry:
         with self._lock:
             return sorted(self._records)
 
+    def __contains__(self, name: str) -> bool:
+        with self._lock:
+            return name in self._records
+
     def records(self) -> list[AdapterRecord]:
         with self._lock:
             return [self._records[n] for n in sorted(self._records)]

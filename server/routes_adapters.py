@@ -117,6 +117,7 @@ def delete_adapter(name: str, svc: ServicesDep, _admin: AdminDep) -> dict:
     engine = svc.ready_engine()
     record = svc.registry.delete(name)
     engine.unload(name)
+    svc.metrics.forget(name)
     return {"deleted": name, "version": record.version}
 
 

@@ -45,6 +45,11 @@ class Settings(BaseSettings):
     max_new_tokens_limit: int = Field(1024, ge=1, description="Upper bound for max_new_tokens.")
     default_max_new_tokens: int = Field(64, ge=1)
     max_batch_size: int = Field(16, ge=1, description="Most rows in one forward (the decode batch included).")
+    max_batch_tokens: int = Field(
+        512, ge=1, description="Most tokens in one forward (rows x width, padding included), like vLLM's "
+        "max_num_batched_tokens: longer work runs in chunks (a row longer than this: chunked through its KV cache "
+        "on a decoder), with other requests, deadlines and shutdown served between chunks.",
+    )
     max_wait_ms: float = Field(2.0, ge=0, description="How long an idle engine waits to fill a batch.")
     scheduling: Literal["continuous", "static"] = Field(
         "continuous",
@@ -73,6 +78,10 @@ class Settings(BaseSettings):
 
     admin_token: SecretStr | None = Field(
         None, description="Bearer token for uploading, replacing and deleting adapters; unset: those are refused."
+    )
+    max_body_bytes: int = Field(
+        8 * 1024**2, ge=1, description="Largest request body of every route but the two uploads (413 while it "
+        "streams, before it is parsed).",
     )
     max_upload_bytes: int = Field(512 * 1024**2, ge=1, description="Largest upload request body (413 beyond).")
     max_archive_members: int = Field(32, ge=1, description="Most members in an uploaded archive.")

@@ -28,6 +28,7 @@ from .request_context import RequestContext, open_request, valid_request_id
 log = logging.getLogger("server.requests")
 
 STATE_KEY = "loraswap_record"
+CLIENT_CLOSED = 499  # nginx's status for a request whose client went away before the answer
 
 
 @dataclass
@@ -67,13 +68,16 @@ class RequestTelemetry:
         record = RequestRecord()
         scope.setdefault("state", {})[STATE_KEY] = record
         status = 500  # if the app fails before it answers
+        answered = False  # the last byte of the body went out
 
         async def send_and_watch(message: Message) -> None:
-            nonlocal status
+            nonlocal status, answered
             if message["type"] == "http.response.start":
                 status = message["status"]
                 message.setdefault("headers", [])
                 message["headers"] = [*message["headers"], (b"x-request-id", context.request_id.encode())]
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                answered = True
             await send(message)
 
         started = time.perf_counter()
@@ -91,6 +95,8 @@ class RequestTelemetry:
                     self.lifecycle.leave()
         finally:
             seconds = time.perf_counter() - started
+            if context.client_gone.is_set() and not answered:
+                status = CLIENT_CLOSED  # a stream cut by its client says 200 on the wire: it was never answered
             if record.adapter is not None:
                 self.metrics.observe_request(record.adapter, status, seconds, record.tokens_in, record.tokens_out)
             path = scope["path"] + (f"?{scope['query_string'].decode()}" if scope["query_string"] else "")
