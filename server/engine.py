@@ -254,6 +254,8 @@ class Engine:
                     for _, adapter in parts]
         modules = combine(resolved, [part.weight for part in key.parts], key.combination, list(self.layers),
                           density=key.density, seed=key.seed or 0, rslora=bool(parts[0][1].config.get("use_rslora")))
+        if not all(torch.isfinite(t).all() for pair in modules.values() for t in (pair.A, pair.B)):
+            raise InvalidInput("adapters", "these weights make the mixture's tensors overflow (Inf or NaN)")
         rank = max(pair.rank for pair in modules.values())
         if self.max_rank is not None and rank > self.max_rank:
             raise InvalidInput("adapters", f"the mixture has rank {rank} ({key.combination} of ranks "

@@ -79,10 +79,12 @@ class MultiLoraLinear(nn.Module):
         self._rows_A, self._rows_Bt = torch.empty(0, device=device), torch.empty(0, device=device)  # mixed rows' pairs
         self._rows_batch = -1  # the context batch those rows were gathered for
         self._pristine: torch.Tensor | None = None  # the base weight while an adapter is merged into it
-        # DoRA slots: their factor m / ||W + scale * B A|| per output feature [out] (float32), and those factors
+        # DoRA slots: their g = m / ||W + scale * B A|| per output feature [out] (float32), and those factors
         # stacked by slot [slots, out] (1 for the other slots), made when the first DoRA adapter comes
         self._dora: dict[int, torch.Tensor] = {}
         self._dora_rows: torch.Tensor | None = None
+        self._dora_shift: torch.Tensor | None = None  # (1 - g) b by slot [slots, out], for layers with a bias
+        self._rows_G = self._rows_shift = torch.empty(0, device=device)  # the mixed rows' g and (1 - g) b
 
     @property
     def in_features(self) -> int:
@@ -117,13 +119,16 @@ class MultiLoraLinear(nn.Module):
         self._set_dora(slot, None)
 
     def _set_dora(self, slot: int, magnitude: torch.Tensor | None) -> None:
-        """DoRA (PEFT's DoraLinearLayer): y = W x + b + (g - 1) W x + g (B A x) scale, i.e. g (W + scale B A) x + b,
-        with g = m / ||W + scale B A|| per output feature. PEFT detaches the norm from training, so at inference g is
-        a constant of the slot: computed once here, in float32, from the pristine base weight (not from one with an
-        adapter merged into it). Dropout does not apply at inference, as in PEFT's eval mode."""
+        """DoRA (PEFT's DoraLinearLayer): y = W x + b + (g - 1) W x + g (B A x) scale, with g = m / ||W + scale B A||
+        per output feature. PEFT detaches the norm from training, so at inference g is a constant of the slot:
+        computed once here, in float32, from the pristine base weight (not from one with an adapter merged into it).
+        Dropout does not apply at inference, as in PEFT's eval mode. Kept per slot: g and (1 - g) b, for the forward's
+        form g (W x + b + B A x scale) + (1 - g) b (the same sum: two in-place ops on the output)."""
         if magnitude is None:
             if self._dora.pop(slot, None) is not None:
                 self._dora_rows[slot] = 1.0
+                self._dora_shift[slot] = 0.0
+                self._rows_batch = -1
             return
         weight = (self._pristine if self._pristine is not None else self.base.weight).float()
         if self.fan_in_fan_out:
@@ -132,9 +137,13 @@ class MultiLoraLinear(nn.Module):
         norm = torch.linalg.norm(weight + Bt.t() @ A, dim=1)  # [out]
         factor = magnitude.to(device=norm.device, dtype=torch.float32) / norm
         if self._dora_rows is None:
-            self._dora_rows = torch.ones(self.n_slots, self.out_features, device=norm.device)
+            self._dora_rows = torch.ones(self.n_slots, self.out_features, device=norm.device)  # [slots, out]
+            self._dora_shift = torch.zeros(self.n_slots, self.out_features, device=norm.device)  # [slots, out]
         self._dora_rows[slot] = factor
+        if self.base.bias is not None:
+            self._dora_shift[slot] = (1 - factor) * self.base.bias.float()
         self._dora[slot] = self._dora_rows[slot]  # a view of its row
+        self._rows_batch = -1
 
     @property
     def dora_slots(self) -> set[int]:
@@ -208,26 +217,35 @@ class MultiLoraLinear(nn.Module):
         if self._rows_batch != ctx.batch:
             torch.index_select(self._A, 0, slots, out=self._rows_A.resize_(rows, *self._A.shape[1:]))
             torch.index_select(self._Bt, 0, slots, out=self._rows_Bt.resize_(rows, *self._Bt.shape[1:]))
+            if self._dora:  # DoRA's g and (1 - g) b per row
+                self._rows_G = self._dora_rows.index_select(0, slots)
+                self._rows_shift = self._dora_shift.index_select(0, slots)
             self._rows_batch = ctx.batch
         return rows
 
     def _forward_dora(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """A forward with DoRA rows: out + (g - 1) (W x) + g (B A x) scale per row, as PEFT's DoraLinearLayer adds it
-        (W x is the base output without its bias). Plain LoRA and base rows of the batch have g = 1 (and base rows
-        a zero pair), which leaves them exactly out + B A x scale."""
+        """A forward with DoRA rows: PEFT adds (g - 1) (W x) + g (B A x) scale to the base output W x + b; here the
+        same sum as g (W x + b + B A x scale) + (1 - g) b, per row's slot. Plain LoRA and base rows have g = 1 and
+        (1 - g) b = 0 (base rows a zero pair too): they get out + B A x scale."""
         ctx = self.context
-        bias = self.base.bias
-        base = (out if bias is None else out - bias).float()  # W x
         if ctx.row_slots is None:
-            A, Bt = self.pair(ctx.uniform_slot)
-            lora = nn.functional.linear(nn.functional.linear(x.float(), A), Bt.t())  # [..., out]
-            factor = self._dora[ctx.uniform_slot]  # [out]
+            slot = ctx.uniform_slot
+            A, Bt = self.pair(slot)
+            lora = (nn.functional.linear(x.float(), A).reshape(-1, A.shape[0]) @ Bt).view(out.shape)  # [..., out]
+            factor, shift = self._dora_rows[slot], self._dora_shift[slot]  # [out]
         else:
             rows = self._gather_rows(x)
             low = torch.bmm(x.float().reshape(rows, -1, self.in_features), self._rows_A.transpose(1, 2))
-            lora = torch.bmm(low, self._rows_Bt).view(base.shape)
-            factor = self._dora_rows.index_select(0, ctx.row_slots).view(rows, *[1] * (base.dim() - 2), -1)
-        return out + ((factor - 1) * base + factor * lora).to(out.dtype)
+            lora = torch.bmm(low, self._rows_Bt).view(out.shape)
+            shape = (rows, *[1] * (out.dim() - 2), self.out_features)  # each row's g over its tokens
+            factor = self._rows_G.view(shape)
+            shift = self._rows_shift.view(shape)
+        if out.dtype == torch.float32:
+            out.add_(lora).mul_(factor)
+        else:
+            out = ((out.float() + lora) * factor).to(out.dtype)
+        return out.add_(shift.to(out.dtype)) if self.base.bias is not None else out
+
 
 
 def wrap_linear_layers(model: nn.Module, context: LoraContext, n_slots: int) -> dict[str, MultiLoraLinear]:

@@ -7,6 +7,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from .types import Combination
 
 MAX_MIXTURE_PARTS = 8
+MAX_WEIGHT = 100.0  # beyond it a mixture's tensors overflow sooner than they mean anything
 
 
 class Parameters(BaseModel):
@@ -39,7 +40,8 @@ class MixtureEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(..., description="An adapter's name.")
-    weight: float = Field(..., allow_inf_nan=False, description="Its weight; negative subtracts it, as in PEFT.")
+    weight: float = Field(..., ge=-MAX_WEIGHT, le=MAX_WEIGHT,
+                          description="Its weight; negative subtracts it, as in PEFT.")
 
 
 class MixtureFields(BaseModel):

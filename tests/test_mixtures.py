@@ -265,6 +265,7 @@ def test_predict_serves_a_mixture_from_the_body(mix_client, mix_engine, mix_stor
      "saves its own head"),
     ({"adapters": [{"name": "m1", "weight": 0.5}, {"name": "m2", "weight": "x"}]}, 422, "adapters[1].weight", ""),
     ({"adapters": [], "combination": "linear"}, 422, "adapters", ""),
+    ({"adapters": [{"name": "m1", "weight": 1e300}, {"name": "m2", "weight": 0.5}]}, 422, "adapters[0].weight", ""),
     ({"adapters": [{"name": "m1", "weight": 0.5}, {"name": "m2", "weight": 0.5}], "combination": "svd"}, 422,
      "combination", ""),
 ])
