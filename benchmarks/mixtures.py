@@ -9,13 +9,17 @@ vectors = the norm of W + scale B A moved by up to +-20 %, as a trained one), an
 each (linear, cat, ties, dare_ties). Both streams send the same prompts in the same order, 16 clients in a closed
 loop, every request 32 new tokens (EOS ignored, so both generate the same number); they run in alternating chunks
 (AB, BA, ...) on one engine, every adapter and mixture loaded before the clock starts (the build of each mixture is
-timed on its own). Writes benchmarks/results/mixtures-<time>.json.
+timed on its own). Three ratios: tokens per wall second over the whole run; the median of the ratios of adjacent
+chunks (drift between minutes falls on both); and tokens per CPU second of the engine thread, which alone runs the
+model (one torch thread by default: --threads), the measure that other jobs on a shared machine disturb least.
+Writes benchmarks/results/mixtures-<time>.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import tempfile
@@ -23,7 +27,7 @@ import time
 from pathlib import Path
 
 import torch
-from run import popularity, side_by_side, text  # benchmarks/run.py: the same stream helpers as the main benchmark
+from run import popularity, run_stream, text  # benchmarks/run.py: the same stream helpers as the main benchmark
 from safetensors.torch import save_file
 
 from server.adapter_format import CONFIG_FILE, WEIGHTS_FILE
@@ -62,19 +66,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer requests (smoke check)")
     parser.add_argument("--dtype", default="float32", choices=["auto", "bfloat16", "float32"])
-    parser.add_argument("--base-model", type=Path, default=None, help="a local model folder instead of the embedded base")
+    parser.add_argument("--base-model", type=Path, default=None,
+                        help="a local model folder instead of the embedded base")
     parser.add_argument("--requests", type=int, default=None, help="requests per stream (default 160, quick 32)")
-    parser.add_argument("--rounds", type=int, default=None, help="alternating chunks (default 4, quick 2)")
+    parser.add_argument("--rounds", type=int, default=None, help="alternating chunks (default 10, quick 2)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = parser.parse_args()
     requests = args.requests or (32 if args.quick else 160)
-    rounds = args.rounds or (2 if args.quick else 4)
+    rounds = args.rounds or (2 if args.quick else 10)
+    torch.set_num_threads(args.threads)
     rng = random.Random(2026)
     store = Path(tempfile.mkdtemp(prefix="loraswap-mixtures-"))
     settings = Settings(adapters_dir=store, dtype=args.dtype, max_loaded_adapters=32, auto_merge=False,
                         **({"base_model": args.base_model} if args.base_model else {}))
     engine = Engine.from_settings(settings)
     plain = [AdapterLocation(f"plain-{i}", 1, write_adapter(store / f"plain-{i}", engine, i, False)) for i in range(16)]
-    dora = [AdapterLocation(f"dora-{i}", 1, write_adapter(store / f"dora-{i}", engine, 100 + i, True)) for i in range(4)]
+    dora = [AdapterLocation(f"dora-{i}", 1, write_adapter(store / f"dora-{i}", engine, 100 + i, True))
+            for i in range(4)]
     mixtures = [MixtureKey((MixturePart(plain[2 * i], 0.7), MixturePart(plain[2 * i + 1], 0.3)), combination, density,
                            seed) for i, (combination, density, seed) in enumerate(MIXTURES)]
     build_ms = {}
@@ -103,15 +111,30 @@ def main() -> None:
         return run
 
     engine.predict(plain[0], prompts[:1], params)  # warm-up, untimed
-    walls = side_by_side(jobs, {"plain": call("plain", plain_picks), "mixed": call("mixed", mixed_picks)},
-                         concurrency=16, rounds=rounds)
-    tps = {name: sum(r.tokens for r in outputs[name]) / walls[name] for name in walls}
+    calls = {"plain": call("plain", plain_picks), "mixed": call("mixed", mixed_picks)}
+    size = -(-requests // rounds)
+    chunks: list[dict[str, tuple[int, float, float]]] = []  # per chunk and stream: tokens, wall s, engine CPU s
+    for index, start in enumerate(range(0, requests, size)):
+        chunk = {}
+        for name in (list(calls) if index % 2 == 0 else list(calls)[::-1]):
+            before_tokens, cpu = len(outputs[name]), engine_cpu_s(engine)
+            wall = run_stream(jobs[start : start + size], calls[name], concurrency=16)
+            tokens = sum(r.tokens for r in outputs[name][before_tokens:])
+            chunk[name] = (tokens, wall, engine_cpu_s(engine) - cpu)
+        chunks.append(chunk)
+    total = {name: [sum(c[name][i] for c in chunks) for i in range(3)] for name in calls}
+    tps = {name: tokens / wall for name, (tokens, wall, _) in total.items()}
+    cpu_tps = {name: tokens / cpu for name, (tokens, _, cpu) in total.items()}
     ratio = tps["mixed"] / tps["plain"]
+    chunk_ratios = [(c["mixed"][0] / c["mixed"][1]) / (c["plain"][0] / c["plain"][1]) for c in chunks]
     results = {
         "base": engine.info.name, "dtype": str(engine.dtype).removeprefix("torch."), "threads": torch.get_num_threads(),
         "requests_per_stream": requests, "rounds": rounds, "max_new_tokens": params.max_new_tokens,
         "mixed_stream": {kind: kinds.count(kind) for kind in ("plain", "dora", "mixture")},
-        "tokens_per_s": tps, "wall_s": walls, "ratio_mixed_over_plain": ratio, "goal": ">= 0.85",
+        "tokens_per_s": tps, "ratio_mixed_over_plain": ratio, "goal": ">= 0.85",
+        "median_chunk_ratio": statistics.median(chunk_ratios), "chunk_ratios": chunk_ratios,
+        "tokens_per_engine_cpu_s": cpu_tps, "cpu_ratio_mixed_over_plain": cpu_tps["mixed"] / cpu_tps["plain"],
+        "chunks": chunks, "load_average": os.getloadavg(),
         "mixture_build_ms": build_ms, "mean_batch_rows": statistics.fmean(
             [rows for rows, n in engine.batch_sizes.items() for _ in range(n)]),
         "cpu": _cpu(),
@@ -120,10 +143,18 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"mixtures-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"plain LoRA stream : {tps['plain']:.1f} tokens/s")
-    print(f"20 % mixtures, 20 % DoRA: {tps['mixed']:.1f} tokens/s")
-    print(f"ratio {ratio:.3f} (goal >= 0.85); mixture builds {', '.join(f'{k} {v:.0f} ms' for k, v in build_ms.items())}")
+    print(f"plain LoRA stream : {tps['plain']:.1f} tokens/s, {cpu_tps['plain']:.1f} per engine CPU second")
+    print(f"20 % mixtures, 20 % DoRA: {tps['mixed']:.1f} tokens/s, {cpu_tps['mixed']:.1f} per engine CPU second")
+    print(f"ratio {ratio:.3f} (goal >= 0.85), median of chunk ratios {results['median_chunk_ratio']:.3f}, "
+          f"per engine CPU second {results['cpu_ratio_mixed_over_plain']:.3f}")
+    print(f"mixture builds: {', '.join(f'{k} {v:.0f} ms' for k, v in build_ms.items())}")
     print(f"written to {out}")
+
+
+def engine_cpu_s(engine: Engine) -> float:
+    """CPU seconds (user + system) the engine's worker thread has used: it alone runs the model."""
+    fields = Path(f"/proc/self/task/{engine.runner._thread.native_id}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14, 15)
 
 
 def _cpu() -> str:

@@ -46,7 +46,8 @@ from .metrics import Metrics
 from .request_context import RequestContext, current_request, open_request
 from .settings import Settings
 from .types import (
-    ClassificationResult, EmbeddingResult, GenerationParams, GenerationResult, MIXTURE_PREFIX, MixtureKey, SlotKey, Task,
+    MIXTURE_PREFIX, ClassificationResult, EmbeddingResult, GenerationParams, GenerationResult, MixtureKey, SlotKey,
+    Task,
 )
 
 log = logging.getLogger(__name__)

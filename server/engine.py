@@ -140,9 +140,9 @@ class Engine:
     # ---- adapter slots ---------------------------------------------------------------------------------------
 
     def acquire(self, location: SlotKey) -> Slot:
-        """The slot serving this adapter version (or mixture), loaded (built) on first use (once, however many ask at the same time);
-        the caller must release() it. With every slot in use, it waits for one until the request's deadline
-        (without one, SLOT_WAIT_S)."""
+        """The slot serving this adapter version (or mixture), loaded (built) on first use (once, however many ask
+        at the same time); the caller must release() it. With every slot in use, it waits for one until the
+        request's deadline (without one, SLOT_WAIT_S)."""
         request = current_request()
         deadline = request.deadline
         wait_s = SLOT_WAIT_S if deadline is None else max(0.0, deadline - time.monotonic())

@@ -147,8 +147,9 @@ class AdapterSlots:
             self._free_slot(slot)
 
     def unload(self, name: str) -> None:
-        """Drop every loaded version of an adapter (deleted or replaced), and every mixture of it: later requests cannot acquire them, and
-        each slot is freed once its last in-flight request releases it, so those finish unchanged."""
+        """Drop every loaded version of an adapter (deleted or replaced), and every mixture of it: later requests
+        cannot acquire them, and each slot is freed once its last in-flight request releases it, so those finish
+        unchanged."""
         with self._lock:
             slots = [self._slots.pop(k) for k in [k for k in self._slots if k.involves(name)]]
             self._unloaded_while_loading.update(k for k in self._loading if k.involves(name))
