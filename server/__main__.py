@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> None:
     # nothing is in flight, so uvicorn's own graceful wait is short.
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False,
                             timeout_graceful_shutdown=5)
-    DrainingServer(config, app.state.services.lifecycle, settings.drain_timeout_s).run()
+    services = app.state.services
+    DrainingServer(config, services.lifecycle, settings.drain_timeout_s, services.stop_engine).run()
 
 
 if __name__ == "__main__":

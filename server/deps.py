@@ -92,6 +92,11 @@ class Services:
             self.load_error = f"{exc.__class__.__name__}: {exc}"
             log.exception("base model failed to load")
 
+    def stop_engine(self) -> None:
+        """Shutdown past the drain timeout: the engine answers what it still holds with 503 and stops."""
+        if self.engine is not None:
+            self.engine.abort(Draining("the server is shutting down: the request was cut at its drain timeout"))
+
     def ready_engine(self) -> Engine:
         if self.engine is None:
             raise NotReady(self.load_error or "the base model is still loading")

@@ -24,12 +24,13 @@ from .adapter_format import AdapterWeights, read_adapter
 from .admission import AdmissionGate
 from .base_model import BaseInfo, load_base
 from .encoding import InputEncoder, TextDeltas
-from .errors import AdapterChanged, AdapterInvalid, InvalidInput
+from .errors import AdapterChanged, AdapterInvalid, InvalidInput, LoraswapError
 from .heads import SequenceClassifier
 from .mixtures import combine, config_rank, mixture_problems
 from .lora import LoraContext, MultiLoraLinear, fit_problems, resolve_module_path, wrap_linear_layers
 from .request_context import current_request
-from .runner import ClassifyJob, EmbedJob, GenerateJob, MergePolicy, ModelRunner
+from .jobs import ClassifyJob, EmbedJob, GenerateJob
+from .runner import MergePolicy, ModelRunner
 from .settings import Settings
 from .slots import BASE_SLOT, AdapterSlots, Installer, LoadedAdapter, Slot, SlotsBusy
 from .types import (
@@ -52,6 +53,15 @@ class EngineObserver(Protocol):
     def batch_ran(self, rows: int) -> None: ...
 
 
+def attention_weight(config, layers: dict[str, MultiLoraLinear]) -> float:
+    """What attending to one earlier position costs a token, relative to the token's linear layers (multiply-adds:
+    QK and AV over every head, against every wrapped weight of one transformer layer)."""
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    linear = sum(layer.base.weight.numel() for layer in layers.values()) / config.num_hidden_layers
+    return 2 * heads * head_dim / linear
+
+
 class Engine:
     def __init__(
         self,
@@ -62,6 +72,7 @@ class Engine:
         max_loaded_adapters: int = 8,
         max_rank: int | None = None,
         max_batch_size: int = 16,
+        max_batch_tokens: int = 256,
         max_wait_ms: float = 2.0,
         merge_policy: MergePolicy | None = None,
         pinned: list[str] | tuple[str, ...] = (),
@@ -85,12 +96,15 @@ class Engine:
             lm_head.register_forward_pre_hook(lambda _m, args: (args[0].contiguous(),))
         self.runner = ModelRunner(
             model, tokenizer, self.layers, context, self.classifier, max_batch_rows=max_batch_size,
-            max_wait_s=max_wait_ms / 1000, merge_policy=merge_policy, continuous=continuous,
+            max_batch_tokens=max_batch_tokens, max_wait_s=max_wait_ms / 1000, merge_policy=merge_policy,
+            continuous=continuous, chunkable="generation" in info.tasks,  # a decoder: causal attention
+            context_weight=attention_weight(model.config, self.layers),
         )
         self.slots = AdapterSlots(max_loaded_adapters, self._prepare, self._clear, pinned)
         self.admission = admission or AdmissionGate(max_rows=2**31, max_tokens=2**62)  # default: unbounded
         self.observers: list[EngineObserver] = []  # shared with the slots and the runner
         self.slots.observers = self.runner.observers = self.observers
+        self.runner.call(self.runner.calibrate)  # the admission gate's first estimates of what work costs
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Engine:
@@ -109,15 +123,21 @@ class Engine:
             max_loaded_adapters=settings.max_loaded_adapters,
             max_rank=settings.max_rank,
             max_batch_size=settings.max_batch_size,
+            max_batch_tokens=settings.max_batch_tokens,
             max_wait_ms=settings.max_wait_ms,
             merge_policy=policy,
             pinned=settings.pinned_adapters,
             continuous=settings.scheduling == "continuous",
-            admission=AdmissionGate(settings.max_rows_in_flight, settings.max_tokens_in_flight, settings.retry_after_s),
+            admission=AdmissionGate(settings.max_rows_in_flight, settings.max_tokens_in_flight, settings.retry_after_s,
+                                    settings.max_request_share, settings.admission_wait_share),
         )
 
     def close(self) -> None:
         self.runner.close()
+
+    def abort(self, error: LoraswapError) -> None:
+        """Stop at the next turn, answering every request queued or running with `error` (shutdown)."""
+        self.runner.abort(error)
 
     @property
     def queue_depth(self) -> int:
@@ -326,7 +346,7 @@ class Engine:
         if slot.task != "classification":
             raise InvalidInput("adapter", f"{slot.location.name!r} is an adapter for {slot.task}, not classification")
         rows = self.encoder.for_classification(texts)
-        return self._admitted(ClassifyJob(rows, slot), rows, 0).result()
+        return self._admitted(ClassifyJob(rows, slot)).result()
 
     def embed(self, location: SlotKey | None, inputs: list[str | list[int]]) -> list[EmbeddingResult]:
         """Mean-pooled, L2-normalized last hidden states (float32) of texts or token ids, with an adapter's LoRA
@@ -334,17 +354,24 @@ class Engine:
         self.admission.check()
         rows = self.encoder.for_embedding(inputs)
         if location is None:
-            return self._admitted(EmbedJob(rows, BASE_SLOT), rows, 0).result()
+            return self._admitted(EmbedJob(rows, BASE_SLOT)).result()
         slot = self.acquire(location)
         try:
-            return self._admitted(EmbedJob(rows, slot.index), rows, 0).result()
+            return self._admitted(EmbedJob(rows, slot.index)).result()
         finally:
             self.release(slot)
 
-    def _admitted(self, job: ClassifyJob | EmbedJob | GenerateJob, rows: list[list[int]], new_tokens: int) -> Future:
-        """Queue a job if the admission gate lets its rows and tokens in (else Overloaded); its future's end
-        frees them."""
-        ticket = self.admission.reserve(len(rows), sum(len(row) + new_tokens for row in rows))
+    def _admitted(self, job: ClassifyJob | EmbedJob | GenerateJob) -> Future:
+        """Queue a job if the admission gate lets it in (else Overloaded, or InvalidInput for a request larger than
+        one may be); its future's end frees what it holds. Generation rows hold KV tokens (prompt plus
+        max_new_tokens); every job brings work to the scheduler's lanes, which the gate weighs against the time
+        before the request's deadline."""
+        kv_tokens = sum(len(row) + job.params.max_new_tokens for row in job.rows) if isinstance(job, GenerateJob) else 0
+        deadline = job.request.deadline
+        time_left_s = None if deadline is None else deadline - time.monotonic()
+        steps = job.params.max_new_tokens if isinstance(job, GenerateJob) else 0
+        job.ticket = ticket = self.admission.reserve(len(job.rows), kv_tokens, self.runner.scheduler.work(job),
+                                                     time_left_s, self.runner.costs, steps)
         try:
             future = self.runner.generate(job) if isinstance(job, GenerateJob) else self.runner.classify(job)
         except BaseException:
@@ -366,7 +393,7 @@ class Engine:
     ) -> list[GenerationResult]:
         """Every prompt is one row of the shared decode batch; the answers come when the last row finishes."""
         job = self._generation_job(prompts, slot, params)
-        return self._admitted(job, job.prompts, params.max_new_tokens).result()
+        return self._admitted(job).result()
 
     def predict(
         self, location: SlotKey | None, texts: list[str | list[int]], params: GenerationParams
@@ -394,7 +421,7 @@ class Engine:
         Closing the iterator early cancels the request: its row leaves the batch at the next step.
         """
         job = self._generation_job([prompt], slot, params, stream=True)
-        future = self._admitted(job, job.prompts, params.max_new_tokens)
+        future = self._admitted(job)
         deltas = TextDeltas(self.tokenizer, params.stop)
         try:
             while (token := job.stream.get()) is not None:

@@ -1,12 +1,14 @@
 """Graceful drain: on SIGTERM the server stops taking requests (503; /health says "draining"), lets those in flight
-finish for up to `drain_timeout_s`, then exits with status 0. A second SIGTERM, or SIGINT, exits at once (uvicorn's
-own shutdown)."""
+finish for up to `drain_timeout_s`, then exits with status 0. Past the drain timeout the engine is stopped at its
+next turn (after at most one bounded forward): what it still holds is answered 503, so the process exits within
+seconds. A second SIGTERM, or SIGINT, exits at once (uvicorn's own shutdown)."""
 
 from __future__ import annotations
 
 import logging
 import signal
 import threading
+from collections.abc import Callable
 from types import FrameType
 
 import uvicorn
@@ -46,10 +48,12 @@ class Lifecycle:
 class DrainingServer(uvicorn.Server):
     """uvicorn's server, with SIGTERM meaning "drain, then exit 0" rather than "close connections now"."""
 
-    def __init__(self, config: uvicorn.Config, lifecycle: Lifecycle, drain_timeout_s: float):
+    def __init__(self, config: uvicorn.Config, lifecycle: Lifecycle, drain_timeout_s: float,
+                 stop_work: Callable[[], None]):
         super().__init__(config)
         self.lifecycle = lifecycle
         self.drain_timeout_s = drain_timeout_s
+        self.stop_work = stop_work  # past the drain timeout: answer what is still in flight (503) and stop
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if sig != signal.SIGTERM or self.lifecycle.draining:
@@ -64,5 +68,6 @@ class DrainingServer(uvicorn.Server):
         if self.lifecycle.wait_idle(self.drain_timeout_s):
             log.info("drained: every request in flight has been answered; exiting")
         else:
-            log.warning("drain timeout: %d requests still in flight; exiting", self.lifecycle.in_flight)
+            log.warning("drain timeout: %d requests still in flight are cut (503); exiting", self.lifecycle.in_flight)
+            self.stop_work()
         self.should_exit = True

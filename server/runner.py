@@ -1,18 +1,24 @@
 """The model runner: the engine's one worker thread, which alone runs the model and changes its modules.
 
-It runs a step loop (continuous batching, across adapters). Each turn of the loop:
+It executes the step plans of server/scheduler.py (continuous batching across adapters, bounded forwards). Each
+turn of the loop:
 1. control jobs (adapter installs and evictions, merges) run, in order;
 2. requests past their deadline (answered DeadlineExceeded) or whose client went away leave the queues, and rows
    whose request was cancelled (a closed stream), failed or so ended leave the decode batch;
-3. queued classification requests run as one forward, so a classification waits at most one decode step;
-4. queued generation requests are prefilled as one forward of their own; each new row gets its first token there
-   and joins the decode batch (its KV cache is left-padded to the batch's width and concatenated); classification
-   requests that arrived meanwhile run next, before the decode step;
-5. one decode step: one forward over every active row, whatever its adapter and sampling settings; a row that
+3. one chunk of the long row in progress, if any: a row longer than `max_batch_tokens` runs a chunk per turn
+   through its own KV cache, and with its last chunk gets its answer (a class, an embedding, or a first token and
+   a place in the decode batch);
+4. queued classification and embedding rows run as one forward (so a classification waits at most one step);
+5. new generation rows are prefilled as one forward of their own; each gets its first token there and joins the
+   decode batch (its KV cache is left-padded to the batch's width and concatenated); classification rows that
+   arrived meanwhile run next, before the decode step;
+6. one decode step: one forward over every active row, whatever its adapter and sampling settings; a row that
    finishes (EOS, its budget, a stop string) leaves at once and its request is answered then.
-With `continuous=False` (static batching, kept to measure against) steps 3 and 4 take work only while no row is
-decoding, and finished rows keep their place (computed, their tokens dropped) until the last row is done: a batch
-runs to the end of its longest row and everything else waits, as `model.generate()` did.
+Every forward holds at most `max_batch_tokens` tokens and `max_batch_rows` rows, so between two turns (where
+deadlines, departed clients and shutdown take effect) there is at most a bounded amount of work.
+With `continuous=False` (static batching, kept to measure against) no new work starts while a row is decoding, and
+finished rows keep their place (computed, their tokens dropped) until the last row is done: a batch runs to the end
+of its longest row and everything else waits, as `model.generate()` did.
 
 Failures: a forward that fails is rerun request by request (a decode step: row by row, from the cache as it was
 before the step), so one bad request fails alone and its batch mates go on.
@@ -25,20 +31,23 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from queue import Queue
 from typing import Any, Protocol, TypeVar
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from .encoding import stop_cut
-from .errors import ClientDisconnected
+from .errors import LoraswapError
 from .heads import SequenceClassifier, output_rows
+from .admission import WorkCosts
+from .jobs import (
+    ClassifyJob, ControlJob, EmbedJob, GenerateJob, RowJob, end_if_abandoned, progress, row_done, settle
+)
 from .lora import LoraContext, MultiLoraLinear
-from .request_context import RequestContext, current_request
-from .slots import BASE_SLOT, Slot
+from .scheduler import Piece, Scheduler
+from .slots import BASE_SLOT
 from .types import ClassificationResult, EmbeddingResult, GenerationParams, GenerationResult, TokenLogprob
 
 log = logging.getLogger(__name__)
@@ -84,86 +93,6 @@ class MergePolicy:
         if top != BASE_SLOT and count >= self.merge_share * len(self.recent):
             return top
         return None
-
-
-# ---- jobs: what callers queue for the worker ------------------------------------------------------------------
-
-
-@dataclass
-class ControlJob:
-    """A change to the model (install, clear, merge) or any call that must run on the worker, alone and in order."""
-
-    fn: Callable[[], Any]
-    future: Future = field(default_factory=Future)
-
-
-@dataclass
-class ClassifyJob:
-    rows: list[list[int]]  # token ids per input
-    slot: Slot
-    future: Future = field(default_factory=Future)  # -> list[ClassificationResult]
-    enqueued: float = field(default_factory=time.perf_counter)
-    request: RequestContext = field(default_factory=current_request)  # its id, deadline and client
-
-    @property
-    def slot_index(self) -> int:
-        return self.slot.index
-
-
-@dataclass
-class EmbedJob:
-    """Embeddings: the body's last hidden state, mean-pooled over each input's tokens and L2-normalized. They run
-    in the classification forward (same right padding, no LM head), so the two batch together."""
-
-    rows: list[list[int]]  # token ids per input
-    slot_index: int  # BASE_SLOT: the base itself
-    future: Future = field(default_factory=Future)  # -> list[EmbeddingResult]
-    enqueued: float = field(default_factory=time.perf_counter)
-    request: RequestContext = field(default_factory=current_request)
-
-
-@dataclass
-class GenerateJob:
-    prompts: list[list[int]]  # token ids per input: each becomes one row of the decode batch
-    slot_index: int
-    params: GenerationParams
-    stream: Queue[int | None] | None = None  # a streamed request's new token ids, one per step (None: it ended)
-    future: Future = field(default_factory=Future)  # -> list[GenerationResult]; cancel() frees its rows
-    enqueued: float = field(default_factory=time.perf_counter)
-    request: RequestContext = field(default_factory=current_request)
-    results: list[GenerationResult | None] = field(default_factory=list)
-    # per prompt, when params ask: the generated tokens' logprobs, EOS's included (each is added before its token
-    # goes to the stream), and the prompt's own (from the prefill)
-    logprobs: list[list[TokenLogprob]] = field(default_factory=list)
-    prompt_logprobs: list[list[TokenLogprob] | None] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.results = [None] * len(self.prompts)
-        self.logprobs = [[] for _ in self.prompts]
-        self.prompt_logprobs = [None] * len(self.prompts)
-
-
-def _end_if_abandoned(job: ClassifyJob | EmbedJob | GenerateJob) -> bool:
-    """Answer a job whose deadline passed (DeadlineExceeded) or whose client went away; True if it has ended."""
-    if not job.future.done():
-        if job.request.client_gone.is_set():
-            _settle(job.future, error=ClientDisconnected("the client disconnected"))
-        elif job.request.expired():
-            log.info("request past its deadline of %g s leaves", job.request.timeout_s,
-                     extra={"request_id": job.request.request_id})
-            _settle(job.future, error=job.request.deadline_error())
-    return job.future.done()
-
-
-def _settle(future: Future, result: Any = None, error: BaseException | None = None) -> None:
-    """Answer a future unless its caller cancelled it meanwhile."""
-    try:
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)
-    except InvalidStateError:
-        pass
 
 
 # ---- the decode batch ------------------------------------------------------------------------------------------
@@ -266,6 +195,20 @@ def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], top: int) -> lis
 # ---- the runner ------------------------------------------------------------------------------------------------
 
 
+@dataclass
+class LongRow:
+    """A row running in chunks (server/scheduler.py): its KV cache so far and what its answer accumulates."""
+
+    piece: Piece  # its latest chunk
+    cache: DynamicCache
+    hidden_sum: torch.Tensor | None = None  # [hidden] float32: an embedding's sum of last hidden states
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)  # an echo's, chunk by chunk
+
+    def continues(self, piece: Piece) -> bool:
+        return piece.start > 0 and self.piece.job is piece.job and self.piece.row == piece.row \
+            and self.piece.stop == piece.start
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -276,9 +219,12 @@ class ModelRunner:
         classifier: SequenceClassifier,
         *,
         max_batch_rows: int = 16,
+        max_batch_tokens: int = 256,
         max_wait_s: float = 0.002,
         merge_policy: MergePolicy | None = None,
         continuous: bool = True,
+        chunkable: bool = True,
+        context_weight: float = 0.0,
     ):
         self.model = model
         self.body = getattr(model, model.base_model_prefix)  # the transformer without its LM head
@@ -296,12 +242,13 @@ class ModelRunner:
         self.merged: int | None = None  # slot folded into the base weights (worker thread only)
         self.observers: list[BatchObserver] = []
         self.batch_sizes: Counter[int] = Counter()  # rows per forward, for metrics and benchmarks
-        self._controls: list[ControlJob] = []
-        self._classify: list[ClassifyJob] = []
-        self._generate: list[GenerateJob] = []
+        self.scheduler = Scheduler(max_batch_rows, max_batch_tokens, continuous, chunkable, context_weight)  # under _cond
+        self.costs = WorkCosts(max_batch_tokens, max_batch_rows)  # measured here, read by the admission gate
         self._batch: DecodeBatch | None = None  # worker thread only
+        self._long: LongRow | None = None  # worker thread only
         self._cond = threading.Condition()
         self._closed = False
+        self._abort: LoraswapError | None = None  # set: stop at the next turn, answering everything with it
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._thread.start()
 
@@ -331,7 +278,7 @@ class ModelRunner:
     def depth(self) -> int:
         """Requests waiting for the worker (not counting rows being decoded)."""
         with self._cond:
-            return len(self._controls) + len(self._classify) + len(self._generate)
+            return self.scheduler.depth()
 
     def close(self) -> None:
         """Finish what is queued and running, then stop the worker."""
@@ -340,15 +287,20 @@ class ModelRunner:
             self._cond.notify()
         self._thread.join(timeout=30)
 
-    def _enqueue(self, job: ControlJob | ClassifyJob | EmbedJob | GenerateJob) -> Future:
-        with self._cond:  # the queue is looked up under the lock: the worker swaps the lists for new ones
+    def abort(self, error: LoraswapError) -> None:
+        """Stop at the next turn (after at most one bounded forward): every request queued or running is answered
+        with `error`, and the worker ends. The server's shutdown after its drain timeout."""
+        with self._cond:
+            self._abort = error
+            self._closed = True
+            self._cond.notify()
+        self._thread.join(timeout=30)
+
+    def _enqueue(self, job: ControlJob | RowJob) -> Future:
+        with self._cond:
             if self._closed:
                 raise RuntimeError("the engine is shut down")
-            queue = (
-                self._controls if isinstance(job, ControlJob) else self._generate if isinstance(job, GenerateJob)
-                else self._classify
-            )
-            queue.append(job)
+            self.scheduler.add(job)
             self._cond.notify()
         return job.future
 
@@ -357,85 +309,79 @@ class ModelRunner:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not (self._controls or self._classify or self._generate or self._batch):
+                while not (self.scheduler.has_work() or self._batch or self._abort):
                     if self._closed:
                         return
                     self._cond.wait()
+                if self._abort is not None:
+                    self._answer_everything(self._abort)
+                    return
                 if self._batch is None:
                     self._wait_for_company()
-                self._classify = [job for job in self._classify if not _end_if_abandoned(job)]
-                self._generate = [job for job in self._generate if not _end_if_abandoned(job)]
-                controls, self._controls = self._controls, []
-                decoding = self.decoding
-                classify = self._take(self._classify, lambda job: len(job.rows), decoding, room=0)
-                generate = self._take(self._generate, lambda job: len(job.prompts), decoding, room=decoding)
-            for control in controls:
+                plan = self.scheduler.plan(self.decoding)
+            for control in plan.controls:
                 try:
-                    _settle(control.future, control.fn())
+                    settle(control.future, control.fn())
                 except BaseException as exc:  # noqa: BLE001 - every failure must reach its caller
-                    _settle(control.future, error=exc)
+                    settle(control.future, error=exc)
             self._drop_gone_rows()
-            self._run_classification(classify)
-            generate = [job for job in generate if not job.future.cancelled()]
-            if generate:
-                self._observe(job.slot_index for job in generate)
-                self._isolated(generate, self._prefill)
-                self._classify_queued()  # what arrived during the prefill does not wait for the decode step too
+            self._run_chunk(plan.chunk)
+            self._run_encode(plan.encode)
+            prefill = [piece for piece in plan.prefill if not piece.job.future.done()]
+            if prefill:
+                self._observe(prefill)
+                self._isolated(prefill, self._prefill)
+                with self._cond:  # what arrived during the prefill does not wait for the decode step too
+                    encode = self.scheduler.take_encode()
+                self._run_encode(encode)
             if self._batch is not None:
                 self._decode_step()
 
-    def _run_classification(self, jobs: list[ClassifyJob | EmbedJob]) -> None:
-        """One forward of the body for classification and embedding jobs."""
-        if jobs:
-            self._observe(job.slot_index for job in jobs)
-            self._isolated(jobs, self._encode_jobs)
+    def _answer_everything(self, error: LoraswapError) -> None:
+        """Shutdown (lock held): every request queued, in chunks or decoding is answered with `error`."""
+        jobs = self.scheduler.abandon_all() + ([row.job for row in self._batch.rows] if self._batch else [])
+        for job in [*self.scheduler.controls, *jobs]:
+            settle(job.future, error=error)
+        self.scheduler.controls = []
+        self._batch = self._long = None
+        log.warning("engine stopped: %d requests answered with %r", len({id(job) for job in jobs}), str(error))
 
-    def _classify_queued(self) -> None:
-        with self._cond:
-            jobs = self._take(self._classify, lambda job: len(job.rows), self.decoding, room=0)
-        self._run_classification(jobs)
+    def _run_encode(self, pieces: list[Piece]) -> None:
+        """One forward of the body for classification and embedding rows."""
+        if pieces:
+            self._observe(pieces)
+            self._isolated(pieces, self._encode)
 
     def _wait_for_company(self) -> None:
         """With nothing decoding, give the first queued request up to max_wait for batch mates (lock held)."""
-        queued = self._classify + self._generate
-        if self._controls or not queued:
+        oldest = self.scheduler.oldest()
+        if self.scheduler.controls or oldest is None:
             return
-        deadline = min(job.enqueued for job in queued) + self.max_wait_s
+        deadline = oldest + self.max_wait_s
         while (remaining := deadline - time.perf_counter()) > 0 and not self._closed:
-            rows = sum(len(j.rows) for j in self._classify) + sum(len(j.prompts) for j in self._generate)
-            if rows >= self.max_batch_rows or self._controls:
+            if self.scheduler.queued_rows() >= self.max_batch_rows or self.scheduler.controls:
                 return
             self._cond.wait(timeout=remaining)
 
-    def _take(self, queue: list, rows_of: Callable[[Any], int], decoding: int, room: int) -> list:
-        """Queued jobs for this turn (lock held): rows up to max_batch_rows, `room` of them already taken (the rows
-        decoding, for generation; a request is never split, so one larger than the limit goes alone). Static
-        batching takes nothing while rows decode."""
-        if decoding and not self.continuous:
-            return []
-        taken, rows = [], room
-        while queue and (rows == 0 or rows + rows_of(queue[0]) <= self.max_batch_rows):
-            rows += rows_of(queue[0])
-            taken.append(queue.pop(0))
-        return taken
-
-    def _observe(self, slot_indices: Any) -> None:
-        """Each request counts once for the merge policy, when it is admitted (a rerun after a failure does not)."""
+    def _observe(self, pieces: list[Piece]) -> None:
+        """Each request counts once for the merge policy, with its first piece (a rerun after a failure does not)."""
         if self.merge_policy is not None:
-            for index in slot_indices:
-                self.merge_policy.observe(index)
+            for piece in pieces:
+                if piece.row == 0 and piece.start == 0:
+                    self.merge_policy.observe(piece.job.slot_index)
 
-    def _isolated(self, jobs: list, run: Callable[[list], None]) -> None:
-        """Run jobs in one forward; if that fails, each alone, so that a bad request fails only itself."""
+    def _isolated(self, pieces: list[Piece], run: Callable[[list[Piece]], None]) -> None:
+        """Run pieces in one forward; if that fails, each request's alone, so that a bad request fails only itself."""
         try:
-            run(jobs)
+            run(pieces)
         except Exception as exc:  # noqa: BLE001 - it goes to the request that caused it
+            jobs = list({id(piece.job): piece.job for piece in pieces}.values())
             if len(jobs) == 1:
                 log.warning("request failed on the model: %r", exc, extra={"request_id": jobs[0].request.request_id})
-                _settle(jobs[0].future, error=exc)
+                settle(jobs[0].future, error=exc)
                 return
             for job in jobs:
-                self._isolated([job], run)
+                self._isolated([piece for piece in pieces if piece.job is job], run)
 
     # ---- forwards ---------------------------------------------------------------------------------------------
 
@@ -460,39 +406,50 @@ class ModelRunner:
         return ids.to(self.device), mask.to(self.device)
 
     @torch.no_grad()
-    def _encode_jobs(self, jobs: list[ClassifyJob | EmbedJob]) -> None:
-        """Classification and embedding jobs: one forward of the body over their right-padded inputs."""
-        rows = [row for job in jobs for row in job.rows]
-        ids, mask = self._pad(rows, "right")
-        with self._forward_rows([job.slot_index for job in jobs for _ in job.rows]):
+    def _encode(self, pieces: list[Piece]) -> None:
+        """Classification and embedding rows (whole): one forward of the body over them, right-padded."""
+        ids, mask = self._pad([piece.ids for piece in pieces], "right")
+        started = time.perf_counter()
+        with self._forward_rows([piece.job.slot_index for piece in pieces]):
             output = self.body(input_ids=ids, attention_mask=mask)  # last_hidden_state [rows, tokens, hidden]
+        self.costs.observe("encode", time.perf_counter() - started, ids.numel())
         start = 0
-        for job in jobs:
-            part = slice(start, start + len(job.rows))
-            start += len(job.rows)
+        while start < len(pieces):  # each request's rows (consecutive) together: one head call per request
+            job = pieces[start].job
+            stop = start
+            while stop < len(pieces) and pieces[stop].job is job:
+                stop += 1
+            part = slice(start, stop)
             if isinstance(job, EmbedJob):
-                _settle(job.future, self._embedded(job, output.last_hidden_state[part], mask[part]))
+                weights = mask[part, :, None].float()  # [rows, tokens, 1]: 1 on each input's own tokens
+                means = (output.last_hidden_state[part].float() * weights).sum(1) / weights.sum(1)  # [rows, hidden]
+                answers = self._embeddings(job, pieces[part], means)
             else:
-                _settle(job.future, self._classified(job, ids[part], mask[part], output_rows(output, part)))
+                logits = self.classifier.logits(ids[part], mask[part], output_rows(output, part), job.slot.adapter.head)
+                answers = self._classifications(job, pieces[part], logits)
+            for piece, answer in zip(pieces[part], answers):
+                progress(job, "encode", len(piece.ids))
+                row_done(job, piece.row, answer)
+            start = stop
 
-    def _classified(self, job: ClassifyJob, ids: torch.Tensor, mask: torch.Tensor, output: Any
-                    ) -> list[ClassificationResult]:
-        """The architecture's own classification forward (its pooling) with the adapter's head (server/heads.py)."""
-        logits = self.classifier.logits(ids, mask, output, job.slot.adapter.head)  # [rows, labels]
+    @staticmethod
+    def _classifications(job: ClassifyJob, pieces: list[Piece], logits: torch.Tensor) -> list[ClassificationResult]:
+        """[rows, labels] logits of the architecture's own classification forward (its pooling) with the adapter's
+        head (server/heads.py) -> each row's answer."""
         labels = job.slot.adapter.labels
         results = []
-        for i, row in enumerate(job.rows):
-            probs = logits[i].float().softmax(-1).tolist()
+        for piece, row_logits in zip(pieces, logits):
+            probs = row_logits.float().softmax(-1).tolist()
             best = max(range(len(probs)), key=probs.__getitem__)
-            results.append(ClassificationResult(labels[best], probs[best], dict(zip(labels, probs)), len(row)))
+            results.append(ClassificationResult(labels[best], probs[best], dict(zip(labels, probs)),
+                                                len(job.rows[piece.row])))
         return results
 
     @staticmethod
-    def _embedded(job: EmbedJob, hidden: torch.Tensor, mask: torch.Tensor) -> list[EmbeddingResult]:
-        weights = mask[..., None].float()  # [rows, tokens, 1]: 1 on each input's own tokens
-        mean = (hidden.float() * weights).sum(1) / weights.sum(1)  # [rows, hidden] float32
-        vectors = torch.nn.functional.normalize(mean, dim=-1).tolist()
-        return [EmbeddingResult(vector, len(row)) for vector, row in zip(vectors, job.rows)]
+    def _embeddings(job: EmbedJob, pieces: list[Piece], means: torch.Tensor) -> list[EmbeddingResult]:
+        """[rows, hidden] float32 means of the last hidden state -> each row's L2-normalized embedding."""
+        vectors = torch.nn.functional.normalize(means, dim=-1).tolist()
+        return [EmbeddingResult(vector, len(job.rows[piece.row])) for vector, piece in zip(vectors, pieces)]
 
     def _new_cache(self, kv: KV | None = None) -> DynamicCache:
         cache = DynamicCache(config=self.model.config)
@@ -501,15 +458,16 @@ class ModelRunner:
             layer.keys, layer.values = keys, values
         return cache
 
+    def _new_row(self, job: GenerateJob, index: int) -> Row:
+        seed = job.params.seed
+        return Row(job, index, len(job.prompts[index]), None if seed is None else
+                   torch.Generator(self.device).manual_seed(seed))
+
     @torch.no_grad()
-    def _prefill(self, jobs: list[GenerateJob]) -> None:
-        """One forward over the new requests' prompts; their rows get a first token and join the decode batch."""
-        rows = [
-            Row(job, i, len(prompt), None if job.params.seed is None else
-                torch.Generator(self.device).manual_seed(job.params.seed))
-            for job in jobs for i, prompt in enumerate(job.prompts)
-        ]
-        prompts = [prompt for job in jobs for prompt in job.prompts]
+    def _prefill(self, pieces: list[Piece]) -> None:
+        """One forward over new prompts (whole); their rows get a first token and join the decode batch."""
+        rows = [self._new_row(piece.job, piece.row) for piece in pieces]
+        prompts = [piece.ids for piece in pieces]
         ids, mask = self._pad(prompts, "left")
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = self._new_cache()
@@ -525,10 +483,97 @@ class ModelRunner:
                     first = TokenLogprob(prompt[0], None)
                     top = row.job.params.logprobs or 0
                     row.job.prompt_logprobs[row.index] = [first, *token_logprobs(predicted, prompt[1:], top)]
+        self._join(rows, cache, mask, logits)
+
+    def _join(self, rows: list[Row], cache: DynamicCache, mask: torch.Tensor, logits: torch.Tensor) -> None:
+        """Prefilled rows join the decode batch and take their first token from `logits` [rows, vocab]."""
         kv = [(layer.keys, layer.values) for layer in cache.layers]
         joined = DecodeBatch(rows, kv, mask, mask.sum(-1), torch.zeros(len(rows), dtype=torch.long, device=self.device))
         self._batch = joined if self._batch is None else DecodeBatch.join([self._batch, joined])
         self._take_tokens(logits, range(len(self._batch) - len(rows), len(self._batch)))
+
+    @torch.no_grad()
+    def calibrate(self) -> None:
+        """Time one full classification forward and (on a decoder) one full decode step on the base: the admission
+        gate's estimates of what work costs until real forwards have been measured."""
+        rows = self.max_batch_rows
+        width = max(1, min(32, self.scheduler.max_tokens // rows))
+        ids = torch.full((rows, width), self.pad if self.pad is not None else 0, dtype=torch.long, device=self.device)
+        mask = torch.ones_like(ids)
+        with self.context.rows([BASE_SLOT] * rows, self.device):
+            started = time.perf_counter()
+            self.body(input_ids=ids, attention_mask=mask)
+            self.costs.observe("encode", time.perf_counter() - started, ids.numel())
+            if self.scheduler.chunkable:
+                self.costs.observe("long", time.perf_counter() - started, ids.numel())
+                cache = self._new_cache()
+                self.body(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True)
+                started = time.perf_counter()
+                self.model(input_ids=ids[:, -1:], attention_mask=torch.ones((rows, width + 1), dtype=torch.long,
+                           device=self.device), cache=cache, use_cache=True)
+                self.costs.observe("generate", time.perf_counter() - started)
+
+    # ---- a long row, one chunk per turn ---------------------------------------------------------------------------
+
+    def _run_chunk(self, piece: Piece | None) -> None:
+        """The long row's next chunk; its state is dropped when the scheduler has dropped the row (its request
+        ended) or a chunk fails (the request fails alone)."""
+        if piece is None or piece.job.future.done():
+            self._long = None
+            return
+        if self._long is None or not self._long.continues(piece):
+            self._observe([piece])
+            self._long = LongRow(piece, self._new_cache())
+        self._long.piece = piece
+        try:
+            self._chunk(self._long, piece)
+        except Exception as exc:  # noqa: BLE001 - it goes to the request that caused it
+            log.warning("request failed on the model: %r", exc, extra={"request_id": piece.job.request.request_id})
+            settle(piece.job.future, error=exc)
+            self._long = None
+
+    @torch.no_grad()
+    def _chunk(self, long: LongRow, piece: Piece) -> None:
+        """One chunk of a long row through its KV cache (causal attention: the same hidden states as one forward
+        over the whole row); with the last chunk, the row's answer."""
+        job = piece.job
+        ids = torch.tensor([piece.ids], dtype=torch.long, device=self.device)  # [1, chunk]
+        positions = torch.arange(piece.start, piece.stop, device=self.device)[None]
+        mask = torch.ones((1, piece.stop), dtype=torch.long, device=self.device)  # the cache's tokens and these
+        started = time.perf_counter()
+        with self._forward_rows([job.slot_index]):
+            output = self.body(input_ids=ids, attention_mask=mask, position_ids=positions, cache=long.cache,
+                               use_cache=True)
+        self.costs.observe("long", time.perf_counter() - started, ids.shape[1])
+        progress(job, "long", ids.shape[1])
+        hidden = output.last_hidden_state  # [1, chunk, hidden]
+        if isinstance(job, EmbedJob):
+            chunk_sum = hidden[0].float().sum(0)
+            long.hidden_sum = chunk_sum if long.hidden_sum is None else long.hidden_sum + chunk_sum
+        elif isinstance(job, GenerateJob) and job.params.prompt_logprobs:
+            prompt = job.prompts[piece.row]
+            head = self.model.get_output_embeddings()
+            predicting = hidden[0] if not piece.last else hidden[0, :-1]  # each position scores the next token
+            if piece.start == 0:
+                long.prompt_logprobs.append(TokenLogprob(prompt[0], None))
+            long.prompt_logprobs += token_logprobs(head(predicting), prompt[piece.start + 1 : piece.stop + 1],
+                                                   job.params.logprobs or 0)
+        if not piece.last:
+            return
+        self._long = None
+        if isinstance(job, EmbedJob):
+            [answer] = self._embeddings(job, [piece], (long.hidden_sum / piece.stop)[None])
+            row_done(job, piece.row, answer)
+        elif isinstance(job, ClassifyJob):
+            logits = self.classifier.logits(ids, mask[:, piece.start:], output_rows(output, slice(0, 1)),
+                                            job.slot.adapter.head)
+            [answer] = self._classifications(job, [piece], logits)
+            row_done(job, piece.row, answer)
+        else:
+            if job.params.prompt_logprobs:
+                job.prompt_logprobs[piece.row] = long.prompt_logprobs
+            logits = self.model.get_output_embeddings()(hidden[:, -1:])[:, -1]  # [1, vocab]
+            self._join([self._new_row(job, piece.row)], long.cache, mask, logits)
 
     @torch.no_grad()
     def _decode_step(self) -> None:
@@ -556,9 +601,11 @@ class ModelRunner:
         """One decode forward; commits the batch's new cache, mask and positions only if it succeeds."""
         mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch), 1)], 1)
         cache = self._new_cache(batch.kv)
+        started = time.perf_counter()
         with self._forward_rows([row.job.slot_index for row in batch.rows]):
             logits = self.model(input_ids=batch.last[:, None], attention_mask=mask, position_ids=batch.positions[:, None],
                                 cache=cache, use_cache=True).logits[:, -1]  # [rows, vocab]
+        self.costs.observe("generate", time.perf_counter() - started)
         batch.kv = [(layer.keys, layer.values) for layer in cache.layers]
         batch.mask, batch.positions = mask, batch.positions + 1
         return logits
@@ -595,6 +642,7 @@ class ModelRunner:
     def _advance(self, row: Row, token: int) -> bool:
         """Add a token to a row; answer the row and return True if it is finished."""
         params = row.job.params
+        progress(row.job, "generate", 1)
         if token == self.eos and not params.ignore_eos:
             return self._finish(row, "stop")
         row.ids.append(token)
@@ -617,12 +665,12 @@ class ModelRunner:
             text, reason, len(row.ids), row.ids, row.prompt_tokens, logprobs, job.prompt_logprobs[row.index]
         )
         if all(result is not None for result in job.results):
-            _settle(job.future, job.results)
+            settle(job.future, job.results)
         return True
 
     def _fail_row(self, row: Row, exc: BaseException) -> None:
         log.warning("generation row failed: %r", exc, extra={"request_id": row.job.request.request_id})
-        _settle(row.job.future, error=exc)  # its other rows leave at the next turn (gone)
+        settle(row.job.future, error=exc)  # its other rows leave at the next turn (gone)
 
     def _leave(self, rows: set[int]) -> None:
         """These rows of the batch are finished: they leave now (static batching: once every row is finished)."""
@@ -638,7 +686,7 @@ class ModelRunner:
         forward (and before any control job frees their adapter's slot)."""
         if self._batch is not None:
             for job in {id(row.job): row.job for row in self._batch.rows}.values():
-                _end_if_abandoned(job)
+                end_if_abandoned(job)
             gone = {i for i, row in enumerate(self._batch.rows) if row.gone}
             if gone:
                 self._leave(gone)

@@ -46,7 +46,7 @@ class Settings(BaseSettings):
     default_max_new_tokens: int = Field(64, ge=1)
     max_batch_size: int = Field(16, ge=1, description="Most rows in one forward (the decode batch included).")
     max_batch_tokens: int = Field(
-        512, ge=1, description="Most tokens in one forward (rows x width, padding included), like vLLM's "
+        256, ge=1, description="Most tokens in one forward (rows x width, padding included), like vLLM's "
         "max_num_batched_tokens: longer work runs in chunks (a row longer than this: chunked through its KV cache "
         "on a decoder), with other requests, deadlines and shutdown served between chunks.",
     )
@@ -60,10 +60,20 @@ class Settings(BaseSettings):
         256, ge=1, description="Most rows (inputs) admitted at once, queued or decoding; beyond it 429 Retry-After."
     )
     max_tokens_in_flight: int = Field(
-        262_144, ge=1, description="Most tokens admitted at once (each row's prompt plus its max_new_tokens: what its "
-        "KV cache may grow to); beyond it 429 Retry-After.",
+        262_144, ge=1, description="Most KV tokens admitted at once (each generation row's prompt plus its "
+        "max_new_tokens: what its KV cache may grow to); beyond it 429 Retry-After.",
     )
-    retry_after_s: int = Field(1, ge=0, description="Retry-After (seconds) sent with a 429.")
+    max_request_share: float = Field(
+        0.5, gt=0, le=1, description="Share of max_rows_in_flight and of max_tokens_in_flight one request may hold; "
+        "a larger request is refused (422 naming the limit). 1: no such limit (a request larger than a bound then "
+        "runs only alone).",
+    )
+    admission_wait_share: float = Field(
+        0.5, gt=0, description="A request whose estimated wait (the work admitted ahead of it, at the measured cost "
+        "of the engine's forwards) exceeds this share of the time before its deadline gets 429 with that wait as "
+        "Retry-After, instead of a 504 later.",
+    )
+    retry_after_s: int = Field(1, ge=0, description="Retry-After (seconds) sent with a 429 of a full server.")
     request_timeout_s: float | None = Field(
         300.0, gt=0, description="Deadline of an inference request (a request's `timeout` field may lower it); "
         "past it the request leaves the batch at the next step and gets 504. None: no deadline.",

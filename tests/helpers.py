@@ -229,13 +229,17 @@ def tree(root: Path) -> dict[str, str]:
 
 def classify_together(engine, jobs) -> list[list]:
     """Classification jobs in exactly one forward (on the engine's worker); each job's results."""
-    engine.runner.call(lambda: engine.runner._encode_jobs(jobs))
+    from server.scheduler import whole_rows
+
+    engine.runner.call(lambda: engine.runner._encode(whole_rows(jobs)))
     return [job.future.result(timeout=60) for job in jobs]
 
 
 def generate_together(engine, jobs) -> list[list]:
     """Generation jobs prefilled in one forward, so that they decode as one batch; each job's results."""
-    engine.runner.call(lambda: engine.runner._prefill(jobs))
+    from server.scheduler import whole_rows
+
+    engine.runner.call(lambda: engine.runner._prefill(whole_rows(jobs)))
     return [job.future.result(timeout=60) for job in jobs]
 
 

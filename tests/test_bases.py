@@ -19,7 +19,7 @@ from transformers import AutoModelForSequenceClassification
 from server.base_model import BaseModelError, load_base
 from server.engine import Engine
 from server.errors import AdapterInvalid
-from server.runner import ClassifyJob, GenerateJob
+from server.jobs import ClassifyJob, GenerateJob
 from server.settings import Settings
 from server.types import AdapterLocation, GenerationParams
 from tests.helpers import (

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -221,3 +222,37 @@ def test_a_stream_its_client_left_is_logged_as_499(tiny_settings, engine, store,
             time.sleep(0.01)
     [record] = [r for r in caplog.records if r.name == "server.requests" and r.path == "/predict"]
     assert record.status == 499
+
+
+# ---- shutdown past the drain timeout ------------------------------------------------------------------------------
+
+
+def test_past_the_drain_timeout_work_is_cut_with_503_and_the_process_exits(tiny_base, adapter_store, tmp_path):
+    """A request of 64 rows in about 4,000 chunks is still running when the 1 s drain timeout passes."""
+    import shutil
+    import signal
+    import time
+
+    from tests.helpers import server_process
+
+    store = tmp_path / "store"
+    shutil.copytree(adapter_store / "sentiment", store / "sentiment")
+    log_path = tmp_path / "server.log"
+    flags = ("--num-threads", "1", "--max-batch-tokens", "4", "--drain-timeout-s", "1")
+    with server_process(tiny_base, store, log_path, *flags) as (url, process):
+        with ThreadPoolExecutor(1) as pool:
+            big = pool.submit(httpx.post, f"{url}/predict?adapter=sentiment", timeout=120,
+                              json={"inputs": ["word " * 240] * 64})
+            deadline = time.monotonic() + 30
+            while "loraswap_admitted_rows 64.0" not in httpx.get(f"{url}/metrics").text:
+                assert time.monotonic() < deadline, "the request was not admitted"
+                time.sleep(0.05)
+            signalled = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            response = big.result()
+        assert response.status_code == 503, response.text
+        assert response.json() == {"detail": "the server is shutting down: the request was cut at its drain timeout"}
+        assert process.wait(timeout=30) == 0
+        exited_s = time.monotonic() - signalled
+    assert exited_s < 1 + 10, exited_s
+    assert "drain timeout: 1 requests still in flight are cut (503); exiting" in log_path.read_text()

@@ -11,7 +11,9 @@ import torch
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 
 from server.engine import Engine
-from server.runner import GenerateJob, sampling_scores
+from server.jobs import GenerateJob
+from server.runner import sampling_scores
+from server.scheduler import whole_rows
 from server.types import AdapterLocation, GenerationParams
 from tests.helpers import generate_together, peft_reference_greedy, poisoned
 
@@ -166,7 +168,7 @@ def test_a_failing_row_does_not_fail_its_mates(engine, slots, tiny_base, adapter
         # a request whose prefill fails (shared with a healthy one) fails alone too
         bad = GenerateJob([ids(engine, "bad", 5)], slots["gen-b"].index, GenerationParams(max_new_tokens=5))
         good = GenerateJob([ids(engine, "good", 5)], slots["gen-a"].index, GenerationParams(max_new_tokens=5))
-        engine.runner.call(lambda: engine.runner._isolated([bad, good], engine.runner._prefill))
+        engine.runner.call(lambda: engine.runner._isolated(whole_rows([bad, good]), engine.runner._prefill))
         with pytest.raises(RuntimeError, match="poisoned"):
             bad.future.result(timeout=60)
         [good_result] = good.future.result(timeout=60)

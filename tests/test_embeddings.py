@@ -45,7 +45,7 @@ def test_base64_is_the_float32_bytes_and_ids_equal_their_text(client, tokenizer)
 
 def test_embeddings_batch_with_classifications(engine, adapter_store, tokenizer):
     """An embedding job and a classification job in one forward get what each gets alone."""
-    from server.runner import ClassifyJob, EmbedJob
+    from server.jobs import ClassifyJob, EmbedJob
     from server.types import AdapterLocation
     from tests.helpers import classify_together
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from server.runner import ClassifyJob, GenerateJob
+from server.jobs import ClassifyJob, GenerateJob
 from server.types import AdapterLocation, GenerationParams
 from tests.conftest import LABELS
 from tests.helpers import peft_reference_greedy, peft_reference_probs, classify_together, generate_together

@@ -103,7 +103,7 @@ def test_chat_logprobs_with_top_logprobs(client, tiny_base, adapter_store, token
 
 def test_echo_rows_share_a_prefill_with_plain_rows(engine, adapter_store, tokenizer):
     """A row that keeps its prompt's logprobs changes nothing for its batch mates, and gets what it gets alone."""
-    from server.runner import GenerateJob
+    from server.jobs import GenerateJob
     from server.types import AdapterLocation, GenerationParams
     from tests.helpers import generate_together
 
