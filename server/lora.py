@@ -145,10 +145,6 @@ class MultiLoraLinear(nn.Module):
         self._dora[slot] = self._dora_rows[slot]  # a view of its row
         self._rows_batch = -1
 
-    @property
-    def dora_slots(self) -> set[int]:
-        return set(self._dora)
-
     def _restack(self, r_max: int) -> None:
         """Make room for a larger rank (only then is the whole stack reallocated)."""
         device = self.base.weight.device

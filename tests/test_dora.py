@@ -262,3 +262,21 @@ def test_a_dora_upload_is_accepted_and_listed_as_dora(admin, dora_store, tmp_pat
     refused = upload(admin, "broken-dora", folder_files(tmp_path / "broken"))
     assert refused.status_code == 422
     assert "does not fit lora_B" in refused.json()["detail"]
+
+
+def test_dora_rows_in_chunks_equal_peft(tiny_settings, dora_store, tiny_base, tokenizer):
+    """Rows longer than max_batch_tokens run in chunks through their KV cache: a DoRA row's chunks too."""
+    texts = ["the river runs past the old stone mill at night, and the miller's daughter counts the stars " * 2, "ok"]
+    engine = Engine.from_settings(tiny_settings.model_copy(
+        update={"adapters_dir": dora_store, "auto_merge": False, "max_batch_tokens": 16}))
+    try:
+        engine.batch_sizes.clear()
+        _, results = engine.predict(at(dora_store, "dora-cls"), texts, GenerationParams())
+        assert sum(engine.batch_sizes.values()) > len(texts)  # chunks, not one forward
+        reference = peft_reference_probs(tiny_base, dora_store / "dora-cls", tokenizer, texts, len(LABELS))
+        assert torch.allclose(probs(results, LABELS), reference, atol=1e-5)
+        _, [generated] = engine.predict(at(dora_store, "dora-gen"), texts[:1], GREEDY)
+        ids = engine.encode_for_generation(texts[:1], GREEDY)[0]
+        assert generated.token_ids == peft_reference_greedy(tiny_base, dora_store / "dora-gen", ids, 12)
+    finally:
+        engine.close()
