@@ -26,10 +26,10 @@ from .base_model import BaseInfo, load_base
 from .encoding import InputEncoder, TextDeltas
 from .errors import AdapterChanged, AdapterInvalid, InvalidInput, LoraswapError
 from .heads import SequenceClassifier
+from .jobs import ClassifyJob, EmbedJob, GenerateJob
 from .lora import LoraContext, MultiLoraLinear, fit_problems, resolve_module_path, wrap_linear_layers
 from .mixtures import combine, config_rank, mixture_problems
 from .request_context import current_request
-from .jobs import ClassifyJob, EmbedJob, GenerateJob
 from .runner import MergePolicy, ModelRunner
 from .settings import Settings
 from .slots import BASE_SLOT, AdapterSlots, Installer, LoadedAdapter, Slot, SlotsBusy
