@@ -494,24 +494,28 @@ class ModelRunner:
 
     @torch.no_grad()
     def calibrate(self) -> None:
-        """Time one full classification forward and (on a decoder) one full decode step on the base: the admission
-        gate's estimates of what work costs until real forwards have been measured."""
+        """Time a classification forward of `max_batch_tokens` tokens and (on a decoder) decode steps of one row
+        and of a full batch, on the base: the admission gate's estimates until real forwards have been measured."""
         rows = self.max_batch_rows
-        width = max(1, min(32, self.scheduler.max_tokens // rows))
+        width = max(1, self.scheduler.max_tokens // rows)
         ids = torch.full((rows, width), self.pad if self.pad is not None else 0, dtype=torch.long, device=self.device)
         mask = torch.ones_like(ids)
         with self.context.rows([BASE_SLOT] * rows, self.device):
             started = time.perf_counter()
             self.body(input_ids=ids, attention_mask=mask)
-            self.costs.observe("encode", time.perf_counter() - started, ids.numel())
-            if self.scheduler.chunkable:
-                self.costs.observe("long", time.perf_counter() - started, ids.numel())
+            seconds = time.perf_counter() - started
+        self.costs.observe("encode", seconds, ids.numel())
+        if not self.scheduler.chunkable:
+            return
+        self.costs.observe("long", seconds, ids.numel())
+        for size in sorted({1, rows}):
+            with self.context.rows([BASE_SLOT] * size, self.device):
                 cache = self._new_cache()
-                self.body(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True)
+                self.body(input_ids=ids[:size], attention_mask=mask[:size], cache=cache, use_cache=True)
+                step_mask = torch.ones((size, width + 1), dtype=torch.long, device=self.device)
                 started = time.perf_counter()
-                self.model(input_ids=ids[:, -1:], attention_mask=torch.ones((rows, width + 1), dtype=torch.long,
-                           device=self.device), cache=cache, use_cache=True)
-                self.costs.observe("generate", time.perf_counter() - started)
+                self.model(input_ids=ids[:size, -1:], attention_mask=step_mask, cache=cache, use_cache=True)
+                self.costs.observe_step(size, time.perf_counter() - started)
 
     # ---- a long row, one chunk per turn ---------------------------------------------------------------------------
 
@@ -605,7 +609,7 @@ class ModelRunner:
         with self._forward_rows([row.job.slot_index for row in batch.rows]):
             logits = self.model(input_ids=batch.last[:, None], attention_mask=mask, position_ids=batch.positions[:, None],
                                 cache=cache, use_cache=True).logits[:, -1]  # [rows, vocab]
-        self.costs.observe("generate", time.perf_counter() - started)
+        self.costs.observe_step(len(batch), time.perf_counter() - started)
         batch.kv = [(layer.keys, layer.values) for layer in cache.layers]
         batch.mask, batch.positions = mask, batch.positions + 1
         return logits

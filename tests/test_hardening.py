@@ -151,11 +151,18 @@ def test_the_token_bound_counts_prompt_and_budget(engine, adapter_store):
 # ---- deadlines and disconnects ----------------------------------------------------------------------------------
 
 
+def unmeasured(engine) -> None:
+    """The engine forgets what its forwards cost: admission has no estimate until it measures them again."""
+    from server.admission import WorkCosts
+
+    engine.runner.costs = WorkCosts(engine.runner.costs.budget, engine.runner.costs.max_rows)
+
+
 def test_a_request_past_its_deadline_leaves_the_batch_and_gets_504(live, engine):
     """Admitted while the engine's costs are unknown (else admission would see that 200 slowed steps cannot end
     within the deadline, and answer 429 at once: tests/test_admission.py)."""
     with slowed(engine, 0.01):
-        engine.runner.costs.seconds.clear()
+        unmeasured(engine)
         started = time.monotonic()
         response = httpx.post(f"{live}/predict?adapter=gen-a", json={"inputs": "a long one", "parameters": LONG,
                                                                       "timeout": 0.3}, timeout=30)
@@ -164,7 +171,7 @@ def test_a_request_past_its_deadline_leaves_the_batch_and_gets_504(live, engine)
         assert response.json() == {"detail": "the request's deadline of 0.3 s passed before it was answered"}
         assert elapsed < 0.3 + 0.5  # the next step after the deadline, not the 200 steps (over 2 s here)
         assert engine.runner.decoding == 0 and engine.admission.rows == 0
-        engine.runner.costs.seconds.clear()
+        unmeasured(engine)
         chat = httpx.post(f"{live}/v1/chat/completions", timeout=30, json={
             "model": "gen-a", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 200, "timeout": 0.2})
     assert chat.status_code == 504 and "deadline of 0.2 s" in chat.json()["error"]["message"]
@@ -175,7 +182,7 @@ def test_the_servers_timeout_applies_and_a_request_cannot_raise_it(tiny_settings
 
     settings = tiny_settings.model_copy(update={"adapters_dir": store, "request_timeout_s": 0.2})
     with serve_in_thread(create_app(settings, engine=engine)) as url, slowed(engine, 0.01):
-        engine.runner.costs.seconds.clear()  # admitted: the deadline, not admission, ends it (see above)
+        unmeasured(engine)  # admitted: the deadline, not admission, ends it (see above)
         response = httpx.post(f"{url}/predict", json={"inputs": "x", "parameters": LONG, "timeout": 60}, timeout=30)
     assert response.status_code == 504 and "deadline of 0.2 s" in response.json()["detail"]
 
