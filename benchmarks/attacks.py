@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -124,7 +123,7 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(base)
     work = Path(tempfile.mkdtemp(prefix="loraswap-attacks-"))
     store = work / "store"
-    shutil.copytree(REPO / "adapters" / "sentiment", store / "sentiment")
+    store.mkdir()  # the writable store; sentiment is a shipped adapter
     url = f"http://127.0.0.1:{PORT}"
     results: dict[str, dict] = {"load_average_at_start": os.getloadavg(), "cpu_count": os.cpu_count()}
     http = httpx.Client(base_url=url, timeout=600)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from server.engine import Engine
-from server.settings import Settings
+from server.settings import SHIPPED_ADAPTERS, Settings
 from server.types import AdapterLocation, GenerationParams
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,12 +41,12 @@ def dev_texts(file: str, n: int) -> list[str]:
 
 def engine_for(base: str) -> Engine:
     settings = Settings(base_model=None if base == "SmolLM2-135M-Instruct" else Path(base), dtype="float32",
-                        adapters_dir=REPO / "adapters", max_loaded_adapters=2, auto_merge=False)
+                        max_loaded_adapters=2, auto_merge=False)
     return Engine.from_settings(settings)
 
 
 def classify(engine: Engine, adapter: str, texts: list[str]) -> None:
-    engine.predict(AdapterLocation(adapter, 1, REPO / "adapters" / adapter), texts, GenerationParams())
+    engine.predict(AdapterLocation(adapter, 1, SHIPPED_ADAPTERS / adapter), texts, GenerationParams())
 
 
 def measure(engine: Engine, adapter: str, texts: list[str], singles: int) -> tuple[list[float], float]:

@@ -64,8 +64,7 @@ def main() -> None:
     parser.add_argument("--finetune-threads", type=int, default=1)
     parser.add_argument("--finetune-nice", type=int, default=10)
     args = parser.parse_args()
-    store = Path(tempfile.mkdtemp(prefix="finetune-cost-"))
-    shutil.copytree(REPO / "adapters" / "spam", store / "spam")
+    store = Path(tempfile.mkdtemp(prefix="finetune-cost-"))  # the writable store; spam is a shipped adapter
     port = free_port()
     log = (store / "server.log").open("wb")
     server = subprocess.Popen(

@@ -1,4 +1,5 @@
-"""Reading and checking training/eval data (CSV or JSONL) and turning rows into prompts.
+"""Reading and checking training/eval data (CSV or JSONL files, or a split of a Hugging Face dataset) and turning
+rows into prompts.
 
 Shared by train_adapter and eval_adapter so a served adapter is always evaluated on the prompts it was trained on.
 Every problem is a DataError with a one-line message naming the file, the row and the column.
@@ -11,6 +12,7 @@ import hashlib
 import io
 import json
 import string
+from dataclasses import dataclass, field
 from pathlib import Path
 
 Row = dict[str, object]
@@ -20,12 +22,58 @@ class DataError(ValueError):
     """The data cannot be used: the message names the file and what is wrong."""
 
 
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+@dataclass
+class DatasetSplit:
+    """One split of a Hugging Face dataset, read with the `datasets` library: a dataset name (fetched from its hub
+    unless HF_HUB_OFFLINE=1 and cached), a local data folder (CSV/JSON files named by split, as `load_dataset` reads
+    them) or a folder written by `DatasetDict.save_to_disk`."""
+
+    name: str
+    split: str
+    _rows: list[Row] | None = field(default=None, repr=False, compare=False)
+
+    def __str__(self) -> str:
+        return f"{self.name}[{self.split}]"
+
+    def rows(self) -> list[Row]:
+        """The split's rows, a ClassLabel column as its label names (loaded once)."""
+        if self._rows is None:
+            try:
+                import datasets
+            except ImportError:
+                raise DataError(f"{self}: reading a Hugging Face dataset needs the datasets package: "
+                                "pip install 'loraswap[datasets]'") from None
+            folder = Path(self.name)
+            if (folder / "dataset_dict.json").is_file():
+                saved = datasets.load_from_disk(str(folder))
+                if self.split not in saved:
+                    raise DataError(f"{self}: no split {self.split!r}; the dataset has {', '.join(saved)}")
+                data = saved[self.split]
+            else:
+                data = datasets.load_dataset(self.name, split=self.split)
+            names = {col: f for col, f in data.features.items() if isinstance(f, datasets.ClassLabel)}
+            self._rows = [{col: names[col].int2str(v) if col in names and isinstance(v, int) and v >= 0 else v
+                           for col, v in row.items()} for row in data]
+        if not self._rows:
+            raise DataError(f"{self}: no data rows")
+        return self._rows
 
 
-def read_rows(path: Path) -> list[Row]:
-    """All rows of a CSV (header row) or JSONL file; UTF-8 only."""
+DataSource = Path | DatasetSplit
+
+
+def data_sha256(source: DataSource) -> str:
+    """A file's sha256, or a dataset split's: of its rows as sorted-key JSON lines."""
+    if isinstance(source, DatasetSplit):
+        lines = "".join(json.dumps(row, sort_keys=True, default=str) + "\n" for row in source.rows())
+        return hashlib.sha256(lines.encode()).hexdigest()
+    return hashlib.sha256(source.read_bytes()).hexdigest()
+
+
+def read_rows(path: DataSource) -> list[Row]:
+    """All rows of a CSV (header row) or JSONL file (UTF-8 only), or of a dataset split."""
+    if isinstance(path, DatasetSplit):
+        return path.rows()
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")

@@ -38,9 +38,11 @@ import torch.nn.functional as F
 
 from scripts.adapter_data import (
     DataError,
+    DataSource,
+    DatasetSplit,
     check_labels_known,
     column,
-    file_sha256,
+    data_sha256,
     parse_truncate,
     read_rows,
     render,
@@ -84,8 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     p.add_argument("--task", choices=["classification", "generation"], required=True)
     p.add_argument("--name", required=True, help=f"adapter name (also the default output folder {OUTPUT_ROOT}/NAME)")
-    p.add_argument("--train", type=Path, nargs="+", required=True, help="training file(s), .csv or .jsonl")
+    p.add_argument("--train", type=Path, nargs="+", help="training file(s), .csv or .jsonl")
     p.add_argument("--eval", type=Path, help="eval file: metrics at the end and the eval-loss curve")
+    p.add_argument("--dataset", metavar="NAME",
+                   help="instead of --train: a Hugging Face dataset (a name, a local data folder, or a folder saved "
+                        "with save_to_disk), read with the datasets library (pip install 'loraswap[datasets]')")
+    p.add_argument("--train-split", default="train", help="with --dataset: the split trained on")
+    p.add_argument("--eval-split", help="with --dataset: the split evaluated on (unless --eval names a file)")
     p.add_argument("--output", type=Path, help=f"output folder (default: {OUTPUT_ROOT}/NAME)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--limit", type=int, metavar="N",
@@ -140,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
 # ---- data -------------------------------------------------------------------------------------------------------
 
 
-def _check_length(ids: list[int], max_length: int, truncation: bool, path: Path, number: int) -> list[int]:
+def _check_length(ids: list[int], max_length: int, truncation: bool, path: DataSource, number: int) -> list[int]:
     if len(ids) <= max_length:
         return ids
     if truncation:
@@ -149,13 +156,13 @@ def _check_length(ids: list[int], max_length: int, truncation: bool, path: Path,
                     f"(raise --max-length or pass --truncation)")
 
 
-def rows_of(args, path: Path) -> list[dict]:
+def rows_of(args, path: DataSource) -> list[dict]:
     """The file's rows, cut to --limit."""
     return read_rows(path)[: args.limit]
 
 
 def classification_examples(
-    args, tokenizer, path: Path, labels: list[str]
+    args, tokenizer, path: DataSource, labels: list[str]
 ) -> tuple[list[Example], list[str], list[str]]:
     rows = rows_of(args, path)
     texts = column(rows, args.text_column, path)
@@ -169,7 +176,7 @@ def classification_examples(
     return examples, texts, gold
 
 
-def conversations(rows: list[dict], name: str, path: Path) -> tuple[list[list[int]], list[str]]:
+def conversations(rows: list[dict], name: str, path: DataSource) -> tuple[list[list[int]], list[str]]:
     """Each row's conversation split into the prompt (every message before the last) and the answer (the last,
     an assistant message)."""
     prompts, answers = [], []
@@ -187,7 +194,7 @@ def conversations(rows: list[dict], name: str, path: Path) -> tuple[list[list[in
 
 
 def generation_examples(
-    args, tokenizer, path: Path
+    args, tokenizer, path: DataSource
 ) -> tuple[list[Example], list[str | list[int]], list[str], list[str] | None]:
     rows = rows_of(args, path)
     if args.messages_column:
@@ -213,8 +220,8 @@ def generation_examples(
 
 def prepare(args, tokenizer) -> Prepared:
     """Read, check and tokenize all data; every DataError is raised here, before a model is built."""
-    train_hashes = [file_sha256(p) for p in args.train]
-    eval_hash = file_sha256(args.eval) if args.eval else None
+    train_hashes = [data_sha256(p) for p in args.train]
+    eval_hash = data_sha256(args.eval) if args.eval else None
     if eval_hash in train_hashes:
         raise DataError(f"{args.eval}: the eval file is also a training file; evaluate on held-out data")
     if args.task == "classification":
@@ -512,6 +519,11 @@ def main(argv: list[str] | None = None, progress: Progress | None = None) -> int
         torch.set_num_threads(args.threads)
     if args.limit is not None and args.limit < 1:
         return fail(f"--limit must be at least 1, not {args.limit}")
+    if bool(args.train) == bool(args.dataset):
+        return fail("give the training data as --train FILE ... or as --dataset NAME (one of them)")
+    if args.dataset:
+        args.train = [DatasetSplit(args.dataset, args.train_split)]
+        args.eval = args.eval or (DatasetSplit(args.dataset, args.eval_split) if args.eval_split else None)
     output = args.output or OUTPUT_ROOT / args.name
     try:
         check_output(output, args.overwrite)

@@ -16,6 +16,7 @@ from .errors import (
     AdapterExists,
     AdapterInvalid,
     AdapterNotFound,
+    AdapterReadOnly,
     ClientDisconnected,
     DeadlineExceeded,
     Draining,
@@ -32,7 +33,7 @@ from .finetune import FineTuning
 from .lifecycle import Lifecycle
 from .metrics import Metrics
 from .registry import Registry
-from .settings import Settings
+from .settings import SHIPPED_ADAPTERS, Settings
 from .slots import SlotsBusy
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ ERROR_STATUS: dict[type[LoraswapError], int] = {
     AdapterInvalid: 422,
     InvalidInput: 422,
     AdapterExists: 409,
+    AdapterReadOnly: 409,
     AdapterChanged: 409,
     PayloadTooLarge: 413,
     Unauthorized: 401,
@@ -67,7 +69,7 @@ class Services:
     def __init__(self, settings: Settings, engine: Engine | None = None):
         self.settings = settings
         self.started_at = int(time.time())  # the base's "created" in /v1/models
-        self.registry = Registry(settings.adapters_dir)
+        self.registry = Registry(settings.adapters_dir, SHIPPED_ADAPTERS if settings.shipped_adapters else None)
         self.engine: Engine | None = None
         self.load_error: str | None = None
         self.lifecycle = Lifecycle()
@@ -80,6 +82,8 @@ class Services:
         skipped = self.registry.scan(engine.check_adapter)
         for problem in skipped:
             log.warning("adapter skipped: %s", problem)
+        for name, base in self.registry.other_base().items():
+            log.info("adapter %s is for the base %s: not served on %s", name, base, engine.info.name)
         engine.observers.append(self.metrics)
         self.engine = engine
 

@@ -24,7 +24,7 @@ from .adapter_format import AdapterWeights, read_adapter
 from .admission import AdmissionGate
 from .base_model import BaseInfo, load_base
 from .encoding import InputEncoder, TextDeltas
-from .errors import AdapterChanged, AdapterInvalid, InvalidInput, LoraswapError
+from .errors import AdapterChanged, AdapterForOtherBase, AdapterInvalid, InvalidInput, LoraswapError
 from .heads import SequenceClassifier
 from .jobs import ClassifyJob, EmbedJob, GenerateJob
 from .lora import LoraContext, MultiLoraLinear, fit_problems, resolve_module_path, wrap_linear_layers
@@ -210,8 +210,9 @@ class Engine:
         trained_on = adapter.metadata.get("base_model")
         fingerprint = trained_on.get("fingerprint") if isinstance(trained_on, dict) else None
         if fingerprint and fingerprint != self.info.fingerprint:  # says it all: the rest would list every module
-            raise AdapterInvalid([f"the adapter was trained on base {trained_on.get('name')!r} ({fingerprint}), not "
-                                  f"on the loaded {self.info.name!r} ({self.info.fingerprint})"])
+            raise AdapterForOtherBase(f"the adapter was trained on base {trained_on.get('name')!r} ({fingerprint}), "
+                                      f"not on the loaded {self.info.name!r} ({self.info.fingerprint})",
+                                      str(trained_on.get("name")))
         problems = fit_problems(adapter, self.layers, self.model)
         if adapter.task not in self.info.tasks:
             problems.append(f"a {adapter.task} adapter does not fit the base {self.info.name!r}: it is a "

@@ -37,6 +37,23 @@ class AdapterInvalid(LoraswapError):
         self.problems = problems
 
 
+class AdapterForOtherBase(AdapterInvalid):
+    """An adapter whose metadata names another base: not broken, just not for the loaded one."""
+
+    def __init__(self, message: str, base: str):
+        super().__init__([message])
+        self.base = base
+
+
+class AdapterReadOnly(LoraswapError):
+    """An adapter shipped with the package: it can be replaced by an upload, not deleted."""
+
+    def __init__(self, name: str):
+        super().__init__(f"adapter {name!r} is shipped with loraswap and cannot be deleted (upload a new version with "
+                         "replace=true, or serve without the shipped adapters: shipped_adapters=false)")
+        self.name = name
+
+
 class AdapterExists(LoraswapError):
     def __init__(self, name: str, message: str | None = None):
         super().__init__(message or f"adapter {name!r} already exists; send replace=true to upload a new version")

@@ -42,27 +42,32 @@ class SequenceClassifier:
         self.config = copy.deepcopy(config)
         self.config.pad_token_id = pad_token_id  # decoders pool the last token that is not padding
         self.config.problem_type = "single_label_classification"
-        self._shells: dict[int, nn.Module] = {}
-        self.shell = self._shell(2)
+        self._shells: dict[int, nn.Module] = {}  # templates by number of labels: read by build(), never changed
+        # the forward's own shell: logits() swaps each adapter's head into it on the worker thread, so build(),
+        # which runs in request threads, must never take it for a template (a 2-label adapter checked while a
+        # 3-label head sat in it was refused as not fitting the base)
+        self.shell = self._new_shell(2)
         self.prefix = self.shell.base_model_prefix
         self.architecture = type(self.shell).__name__
         self.head_names = [name for name, module in self.shell.named_children()
                            if name != self.prefix and any(True for _ in module.parameters())]
-        wider = self._shell(3)
         # the head modules whose shapes follow the number of labels: every adapter must bring its own
         self.label_modules = {name for name in self.head_names
-                              if _shapes(getattr(self.shell, name)) != _shapes(getattr(wider, name))}
+                              if _shapes(getattr(self._shell(2), name)) != _shapes(getattr(self._shell(3), name))}
         self.base_heads = base_heads  # head modules the base checkpoint trained (an encoder's pre_classifier)
 
     def _shell(self, n_labels: int) -> nn.Module:
         if n_labels not in self._shells:
-            config = copy.deepcopy(self.config)
-            config.num_labels = n_labels
-            config.id2label = {i: f"LABEL_{i}" for i in range(n_labels)}
-            config.label2id = {v: k for k, v in config.id2label.items()}
-            with torch.device("meta"):
-                self._shells[n_labels] = AutoModelForSequenceClassification.from_config(config).eval()
+            self._shells[n_labels] = self._new_shell(n_labels)
         return self._shells[n_labels]
+
+    def _new_shell(self, n_labels: int) -> nn.Module:
+        config = copy.deepcopy(self.config)
+        config.num_labels = n_labels
+        config.id2label = {i: f"LABEL_{i}" for i in range(n_labels)}
+        config.label2id = {v: k for k, v in config.id2label.items()}
+        with torch.device("meta"):
+            return AutoModelForSequenceClassification.from_config(config).eval()
 
     def build(self, saved: dict[str, torch.Tensor], n_labels: int, device: torch.device, dtype: torch.dtype
               ) -> tuple[dict[str, nn.Module], list[str]]:

@@ -1,9 +1,12 @@
 """The adapter store on disk: names, versions, records, atomic installs and crash recovery.
 
-Storage only: loading weights into memory is the engine's job. Layout under the adapters directory:
+Storage only: loading weights into memory is the engine's job. Two layers: the adapters shipped with the package
+(plain folders, read-only, never written) and the writable store, outside the source tree, which holds everything
+uploaded or fine-tuned; a name in the store shadows a shipped one. Layout under the writable store:
 
-    <name>/                      a shipped adapter: a plain PEFT folder (adapter_config.json, adapter_model.safetensors,
-                                 loraswap.json), version 1 unless its record.json says otherwise
+    <name>/                      a plain PEFT folder put there by hand (adapter_config.json, adapter_model.safetensors,
+                                 loraswap.json), version 1 unless its record.json says otherwise (the shipped
+                                 adapters are such folders, in the package)
     <name> -> .versions/<name>/<v>   an uploaded (or replaced) adapter: a relative symlink to its current version
     .versions/<name>/<v>/        one immutable version: the PEFT files plus record.json (version, created)
     .tmp/                        uploads being unpacked and checked; deleted folders on their way out
@@ -34,7 +37,7 @@ from typing import BinaryIO
 
 from .adapter_format import CONFIG_FILE, WEIGHTS_FILE, AdapterWeights
 from .archive import ArchiveLimits, check_file_name, extract_archive, is_archive
-from .errors import AdapterExists, AdapterInvalid, AdapterNotFound, InvalidInput
+from .errors import AdapterExists, AdapterForOtherBase, AdapterInvalid, AdapterNotFound, AdapterReadOnly, InvalidInput
 from .types import AdapterLocation
 
 log = logging.getLogger(__name__)
@@ -85,11 +88,14 @@ def check_name(name: str) -> None:
 class Registry:
     """Names -> records and folders. Thread-safe; every read sees a fully installed adapter or none."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, shipped: Path | None = None):
         self.root = Path(root).absolute()
+        self.shipped = Path(shipped).absolute() if shipped is not None else None  # read-only, never written
         self._lock = threading.Lock()  # guards _records and every change to the store
         self._records: dict[str, AdapterRecord] = {}
+        self._shipped_records: dict[str, AdapterRecord] = {}  # the shipped adapters that fit the base
         self._skipped: dict[str, str] = {}  # name -> why the last scan did not serve that entry
+        self._other_base: dict[str, str] = {}  # name -> the base it was trained on, for adapters of another base
         self._scanned: set[str] = set()  # every entry name the last scan saw on disk
 
     # ---- reading ---------------------------------------------------------------------------------------------
@@ -111,6 +117,11 @@ class Registry:
         with self._lock:
             return dict(self._skipped)
 
+    def other_base(self) -> dict[str, str]:
+        """Adapters (shipped or in the store) trained on another base than the loaded one: name -> that base."""
+        with self._lock:
+            return dict(self._other_base)
+
     def exists(self, name: str) -> bool:
         with self._lock:
             return name in self._records
@@ -127,25 +138,33 @@ class Registry:
         return AdapterLocation(record.name, record.version, record.folder, record.sha256)
 
     def scan(self, describe: CheckAdapter) -> list[str]:
-        """Repair what a crash left, then (re)read the store; `describe(folder)` checks an adapter against the
-        base. Returns the problems of skipped folders (one broken folder must not keep the server from starting)."""
+        """Repair what a crash left, then (re)read the store and the shipped adapters; `describe(folder)` checks an
+        adapter against the base. Returns the problems of skipped folders (one broken folder must not keep the server
+        from starting). Adapters of another base are not problems: see other_base(); in the writable store they are
+        listed as skipped too (with their base), shipped ones are simply not served."""
         skipped = self._recover()
         records: dict[str, AdapterRecord] = {}
+        shipped: dict[str, AdapterRecord] = {}
+        other_base: dict[str, str] = {}
         scanned = {p.name for p in self.root.iterdir()} if self.root.is_dir() else set()
-        if self.root.is_dir():
-            for entry in sorted(p for p in self.root.iterdir() if valid_name(p.name) and p.is_dir()):
-                if not (entry / CONFIG_FILE).is_file():
-                    continue
-                folder = self.root / os.readlink(entry) if entry.is_symlink() else entry
+        for layer, found in ((self.root, records), (self.shipped, shipped)):
+            for entry in _adapter_folders(layer):
+                folder = layer / os.readlink(entry) if entry.is_symlink() else entry
                 try:
-                    records[entry.name] = self._record(entry.name, folder, describe(folder))
+                    found[entry.name] = self._record(entry.name, folder, describe(folder))
+                except AdapterForOtherBase as exc:
+                    other_base[entry.name] = exc.base
+                    if layer == self.root:
+                        skipped[entry.name] = str(exc)
                 except Exception as exc:
                     skipped[entry.name] = str(exc)
         with self._lock:
-            self._records = records
+            self._records = {**shipped, **records}
+            self._shipped_records = shipped
             self._skipped = skipped
+            self._other_base = other_base
             self._scanned = scanned
-        return [f"{name}: {problem}" for name, problem in skipped.items()]
+        return [f"{name}: {problem}" for name, problem in skipped.items() if name not in other_base]
 
     def _record(self, name: str, folder: Path, adapter: AdapterWeights) -> AdapterRecord:
         stored = json.loads((folder / RECORD_FILE).read_text()) if (folder / RECORD_FILE).is_file() else {}
@@ -202,8 +221,9 @@ class Registry:
             _fsync_tree(staged)
             versions.mkdir(parents=True, exist_ok=True)
             _fsync_dir(versions.parent)
-            if current is not None and not entry.is_symlink():
-                # a shipped plain folder becomes the previous version (restart recovery points at the newest)
+            if current is not None and current.folder == entry:
+                # a plain folder in the store becomes the previous version (restart recovery points at the newest);
+                # a shipped adapter stays in the package, shadowed by the new version
                 os.rename(entry, versions / str(current.version))
             os.rename(staged, versions / str(version))  # the commit point
             _fsync_dir(versions)
@@ -230,6 +250,8 @@ class Registry:
             record = self._records.get(name)
             if record is None:
                 raise AdapterNotFound(name, sorted(self._records))
+            if record is self._shipped_records.get(name):
+                raise AdapterReadOnly(name)
             trash = self._staging_root() / f"deleted-{uuid.uuid4().hex}"
             trash.mkdir()
             versions = self.root / VERSIONS_DIR / name
@@ -242,6 +264,8 @@ class Registry:
                 os.rename(entry, trash / "folder")  # the commit point for shipped ones
             _fsync_dir(self.root)
             del self._records[name]
+            if name in self._shipped_records:  # the store's versions shadowed a shipped adapter: it is served again
+                self._records[name] = self._shipped_records[name]
         shutil.rmtree(trash, ignore_errors=True)
         log.info("deleted adapter %s v%d (sha256 %s)", name, record.version, record.sha256[:12])
         return record
@@ -302,6 +326,13 @@ class Registry:
             yield folder
         finally:
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def _adapter_folders(layer: Path | None) -> list[Path]:
+    """The entries of a store layer that hold an adapter (named validly, with its config file), sorted."""
+    if layer is None or not layer.is_dir():
+        return []
+    return sorted(p for p in layer.iterdir() if valid_name(p.name) and p.is_dir() and (p / CONFIG_FILE).is_file())
 
 
 def _write_files(uploads: list[tuple[str, BinaryIO]], target: Path) -> None:

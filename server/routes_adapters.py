@@ -14,8 +14,9 @@ import tempfile
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header, HTTPException, Request
+from fastapi import APIRouter, Depends, HTTPException, Request, Security
 from fastapi.responses import FileResponse, JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import FormData, UploadFile
@@ -37,7 +38,8 @@ UPLOAD_FORM = {
     "type": "object",
     "required": ["name", "files"],
     "properties": {
-        "name": {"type": "string", "pattern": f"^{NAME_PATTERN.pattern}$", "description": "The adapter's name."},
+        "name": {"type": "string", "pattern": f"^{NAME_PATTERN.pattern}$", "description": "The adapter's name.",
+                 "examples": ["my-adapter"]},
         "replace": {"type": "boolean", "default": False,
                     "description": "Replace an adapter of this name with a new version (else: 409)."},
         "files": {
@@ -50,15 +52,23 @@ UPLOAD_FORM = {
 }
 
 
-def require_admin(svc: ServicesDep, authorization: Annotated[str | None, Header()] = None) -> None:
+# the admin token as an OpenAPI security scheme: every write operation names it, so Swagger UI (/docs) shows an
+# Authorize button and sends the header (a plain header parameter named Authorization is dropped by OpenAPI tools)
+ADMIN_BEARER = HTTPBearer(scheme_name="adminToken", auto_error=False,
+                          description="The server's admin token (LORASWAP_ADMIN_TOKEN / --admin-token).")
+
+
+def require_admin(
+    svc: ServicesDep, credentials: Annotated[HTTPAuthorizationCredentials | None, Security(ADMIN_BEARER)]
+) -> None:
     token = svc.settings.admin_token
     if token is None:
         raise Forbidden(
             "adapter uploads, replacements and deletions are disabled: start the server with an admin token "
             "(LORASWAP_ADMIN_TOKEN=... or --admin-token ...) and send it as 'Authorization: Bearer <token>'"
         )
-    scheme, _, given = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not secrets.compare_digest(given.encode(), token.get_secret_value().encode()):
+    given = credentials.credentials if credentials is not None else ""  # None: no header, or not a bearer one
+    if not secrets.compare_digest(given.encode(), token.get_secret_value().encode()):
         raise Unauthorized("a valid admin token is required: 'Authorization: Bearer <token>'")
 
 

@@ -327,15 +327,22 @@ class ModelRunner:
             self._drop_gone_rows()
             self._run_chunk(plan.chunk)
             self._run_encode(plan.encode)
+            started = time.perf_counter()  # the generation lane's share of the turn, for the admission's estimates
+            encode_s = 0.0
             prefill = [piece for piece in plan.prefill if not piece.job.future.done()]
             if prefill:
                 self._observe(prefill)
                 self._isolated(prefill, self._prefill)
                 with self._cond:  # what arrived during the prefill does not wait for the decode step too
                     encode = self.scheduler.take_encode()
+                encode_started = time.perf_counter()
                 self._run_encode(encode)
+                encode_s = time.perf_counter() - encode_started
             if self._batch is not None:
+                rows = len(self._batch)
                 self._decode_step()
+                # a step as generation rows see it: the forward, sampling and cache upkeep, and new rows' prefill
+                self.costs.observe_step(rows, time.perf_counter() - started - encode_s)
 
     def _answer_everything(self, error: LoraswapError) -> None:
         """Shutdown (lock held): every request queued, in chunks or decoding is answered with `error`."""
@@ -605,11 +612,9 @@ class ModelRunner:
         """One decode forward; commits the batch's new cache, mask and positions only if it succeeds."""
         mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch), 1)], 1)
         cache = self._new_cache(batch.kv)
-        started = time.perf_counter()
         with self._forward_rows([row.job.slot_index for row in batch.rows]):
             logits = self.model(input_ids=batch.last[:, None], attention_mask=mask, position_ids=batch.positions[:, None],
                                 cache=cache, use_cache=True).logits[:, -1]  # [rows, vocab]
-        self.costs.observe_step(len(batch), time.perf_counter() - started)
         batch.kv = [(layer.keys, layer.values) for layer in cache.layers]
         batch.mask, batch.positions = mask, batch.positions + 1
         return logits

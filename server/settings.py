@@ -5,10 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+from platformdirs import user_data_path
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-REPO_ADAPTERS = Path(__file__).resolve().parent.parent / "adapters"
+SHIPPED_ADAPTERS = Path(__file__).resolve().parent / "shipped_adapters"  # installed with the package, read-only
+
+
+def default_store() -> Path:
+    """The per-user writable store, outside any checkout: $XDG_DATA_HOME/loraswap/adapters, by default
+    ~/.local/share/loraswap/adapters on Linux (the platform's user data folder elsewhere)."""
+    return user_data_path("loraswap") / "adapters"
 
 
 class Settings(BaseSettings):
@@ -21,9 +28,17 @@ class Settings(BaseSettings):
     cache_dir: Path = Field(
         Path.home() / ".cache" / "loraswap", description="Where the embedded base is converted to safetensors."
     )
-    adapters_dir: Path = Field(REPO_ADAPTERS, description="The adapter store.")
+    adapters_dir: Path = Field(
+        default_factory=default_store, description="The writable adapter store: uploaded and fine-tuned adapters, "
+        "fine-tuning files and jobs; default: ~/.local/share/loraswap/adapters ($XDG_DATA_HOME/loraswap/adapters)."
+    )
+    shipped_adapters: bool = Field(
+        True, description="Also serve the adapters shipped with the package (read-only; those of another base are "
+        "not served). An upload of the same name with replace=true supersedes one."
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Compute dtype; auto: bfloat16 where the hardware has native bf16, else float32."
+        "auto", description="Compute dtype; auto: float32 on a CPU (the dtype of the shipped adapters' recorded "
+        "figures), bfloat16 on CUDA (float16 where the GPU lacks bf16)."
     )
     device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1 ...")
     num_threads: int | None = Field(

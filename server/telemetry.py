@@ -109,7 +109,8 @@ class RequestTelemetry:
                 "tokens_in": record.tokens_in,
                 "tokens_out": record.tokens_out,
             }
-            log.info(
+            log.log(
+                logging.DEBUG if probe else logging.INFO,  # /health and /metrics polls would drown the rest
                 "%s %s %d %.1f ms adapter=%s tokens=%d/%d",
                 scope["method"], path, status, seconds * 1000, record.adapter, record.tokens_in, record.tokens_out,
                 extra=fields,

@@ -1,11 +1,15 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# the default writable store is the per-user data folder: tests (and the servers they start) never write into the
+# user's real one, nor into the checkout
+os.environ["XDG_DATA_HOME"] = tempfile.mkdtemp(prefix="loraswap-test-data-")
 
 from server.base_model import embedded_gguf_path  # noqa: E402
 from tests.helpers import make_adapter, make_tiny_base  # noqa: E402
@@ -98,3 +102,11 @@ def admin(tiny_settings, engine, store):
     with app_client(tiny_settings, engine, store) as client:
         client.headers["Authorization"] = f"Bearer {ADMIN_TOKEN}"
         yield client
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """One line that cannot be missed when the browser tests did not run (they skip where Chromium is absent)."""
+    skipped = [r for r in terminalreporter.stats.get("skipped", []) if "needs chromium" in str(r.longrepr)]
+    if skipped:
+        terminalreporter.write_sep("=", f"{len(skipped)} browser tests (console, Swagger UI) SKIPPED: chromium and "
+                                   "chromedriver not found; apt-get install chromium chromium-driver", yellow=True)

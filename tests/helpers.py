@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -355,6 +356,26 @@ def server_process(
     finally:
         if process.poll() is None:
             stop_process(process, 30)
+
+
+def fresh_clone(dest: Path) -> Path:
+    """A git repository at `dest` holding this checkout's tracked files as they are now (edits included), committed:
+    what a user's fresh clone of this tree holds, where `git status` tells what running it wrote."""
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, check=True).stdout
+    for name in filter(None, tracked.decode().split("\0")):
+        if (REPO / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, dest / name)
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@localhost", "-c", "init.defaultBranch=main"]
+    for args in (["init", "-q"], ["add", "-A", "--force"], ["commit", "-q", "-m", "clone"]):
+        subprocess.run([*git, *args], cwd=dest, check=True, capture_output=True)
+    return dest
+
+
+def git_status(repo: Path) -> str:
+    """`git status --porcelain --ignored`: every file written into the repository, ignored ones included."""
+    return subprocess.run(["git", "status", "--porcelain", "--ignored"], cwd=repo, capture_output=True, text=True,
+                          check=True).stdout
 
 
 def stop_process(process: subprocess.Popen, seconds: float = 10) -> None:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
+from server.settings import SHIPPED_ADAPTERS
 from tests.helpers import folder_files, upload, write_tiny_adapter
 
-REPO = Path(__file__).resolve().parents[1]
-SHIPPED_PLOT = REPO / "adapters" / "spam" / "training.png"
+SHIPPED_PLOT = SHIPPED_ADAPTERS / "spam" / "training.png"
 
 
 def test_metadata_is_the_stored_loraswap_json(admin, store):

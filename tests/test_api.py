@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -172,7 +173,7 @@ def test_concurrent_requests_each_get_their_own_adapter(client, tiny_base, adapt
     def call(name: str):
         parameters = {"max_new_tokens": 6} if name.startswith("gen-") else {}  # a classifier refuses them
         response = client.post(f"/predict?adapter={name}", json={"inputs": text, "parameters": parameters})
-        assert response.status_code == 200
+        assert response.status_code == 200, (name, response.status_code, response.text)
         return name, response.json()["outputs"][0]
 
     names = ["sentiment", "topic", "gen-a", "gen-b"] * 6
@@ -184,6 +185,34 @@ def test_concurrent_requests_each_get_their_own_adapter(client, tiny_base, adapt
             assert torch.allclose(probs, expected[name], atol=1e-5), name
         else:
             assert output["token_ids"] == expected[name], name
+
+
+def test_a_head_checked_while_another_adapters_head_runs_is_checked_against_its_own_shape(engine, adapter_store):
+    """The cause of a 422 the concurrent test above met under load: the classification forward swaps an adapter's
+    head (3 labels: sentiment) into the shared 2-label module, and a 2-label adapter (topic) checked in a request
+    thread at that moment was compared with the 3-label head. Here the forward is held at that point."""
+    from server.types import AdapterLocation, GenerationParams
+
+    slot = engine.acquire(AdapterLocation("sentiment", 1, adapter_store / "sentiment"))
+    inside, done = threading.Event(), threading.Event()
+
+    def hold(_module, _args):
+        inside.set()
+        assert done.wait(30)
+
+    hook = slot.adapter.head["score"].register_forward_pre_hook(hold)
+    try:
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            forward = pool.submit(engine.predict, slot.location, ["held in the head"], GenerationParams())
+            assert inside.wait(30)
+            try:
+                assert engine.check_adapter(adapter_store / "topic").labels == ["a", "b"]
+            finally:
+                done.set()
+            assert forward.result()[0] == "classification"
+    finally:
+        hook.remove()
+        engine.release(slot)
 
 
 @pytest.mark.parametrize(

@@ -19,13 +19,13 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
+from server.settings import SHIPPED_ADAPTERS
 from tests.helpers import archive_bytes, make_adapter, serve_in_thread
 
 CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 pytestmark = pytest.mark.skipif(
     not (CHROMIUM and CHROMEDRIVER), reason="needs chromium and chromedriver (apt-get install chromium chromium-driver)"
 )
-REPO = Path(__file__).resolve().parents[1]
 SHIPPED = ("spam", "sentiment", "pubmedqa")
 TOKEN = "console-test-token"
 TIMEOUT = 30
@@ -35,7 +35,7 @@ UNROUNDED = re.compile(r"\d\.\d{5,}")  # a float printed with more than 4 decima
 
 
 def shipped_metadata(name: str) -> dict:
-    return json.loads((REPO / "adapters" / name / "loraswap.json").read_text())
+    return json.loads((SHIPPED_ADAPTERS / name / "loraswap.json").read_text())
 
 
 def png_width(path: Path) -> int:
@@ -57,7 +57,7 @@ def console_store(tmp_path_factory, tiny_base, adapter_store) -> Path:
         # all of it but the real base's fingerprint, which the tiny base would refuse
         del metadata["base_model"]
         (store / name / "loraswap.json").write_text(json.dumps(metadata))
-        shutil.copy(REPO / "adapters" / name / "training.png", store / name / "training.png")
+        shutil.copy(SHIPPED_ADAPTERS / name / "training.png", store / name / "training.png")
     hostile = make_adapter(tiny_base, store / "hostile", task="SEQ_CLS", labels=HOSTILE_LABELS, seed=20)
     per_class = {label: {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2} for label in HOSTILE_LABELS}
     metrics = {"accuracy": 0.5, "per_class": per_class,
@@ -233,14 +233,14 @@ def test_no_raw_values_anywhere_on_the_page(browser, console_url):
 
 
 @pytest.mark.real_base
-def test_no_raw_values_with_the_shipped_adapters_on_the_real_base(browser):
-    """The same check on adapters/ itself, served on the embedded base."""
+def test_no_raw_values_with_the_shipped_adapters_on_the_real_base(browser, tmp_path):
+    """The same check on the shipped adapters, served on the embedded base."""
     import os
 
     from server.settings import Settings
 
     cache = Path(os.environ.get("LORASWAP_CACHE_DIR", Path.home() / ".cache" / "loraswap"))
-    with serving(Settings(adapters_dir=REPO / "adapters", dtype="float32", cache_dir=cache)) as url:
+    with serving(Settings(adapters_dir=tmp_path / "store", dtype="float32", cache_dir=cache)) as url:
         texts = shown_texts(browser, url, SHIPPED)
         assert all(row_cells(browser, name) for name in SHIPPED)
     assert_no_raw_values(texts)
@@ -277,7 +277,7 @@ def test_detail_shows_the_recorded_confusion_matrix_scores_data_and_plot(browser
     wait_for(browser, lambda d: d.execute_script("return document.getElementById('detail-plot').naturalWidth") > 0,
              "training.png did not load")
     width = browser.execute_script("return document.getElementById('detail-plot').naturalWidth")
-    assert width == png_width(REPO / "adapters" / name / "training.png")
+    assert width == png_width(SHIPPED_ADAPTERS / name / "training.png")
     assert text_of(browser, "#detail-settings th")[:2] == ["rank / alpha", "target modules"]
 
 
@@ -413,7 +413,7 @@ def upload_files(driver, name: str, files: list[Path]) -> None:
 def test_upload_shows_its_progress_and_lists_the_new_adapter(browser, console_url, adapter_store):
     source = adapter_store / "gen-b"
     files = [source / "adapter_config.json", source / "adapter_model.safetensors",
-             REPO / "adapters" / "spam" / "training.png"]
+             SHIPPED_ADAPTERS / "spam" / "training.png"]
     open_page(browser, console_url)
     upload_files(browser, "uploaded", files)
     assert text_of(browser, "#upload-status") == ["uploaded uploaded v1"]
@@ -477,3 +477,62 @@ def test_mixtures_in_memory_are_listed_with_their_parts(browser, console_url):
     open_page(browser, console_url)
     wait_for(browser, lambda d: "gen-a" in " ".join(text_of(d, "#mixtures li")), "the mixture is not listed")
     assert text_of(browser, "#mixtures li") == ["linear: gen-a v1 × 0.7 + pubmedqa v1 × 0.3"]
+
+
+# ---- Swagger UI (/docs): Authorize sends the admin token ---------------------------------------------------------
+
+
+def swagger_operation(driver, operation_id: str):
+    """Expand an operation of /docs and press its "Try it out"; returns the operation's element."""
+    from selenium.webdriver.common.by import By
+
+    block = wait_for(driver, lambda d: d.find_elements(By.CSS_SELECTOR, f"[id$='-{operation_id}']"),
+                     f"{operation_id} not in /docs")[0]
+    block.find_element(By.CSS_SELECTOR, ".opblock-summary").click()
+    wait_for(driver, lambda d: block.find_elements(By.CSS_SELECTOR, ".try-out__btn"), "no Try it out")[0].click()
+    return block
+
+
+def swagger_execute(driver, block) -> tuple[str, str]:
+    """Press Execute; the status and body Swagger UI shows for the answer."""
+    from selenium.webdriver.common.by import By
+
+    block.find_element(By.CSS_SELECTOR, ".btn.execute").click()
+    status = wait_for(driver, lambda d: block.find_elements(By.CSS_SELECTOR,
+                                                            ".live-responses-table tbody .response-col_status"),
+                      "no response shown")[0]
+    body = block.find_element(By.CSS_SELECTOR, ".live-responses-table .response-col_description pre").text
+    return status.text.strip(), body
+
+
+def test_swagger_authorize_then_upload_and_delete(browser, console_url, adapter_store):
+    from selenium.webdriver.common.by import By
+
+    browser.get(f"{console_url}/docs")
+    wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, ".btn.authorize"), "no Authorize button")[0].click()
+    modal = wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, ".modal-ux"), "no authorize dialog")[0]
+    modal.find_element(By.CSS_SELECTOR, "input").send_keys(TOKEN)
+    modal.find_element(By.CSS_SELECTOR, ".btn.authorize").click()
+    modal.find_element(By.CSS_SELECTOR, ".btn-done").click()
+
+    block = swagger_operation(browser, "upload_adapter_adapters_post")
+    name = block.find_element(By.CSS_SELECTOR, "tr[data-property-name='name'] input")
+    name.clear()  # Swagger fills in the schema's example
+    name.send_keys("from-swagger")
+    source = adapter_store / "gen-a"
+    for index, path in enumerate((source / "adapter_config.json", source / "adapter_model.safetensors")):
+        inputs = block.find_elements(By.CSS_SELECTOR, "tr[data-property-name='files'] input[type=file]")
+        if index == len(inputs):
+            block.find_element(By.CSS_SELECTOR, "tr[data-property-name='files'] .json-schema-form-item-add").click()
+            inputs = block.find_elements(By.CSS_SELECTOR, "tr[data-property-name='files'] input[type=file]")
+        inputs[index].send_keys(str(path))
+    status, body = swagger_execute(browser, block)
+    assert status == "201", body
+    assert json.loads(body)["name"] == "from-swagger"
+    assert httpx.get(f"{console_url}/adapters/from-swagger").json()["version"] == 1
+
+    block = swagger_operation(browser, "delete_adapter_adapters__name__delete")
+    block.find_element(By.CSS_SELECTOR, "tr[data-param-name='name'] input").send_keys("from-swagger")
+    status, body = swagger_execute(browser, block)
+    assert status == "200", body
+    assert httpx.get(f"{console_url}/adapters/from-swagger").status_code == 404

@@ -277,6 +277,7 @@ def test_an_error_before_the_first_byte_is_a_500_with_the_request_id(live, engin
 
 
 def test_every_response_carries_a_request_id_and_every_log_line_names_it(client, logged):
+    logged.set_level(logging.DEBUG, logger="server.requests")  # /health polls are logged at debug
     given = client.get("/health", headers={"X-Request-Id": "probe-42"})
     assert given.headers["X-Request-Id"] == "probe-42"
     fresh = client.post("/predict?adapter=nope", json={"inputs": "x"})

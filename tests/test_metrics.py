@@ -109,15 +109,17 @@ def test_apps_keep_their_own_metrics(tiny_settings, engine, client):
     assert engine.observers == [client.app.state.services.metrics]  # the closed app has let go of the engine
 
 
-def test_one_log_line_per_request(client, caplog):
-    with caplog.at_level(logging.INFO, logger="server.requests"):
+def test_one_log_line_per_request_and_health_and_metrics_polls_at_debug(client, caplog):
+    with caplog.at_level(logging.DEBUG, logger="server.requests"):
         client.post("/predict?adapter=gen-a", json={"inputs": TEXT, "parameters": {"max_new_tokens": 2}})
         client.get("/health")
-    first, second = [r for r in caplog.records if r.name == "server.requests"]
+        client.get("/metrics")
+    first, health, metrics = [r for r in caplog.records if r.name == "server.requests"]
     assert (first.method, first.path, first.status, first.adapter) == ("POST", "/predict?adapter=gen-a", 200, "gen-a")
     assert first.tokens_out == 2 and first.tokens_in > 0 and first.latency_ms > 0
-    assert (second.path, second.status, second.adapter, second.tokens_in) == ("/health", 200, None, 0)
-    assert first.getMessage().startswith("POST /predict?adapter=gen-a 200 ")
+    assert first.levelno == logging.INFO and first.getMessage().startswith("POST /predict?adapter=gen-a 200 ")
+    assert (health.path, health.status, health.adapter, health.tokens_in) == ("/health", 200, None, 0)
+    assert (health.levelno, metrics.levelno, metrics.path) == (logging.DEBUG, logging.DEBUG, "/metrics")
 
 
 def test_json_log_format_carries_the_request_fields(client, caplog):

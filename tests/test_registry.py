@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import threading
@@ -18,9 +19,9 @@ from server.archive import ArchiveLimits
 from server.engine import Engine
 from server.slots import SlotsBusy
 from server.types import AdapterLocation, GenerationParams
-from server.errors import AdapterChanged, AdapterExists, AdapterInvalid
+from server.errors import AdapterChanged, AdapterExists, AdapterInvalid, AdapterReadOnly
 from server.registry import STAGING_DIR, VERSIONS_DIR, Registry
-from tests.helpers import write_tiny_adapter
+from tests.helpers import tree, write_tiny_adapter
 
 LIMITS = ArchiveLimits(max_members=8, max_uncompressed_bytes=1024**2)
 
@@ -160,6 +161,46 @@ def test_a_broken_folder_is_skipped_at_start(tmp_path, engine, adapter_store):
     registry = Registry(root)
     [skipped] = registry.scan(engine.check_adapter)
     assert skipped.startswith("bad: invalid adapter") and registry.names() == ["good"]
+
+
+# ---- the shipped layer: read-only adapters of the package under the writable store -------------------------------
+
+
+@pytest.fixture
+def shipped(tmp_path, adapter_store) -> Path:
+    """A read-only package folder: one adapter for the tiny base, one trained on another base."""
+    root = tmp_path / "package"
+    shutil.copytree(adapter_store / "gen-a", root / "mine")
+    shutil.copytree(adapter_store / "gen-b", root / "theirs")
+    (root / "theirs" / "loraswap.json").write_text(json.dumps({"base_model": {"name": "other", "fingerprint": "0"}}))
+    for path in [root, *root.rglob("*")]:
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    yield root
+    for path in [root, *root.rglob("*")]:
+        path.chmod(0o755)
+
+
+def test_shipped_adapters_are_served_and_those_of_another_base_are_not_problems(tmp_path, engine, shipped):
+    registry = Registry(tmp_path / "store", shipped)
+    assert registry.scan(engine.check_adapter) == []
+    assert registry.names() == ["mine"] and registry.get("mine").folder == shipped / "mine"
+    assert registry.other_base() == {"theirs": "other"} and registry.skipped() == {}
+
+
+def test_an_upload_shadows_a_shipped_adapter_and_its_delete_brings_it_back(tmp_path, engine, shipped, adapter_store):
+    before = tree(shipped)
+    registry = Registry(tmp_path / "store", shipped)
+    registry.scan(engine.check_adapter)
+    with pytest.raises(AdapterReadOnly):
+        registry.delete("mine")
+    record, replaced = add(registry, engine, "mine", adapter_store / "gen-mlp", replace=True)
+    assert (record.version, replaced.folder) == (2, shipped / "mine")
+    assert registry.locate("mine").folder == registry.root / VERSIONS_DIR / "mine" / "2"
+    registry.scan(engine.check_adapter)  # a restart: the store's version still wins
+    assert registry.get("mine").version == 2
+    registry.delete("mine")
+    assert registry.get("mine").folder == shipped / "mine"
+    assert tree(shipped) == before  # the package was never written
 
 
 # ---- memory tier -------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Settings: one typed object read from LORASWAP_* variables and CLI flags, every one listed in the README."""
+"""Settings: one typed object read from LORASWAP_* variables and CLI flags, every one listed in docs/settings.md."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pydantic_settings import CliApp
 
 from server.settings import Settings
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+SETTINGS_DOC = Path(__file__).resolve().parent.parent / "docs" / "settings.md"
 
 
 def test_flags_and_environment(monkeypatch):
@@ -25,7 +25,15 @@ def test_flags_and_environment(monkeypatch):
         Settings(log_format="xml")
 
 
-def test_readme_lists_every_setting():
-    section = README.read_text().split("## Settings", 1)[1].split("\n## ", 1)[0]
-    listed = set(re.findall(r"`([a-z_]+)`", section))
+def test_the_settings_page_lists_every_setting():
+    table = SETTINGS_DOC.read_text().split("**dtype.**", 1)[0]
+    listed = set(re.findall(r"`([a-z_]+)`", table))
     assert set(Settings.model_fields) <= listed
+
+
+def test_auto_dtype_is_float32_on_a_cpu_whatever_its_flags():
+    """The dtype the shipped adapters' figures were measured in, so that the defaults reproduce them."""
+    from server.base_model import choose_dtype
+
+    assert choose_dtype("auto", "cpu") == "float32"
+    assert choose_dtype("bfloat16", "cpu") == "bfloat16"

@@ -1,4 +1,4 @@
-"""The adapters shipped in adapters/ load on the real base and, served through /predict, score about what their
+"""The adapters shipped in server/shipped_adapters/ load on the real base and, served through /predict, score about what their
 loraswap.json records (20 dev rows each, so only the ballpark is checked)."""
 
 from __future__ import annotations
@@ -11,11 +11,11 @@ import pytest
 
 from scripts import eval_adapter
 from server.adapter_format import METADATA_FILE
+from server.settings import SHIPPED_ADAPTERS
 
 pytestmark = pytest.mark.real_base
 
-REPO = Path(__file__).resolve().parents[1]
-DATA = Path(__file__).parents[1].parent / "shared" / "data"
+DATA = Path(__file__).parents[1] / "examples" / "data"  # the dev samples: the first rows of each dev split
 ROWS = 20
 TOLERANCE = 0.2  # 20 rows: one row is 0.05
 # name -> (dev file, the recorded metric compared)
@@ -27,7 +27,7 @@ SHIPPED = {
 
 
 @pytest.fixture(scope="module")
-def client():
+def client(tmp_path_factory):
     from fastapi.testclient import TestClient
 
     from server.api import create_app
@@ -35,7 +35,7 @@ def client():
     from server.settings import Settings
 
     cache = Path(os.environ.get("LORASWAP_CACHE_DIR", Path.home() / ".cache" / "loraswap"))
-    settings = Settings(adapters_dir=REPO / "adapters", dtype="float32", cache_dir=cache)
+    settings = Settings(adapters_dir=tmp_path_factory.mktemp("store"), dtype="float32", cache_dir=cache)
     engine = Engine.from_settings(settings)
     with TestClient(create_app(settings, engine=engine)) as client:
         yield client
@@ -45,7 +45,7 @@ def client():
 def test_shipped_adapters_are_served_with_their_metrics(client):
     listed = {a["name"]: a for a in client.get("/adapters").json()["adapters"]}
     for name in SHIPPED:
-        meta = json.loads((REPO / "adapters" / name / METADATA_FILE).read_text())
+        meta = json.loads((SHIPPED_ADAPTERS / name / METADATA_FILE).read_text())
         assert name in listed, f"{name} was skipped by the registry"
         assert listed[name]["metrics"] == meta["metrics"]
         assert listed[name]["task"] == meta["task"]
@@ -59,11 +59,9 @@ def test_shipped_adapter_scores_its_recorded_metric(client, name):
 
 def assert_recorded_metric(client, name: str, dev_file: str, key: str, **options) -> tuple[dict, list[dict]]:
     """Served through `client` on the first ROWS dev rows, the adapter scores what its metadata records (within
-    TOLERANCE); returns the metadata and those rows. Skips where the shared data is absent."""
+    TOLERANCE); returns the metadata and those rows."""
     path = DATA / dev_file
-    if not path.is_file():
-        pytest.skip(f"{path} is absent")
-    meta = json.loads((REPO / "adapters" / name / METADATA_FILE).read_text())
+    meta = json.loads((SHIPPED_ADAPTERS / name / METADATA_FILE).read_text())
     rows = eval_adapter.read_rows(path)[:ROWS]
     metrics = eval_adapter.evaluate(client, name, eval_adapter.EvalSpec.from_metadata(meta), rows, path, **options)
     assert abs(metrics[key] - meta["metrics"][key]) <= TOLERANCE, (metrics[key], meta["metrics"][key])
@@ -77,31 +75,27 @@ SHIPPED_MINILM = {"sentiment-minilm": ("sst2/dev.csv", "accuracy"), "spam-minilm
 
 
 @pytest.fixture(scope="module")
-def minilm_client():
+def minilm_client(tmp_path_factory):
     from fastapi.testclient import TestClient
 
     from server.api import create_app
     from server.engine import Engine
     from server.settings import Settings
 
-    settings = Settings(base_model=Path(MINILM), adapters_dir=REPO / "adapters", dtype="float32")
+    settings = Settings(base_model=Path(MINILM), adapters_dir=tmp_path_factory.mktemp("store"), dtype="float32")
     engine = Engine.from_settings(settings)
     with TestClient(create_app(settings, engine=engine)) as client:
         yield client
     engine.close()
 
 
-def test_each_base_lists_its_own_adapters_and_says_why_it_skips_the_others(client, minilm_client):
+def test_each_base_serves_its_own_shipped_adapters_only(client, minilm_client):
+    """The shipped adapters of the other base are not served, and not reported as problems either."""
     smol, mini = client.get("/adapters").json(), minilm_client.get("/adapters").json()
     assert mini["base"] == MINILM
     assert {a["name"] for a in mini["adapters"]} == set(SHIPPED_MINILM)
-    assert set(mini["skipped"]) == set(SHIPPED)
-    assert {a["name"] for a in smol["adapters"]} >= set(SHIPPED)
-    for name in SHIPPED_MINILM:
-        assert name not in {a["name"] for a in smol["adapters"]}
-        assert f"trained on base '{MINILM}'" in smol["skipped"][name]
-    for name in SHIPPED:
-        assert "trained on base 'SmolLM2-135M-Instruct'" in mini["skipped"][name]
+    assert {a["name"] for a in smol["adapters"]} == set(SHIPPED)
+    assert smol["skipped"] == mini["skipped"] == {}
 
 
 @pytest.mark.parametrize("name", SHIPPED_MINILM)
@@ -117,7 +111,7 @@ def test_minilm_adapter_scores_its_recorded_metric_and_equals_peft(minilm_client
     served = minilm_client.post(f"/predict?adapter={name}", json={"inputs": texts}).json()["outputs"]
     folder = packaged_base_path(MINILM)
     model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=len(meta["labels"]))
-    peft_model = PeftModel.from_pretrained(model, REPO / "adapters" / name).eval()
+    peft_model = PeftModel.from_pretrained(model, SHIPPED_ADAPTERS / name).eval()
     batch = AutoTokenizer.from_pretrained(folder)(texts, return_tensors="pt", padding=True)
     import torch
 

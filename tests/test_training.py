@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 from email.parser import BytesParser
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from scripts import eval_adapter, train_adapter
+from scripts.adapter_data import data_sha256, read_rows
 from scripts.metrics import classification_metrics, extract_decision, generation_metrics, rouge_l, token_f1
 from server.adapter_format import CONFIG_FILE, METADATA_FILE, WEIGHTS_FILE
 from server.base_model import load_base
@@ -112,7 +114,7 @@ def test_classification_adapter_is_standard_peft_and_served_alike(cls_adapter, t
     meta = json.loads((cls_adapter / METADATA_FILE).read_text())
     assert meta["task"] == "classification" and meta["labels"] == ["negative", "positive"]
     assert meta["base_model"]["fingerprint"] == tiny_engine.info.fingerprint
-    assert meta["data"]["train"][0]["sha256"] == train_adapter.file_sha256(data["cls_train"])
+    assert meta["data"]["train"][0]["sha256"] == data_sha256(data["cls_train"])
     assert meta["hyperparameters"]["rank"] == 4 and meta["steps"] == 12 and meta["wall_seconds"] > 0
     assert len(meta["eval_loss_curve"]) == 5  # before training + 4 points
     assert len(meta["train_losses"]) == meta["steps"]
@@ -190,6 +192,44 @@ def test_default_output_is_outside_the_store_and_never_overwritten_silently(tiny
     assert train_adapter.main([*args, "--seed", "1", "--overwrite"]) == 0
     assert (output / WEIGHTS_FILE).read_bytes() != weights
     assert sorted(p.name for p in (tmp_path / "trained").iterdir()) == ["quick"]  # no staging folder left
+
+
+@pytest.mark.parametrize("layout", ["save_to_disk", "data folder"])
+def test_a_hugging_face_dataset_trains_the_same_adapter_as_its_files(layout, cls_adapter, tiny_base, data, tmp_path):
+    """--dataset reads through the datasets library (offline here: a DatasetDict saved with save_to_disk, whose
+    labels are a ClassLabel, or a folder of CSV files named by split, as load_dataset reads it)."""
+    import datasets
+
+    splits = {"train": data["cls_train"], "validation": data["cls_dev"]}
+    folder = tmp_path / "dataset"
+    if layout == "save_to_disk":
+        names = sorted({row["label"] for path in splits.values() for row in read_rows(path)})
+        features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=names)})
+        datasets.DatasetDict({
+            split: datasets.Dataset.from_list([{"text": r["text"], "label": names.index(r["label"])}
+                                               for r in read_rows(path)], features=features)
+            for split, path in splits.items()}).save_to_disk(str(folder))
+    else:
+        folder.mkdir()
+        for split, path in splits.items():
+            shutil.copy(path, folder / f"{split}.csv")
+    args = cls_args(tiny_base, data, tmp_path / "out")
+    at = args.index("--train")
+    del args[at:at + 4]  # --train FILE --eval FILE
+    assert train_adapter.main([*args, "--dataset", str(folder), "--eval-split", "validation"]) == 0
+    meta = json.loads((tmp_path / "out" / METADATA_FILE).read_text())
+    assert meta["data"]["train"][0]["file"] == f"{folder}[train]" and meta["data"]["eval"]["rows"] == 12
+    assert meta["metrics"] == json.loads((cls_adapter / METADATA_FILE).read_text())["metrics"]
+    assert (tmp_path / "out" / WEIGHTS_FILE).read_bytes() == (cls_adapter / WEIGHTS_FILE).read_bytes()
+
+
+def test_train_or_dataset_is_required_and_not_both(tiny_base, data, tmp_path, capsys):
+    args = cls_args(tiny_base, data, tmp_path / "out")
+    assert train_adapter.main([*args, "--dataset", "x"]) == 2
+    at = args.index("--train")
+    assert train_adapter.main(args[:at] + args[at + 2:]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "train-adapter: error: give the training data as --train FILE ... or as --dataset NAME (one of them)"] * 2
 
 
 def test_limit_must_be_positive(tiny_base, data, tmp_path, capsys):

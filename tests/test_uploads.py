@@ -96,6 +96,21 @@ def test_write_routes_are_401_with_a_wrong_token(tiny_settings, engine, store, a
         assert tree(store) == before
 
 
+def test_every_write_operation_names_the_bearer_scheme_in_openapi_and_only_those_need_it(admin):
+    """Swagger UI's Authorize button sends the token for the operations that name the scheme: all writes."""
+    spec = admin.get("/openapi.json").json()
+    assert spec["components"]["securitySchemes"]["adminToken"]["scheme"] == "bearer"
+    secured = {(method.upper(), path) for path, operations in spec["paths"].items()
+               for method, operation in operations.items() if operation.get("security") == [{"adminToken": []}]}
+    assert secured == {("POST", "/adapters"), ("DELETE", "/adapters/{name}"), ("POST", "/v1/files"),
+                       ("DELETE", "/v1/files/{file_id}"), ("POST", "/v1/fine_tuning/jobs"),
+                       ("POST", "/v1/fine_tuning/jobs/{job_id}/cancel")}
+    for method, path in secured:  # without the token each is refused before anything else is looked at
+        response = admin.request(method, path.format(name="sentiment", file_id="file-x", job_id="ftjob-x"),
+                                 headers={"Authorization": ""})
+        assert response.status_code == 401, (method, path, response.text)
+
+
 # ---- upload, replace, delete, download ---------------------------------------------------------------------------
 
 
@@ -188,10 +203,29 @@ def test_delete_unloads_and_frees_the_slot(admin, store, engine):
     assert admin.delete("/adapters/doomed").status_code == 404
 
 
-def test_delete_a_shipped_adapter(admin, store):
+def test_delete_a_plain_folder_of_the_store(admin, store):
     assert admin.delete("/adapters/sentiment").status_code == 200
     assert tree(store) == {}
     assert admin.get("/adapters").json()["adapters"] == []
+
+
+def test_a_shipped_adapter_is_409_to_delete_and_a_replacement_of_it_is_deletable(
+    tiny_settings, engine, tmp_path, adapter_store, monkeypatch
+):
+    package = tmp_path / "package"
+    shutil.copytree(adapter_store / "gen-a", package / "shipped-gen")
+    before = tree(package)
+    monkeypatch.setattr("server.deps.SHIPPED_ADAPTERS", package)
+    with app_client(tiny_settings, engine, tmp_path / "store") as admin:
+        admin.headers["Authorization"] = f"Bearer {TOKEN}"
+        refused = admin.delete("/adapters/shipped-gen")
+        assert refused.status_code == 409
+        assert refused.json()["detail"].startswith("adapter 'shipped-gen' is shipped with loraswap and cannot be "
+                                                   "deleted")
+        assert upload(admin, "shipped-gen", folder_files(adapter_store / "gen-b"), replace=True).json()["version"] == 2
+        assert admin.delete("/adapters/shipped-gen").json()["version"] == 2
+        assert admin.get("/adapters/shipped-gen").json()["version"] == 1  # the shipped one again
+    assert tree(package) == before
 
 
 def test_download_is_the_uploaded_adapter(admin, adapter_store):
