@@ -38,6 +38,7 @@ from .serving import (
     predict_body,
     predict_events,
     refuse_generation_parameters,
+    resolve_mixture,
     resolve_model,
     started,
     validation_message,
@@ -80,9 +81,15 @@ def predict(
 ):
     engine = svc.ready_engine()
     current_request().limit_timeout(body.timeout)
-    location = resolve_model(svc.registry, engine, record, adapter)
-    if location is not None:
-        refuse_generation_parameters(svc.registry.get(location.name).task, location.name, body.parameters)
+    location = resolve_mixture(svc.registry, record, body)
+    if location is None:
+        location = resolve_model(svc.registry, engine, record, adapter)
+        if location is not None:
+            refuse_generation_parameters(svc.registry.get(location.name).task, location.name, body.parameters)
+    elif adapter is not None:
+        raise InvalidInput("adapters", "name one adapter in the query (adapter=) or a mixture in the body, not both")
+    else:
+        adapter = location.name  # the answer names the mixture
     texts = body.texts()
     if len(texts) > svc.settings.max_inputs:
         raise InvalidInput("inputs", f"{len(texts)} inputs, over the limit of {svc.settings.max_inputs}")

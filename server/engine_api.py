@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from .base_model import BaseInfo
     from .errors import LoraswapError
     from .types import (
-        AdapterLocation, ClassificationResult, EmbeddingResult, GenerationParams, GenerationResult, Task, TokenLogprob
+        ClassificationResult, EmbeddingResult, GenerationParams, GenerationResult, SlotKey, Task, TokenLogprob
     )
 
 
@@ -24,14 +24,14 @@ class EngineAPI(Protocol):
     observers: list[Any]  # engine events (adapter loads, batches) go to these; the metrics subscribe
 
     def predict(
-        self, location: AdapterLocation | None, texts: list[str | list[int]], params: GenerationParams
+        self, location: SlotKey | None, texts: list[str | list[int]], params: GenerationParams
     ) -> tuple[Task, list[ClassificationResult] | list[GenerationResult]]: ...
 
     def predict_stream(
-        self, location: AdapterLocation | None, prompt: str | list[int], params: GenerationParams
+        self, location: SlotKey | None, prompt: str | list[int], params: GenerationParams
     ) -> Iterator[str | TokenLogprob | GenerationResult | ClassificationResult]: ...
 
-    def embed(self, location: AdapterLocation | None, inputs: list[str | list[int]]) -> list[EmbeddingResult]: ...
+    def embed(self, location: SlotKey | None, inputs: list[str | list[int]]) -> list[EmbeddingResult]: ...
 
     def encode_messages(self, messages: list[dict[str, str]], params: GenerationParams) -> list[int]: ...
 

@@ -83,7 +83,7 @@ def _shown(engine: EngineAPI, record: AdapterRecord) -> dict:
 def list_adapters(svc: ServicesDep) -> dict:
     engine = svc.ready_engine()
     return {"base": engine.info.name, "adapters": [_shown(engine, r) for r in svc.registry.records()],
-            "skipped": svc.registry.skipped()}
+            "mixtures": engine.mixtures(), "skipped": svc.registry.skipped()}
 
 
 @router.get("/adapters/{name}")
