@@ -15,7 +15,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from .deps import status_of
-from .engine import Engine
+from .engine_api import EngineAPI
 from .errors import InvalidInput, LoraswapError
 from .metrics import BASE_LABEL, MIXTURE_LABEL
 from .registry import Registry
@@ -33,7 +33,7 @@ T = TypeVar("T")
 
 
 def resolve_model(
-    registry: Registry, engine: Engine, record: RequestRecord, name: str | None
+    registry: Registry, engine: EngineAPI, record: RequestRecord, name: str | None
 ) -> AdapterLocation | None:
     """The adapter version to serve, or None for the base (no name, or the base's own name, which wins over an
     adapter of the same name); labels the request's metrics with it. Raises AdapterNotFound."""
