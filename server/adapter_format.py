@@ -35,6 +35,10 @@ TASK_TYPES: dict[str | None, Task | None] = {
 
 # base_model.model.<module path>.lora_A.weight (an optional adapter name may sit before .weight)
 LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[A-Za-z0-9_-]+)?\.weight$")
+# DoRA's magnitude vector (PEFT saves it without the adapter name and without ".weight"; older PEFT with them)
+MAGNITUDE_KEY = re.compile(
+    r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_magnitude_vector(?:\.[A-Za-z0-9_-]+)?(?:\.weight)?$"
+)
 # LoRA on an Embedding layer (PEFT's lora_embedding_A/B): read only to be refused by the layer's type
 EMBEDDING_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_embedding_[AB](?:\.[A-Za-z0-9_-]+)?$")
 # a module saved whole (modules_to_save): base_model.model.<module>[.modules_to_save[.<adapter>]].<param path>
@@ -48,6 +52,7 @@ class LoraModuleWeights:
     A: torch.Tensor  # [r, in]
     B: torch.Tensor  # [out, r]
     scale: float
+    magnitude: torch.Tensor | None = None  # DoRA: the trained norm of each output row [out]; None for plain LoRA
 
     @property
     def rank(self) -> int:
@@ -72,9 +77,14 @@ class AdapterWeights:
     config: dict = field(default_factory=dict)
     metadata: dict = field(default_factory=dict)
 
+    @property
+    def dora(self) -> bool:
+        return any(pair.magnitude is not None for pair in self.modules.values())
+
     def describe(self) -> dict:
         return {
             "task": self.task,
+            "dora": self.dora,
             "labels": self.labels,
             "rank": self.rank,
             "alpha": self.alpha,
@@ -137,8 +147,8 @@ def _check_config(config: dict, problems: list[str]) -> None:
     peft_type = config.get("peft_type")
     if peft_type != "LORA":
         problems.append(f"peft_type {peft_type!r} is not supported; only LORA adapters are")
-    if config.get("use_dora"):
-        problems.append("DoRA (use_dora=true) is not supported; only plain LoRA is")
+    if not isinstance(config.get("use_dora", False), bool):
+        problems.append("use_dora must be true or false")
     for flag in ("lora_bias", "use_qalora", "use_bdlora"):
         if config.get(flag):
             problems.append(f"{flag}=true is not supported")
@@ -194,6 +204,25 @@ def _labels(folder: Path, metadata: dict, n_labels: int, problems: list[str]) ->
     return labels
 
 
+def _dora_problems(config: dict, modules: dict[str, LoraModuleWeights], magnitudes: dict[str, torch.Tensor],
+                   other_lora: set[str]) -> list[str]:
+    """A DoRA adapter (use_dora=true) has one magnitude vector per LoRA pair, as long as the layer's output; a
+    plain one has none."""
+    if not config.get("use_dora"):
+        return [f"tensor for {module!r}: lora_magnitude_vector is DoRA's, but the config does not say use_dora=true"
+                for module in sorted(magnitudes)]
+    problems = [f"{module}: lora_magnitude_vector without its lora_A/lora_B pair"
+                for module in sorted(set(magnitudes) - set(modules) - other_lora)]
+    for module, pair in modules.items():
+        magnitude = pair.magnitude
+        if magnitude is None:
+            problems.append(f"{module}: use_dora=true but no lora_magnitude_vector for it")
+        elif magnitude.dim() != 1 or magnitude.shape[0] != pair.B.shape[0]:
+            problems.append(f"{module}: lora_magnitude_vector {tuple(magnitude.shape)} does not fit lora_B "
+                            f"{tuple(pair.B.shape)} (one magnitude per output feature)")
+    return problems
+
+
 def read_adapter(folder: Path, max_rank: int | None = None) -> AdapterWeights:
     """Parse and check an adapter folder; raise AdapterInvalid listing every problem found."""
     problems: list[str] = []
@@ -220,11 +249,14 @@ def read_adapter(folder: Path, max_rank: int | None = None) -> AdapterWeights:
         raise AdapterInvalid([f"{WEIGHTS_FILE} cannot be read: {exc}"]) from None
 
     pairs: dict[str, dict[str, torch.Tensor]] = {}
+    magnitudes: dict[str, torch.Tensor] = {}
     head: dict[str, torch.Tensor] = {}
     other_lora: set[str] = set()
     for key, tensor in tensors.items():
         if match := LORA_KEY.match(key):
             pairs.setdefault(match["module"], {})[match["ab"]] = tensor
+        elif match := MAGNITUDE_KEY.match(key):
+            magnitudes[match["module"]] = tensor
         elif match := EMBEDDING_LORA_KEY.match(key):
             other_lora.add(match["module"])
         elif match := SAVED_KEY.match(key):
@@ -252,7 +284,8 @@ def read_adapter(folder: Path, max_rank: int | None = None) -> AdapterWeights:
             continue
         module_alpha = float(_pattern_value(config.get("alpha_pattern"), module, alpha))
         scale = module_alpha / math.sqrt(rank) if config.get("use_rslora") else module_alpha / rank
-        modules[module] = LoraModuleWeights(A=A, B=B, scale=scale)
+        modules[module] = LoraModuleWeights(A=A, B=B, scale=scale, magnitude=magnitudes.get(module))
+    problems += _dora_problems(config, modules, magnitudes, other_lora)
 
     if not modules and not other_lora:
         problems.append("no LoRA weights found: the adapter would change nothing")

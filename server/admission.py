@@ -27,7 +27,10 @@ from dataclasses import dataclass, field
 
 from .errors import InvalidInput, Overloaded
 
-LANES = ("encode", "long", "generate")  # work: tokens read in short rows; in long rows; tokens to generate
+# work: tokens read in short classification/embedding rows; in generation prompts (prefill); in rows run in chunks;
+# tokens to generate
+LANES = ("encode", "prefill", "long", "generate")
+TOKEN_LANES = ("encode", "prefill", "long")
 
 
 @dataclass(frozen=True)
@@ -42,8 +45,8 @@ class WorkCosts:
     and the waits they imply.
 
     The model follows the scheduler: every turn runs one chunk of the long row (`budget` tokens), one forward of
-    short classification/embedding rows (up to `budget` tokens) and one decode step (up to `max_rows` rows, a token
-    each), each only while its lane has work. A request waits for as many turns as its own lanes need to clear the
+    short classification/embedding rows and one prefill forward of new generation rows (up to `budget` tokens
+    each) and one decode step (up to `max_rows` rows, a token each), each only while its lane has work. A request waits for as many turns as its own lanes need to clear the
     work ahead of it (a generation row waits only while the decode batch would be full), each turn as long as the
     busy lanes' forwards together; then its own work runs, a decode step per token it may generate, each turn
     still paying for the other busy lanes.
@@ -53,7 +56,7 @@ class WorkCosts:
         self.budget = budget
         self.max_rows = max_rows
         self.smoothing = smoothing
-        self.seconds: dict[str, float] = {}  # per token of a forward of short rows ("encode") or of a chunk ("long")
+        self.seconds: dict[str, float] = {}  # per token, of each kind of forward but the decode step (TOKEN_LANES)
         self.step_seconds: dict[int, float] = {}  # per decode step, by the rows it holds
 
     def _average(self, table: dict, key: str | int, value: float) -> None:
@@ -85,12 +88,12 @@ class WorkCosts:
                  steps: int) -> Estimate:
         """For a request of `rows` rows bringing `work` per lane and up to `steps` decode steps, with `pending` work
         admitted ahead of it and `generating` generation rows admitted."""
-        token_s = {lane: self.seconds.get(lane, 0.0) for lane in ("encode", "long")}
+        token_s = {lane: self.seconds.get(lane, 0.0) for lane in TOKEN_LANES}
         busy = {lane: min(pending[lane], self.budget) * token_s[lane] for lane in token_s if pending[lane] > 0}
         if generating:
             busy["generate"] = self.step_s(min(generating, self.max_rows))
         turns = 0
-        for lane in ("encode", "long"):
+        for lane in TOKEN_LANES:
             if work.get(lane):
                 turns = max(turns, math.ceil(pending[lane] / self.budget))
         if steps and generating + rows > self.max_rows:

@@ -21,7 +21,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .body_limit import BoundedBody
 from .deps import Services, ServicesDep, status_of
-from .engine import Engine
+from .engine_api import EngineAPI
 from .metrics import BASE_LABEL, UNKNOWN_LABEL
 from .errors import AdapterInvalid, InvalidInput, LoraswapError
 from .openai_api import error_content
@@ -38,6 +38,7 @@ from .serving import (
     predict_body,
     predict_events,
     refuse_generation_parameters,
+    resolve_mixture,
     resolve_model,
     started,
     validation_message,
@@ -80,9 +81,15 @@ def predict(
 ):
     engine = svc.ready_engine()
     current_request().limit_timeout(body.timeout)
-    location = resolve_model(svc.registry, engine, record, adapter)
-    if location is not None:
-        refuse_generation_parameters(svc.registry.get(location.name).task, location.name, body.parameters)
+    location = resolve_mixture(svc.registry, record, body)
+    if location is None:
+        location = resolve_model(svc.registry, engine, record, adapter)
+        if location is not None:
+            refuse_generation_parameters(svc.registry.get(location.name).task, location.name, body.parameters)
+    elif adapter is not None:
+        raise InvalidInput("adapters", "name one adapter in the query (adapter=) or a mixture in the body, not both")
+    else:
+        adapter = location.name  # the answer names the mixture
     texts = body.texts()
     if len(texts) > svc.settings.max_inputs:
         raise InvalidInput("inputs", f"{len(texts)} inputs, over the limit of {svc.settings.max_inputs}")
@@ -183,7 +190,7 @@ class ShedWhenFull:
 
 
 def create_app(
-    settings: Settings | None = None, engine: Engine | None = None, services: Services | None = None
+    settings: Settings | None = None, engine: EngineAPI | None = None, services: Services | None = None
 ) -> FastAPI:
     """App factory: with an engine given (tests), serve it; else load the base in the background at start-up
     (with `services` given: theirs, as the Ray Serve ingress's replicas in server/cluster.py)."""

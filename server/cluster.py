@@ -45,7 +45,10 @@ from .errors import LoraswapError, NotReady
 from .metrics import Metrics
 from .request_context import RequestContext, current_request, open_request
 from .settings import Settings
-from .types import AdapterLocation, ClassificationResult, EmbeddingResult, GenerationParams, GenerationResult, Task
+from .types import (
+    MIXTURE_PREFIX, ClassificationResult, EmbeddingResult, GenerationParams, GenerationResult, MixtureKey, SlotKey,
+    Task,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,15 +66,17 @@ class ReplicaUnavailable(NotReady):
     headers = {"Retry-After": "5"}
 
 
-def model_id(location: AdapterLocation) -> str:
-    """Ray's multiplexed model id of one immutable adapter version; a name re-created after a delete restarts at
-    version 1, so the digest is part of it."""
+def model_id(location: SlotKey) -> str:
+    """Ray's multiplexed model id of one immutable adapter version (or a mixture of such versions); a name re-created
+    after a delete restarts at version 1, so the digest is part of it."""
+    if isinstance(location, MixtureKey):
+        return f"{location.name}:{'+'.join(part.location.sha256[:16] for part in location.parts)}"
     return f"{location.name}@{location.version}:{location.sha256[:16]}"
 
 
 # ---- the engine replica ----------------------------------------------------------------------------------------
 
-_locating: contextvars.ContextVar[AdapterLocation] = contextvars.ContextVar("loraswap_locating")
+_locating: contextvars.ContextVar[SlotKey] = contextvars.ContextVar("loraswap_locating")
 
 
 class EngineReplica:
@@ -104,7 +109,7 @@ class EngineReplica:
         """`call` on the pool, in this request's context (its id and deadline reach the engine)."""
         return await asyncio.get_running_loop().run_in_executor(self.pool, contextvars.copy_context().run, call)
 
-    async def _locate(self, location: AdapterLocation | None, request: Request) -> None:
+    async def _locate(self, location: SlotKey | None, request: Request) -> None:
         open_request(RequestContext(*request))
         if location is not None:
             token = _locating.set(location)
@@ -123,20 +128,20 @@ class EngineReplica:
         return dataclasses.replace(adapter, modules={}, head={})
 
     async def predict(
-        self, location: AdapterLocation | None, texts: list, params: GenerationParams, request: Request
+        self, location: SlotKey | None, texts: list, params: GenerationParams, request: Request
     ) -> tuple[str, Task, list]:
         await self._locate(location, request)
         task, results = await self._run(lambda: self.engine.predict(location, texts, params))
         return self.replica, task, results
 
     async def embed(
-        self, location: AdapterLocation | None, inputs: list, request: Request
+        self, location: SlotKey | None, inputs: list, request: Request
     ) -> tuple[str, list[EmbeddingResult]]:
         await self._locate(location, request)
         return self.replica, await self._run(lambda: self.engine.embed(location, inputs))
 
     async def predict_stream(
-        self, location: AdapterLocation | None, prompt: str | list[int], params: GenerationParams, request: Request
+        self, location: SlotKey | None, prompt: str | list[int], params: GenerationParams, request: Request
     ):
         """The replica's id, then engine.predict_stream's items; a cancelled stream closes the engine's (its row
         leaves the decode batch)."""
@@ -266,11 +271,11 @@ class RemoteEngine:
         info, tokenizer = _with_retries(lambda: handle.describe.remote().result())
         return cls(handle, info, tokenizer)
 
-    def _to(self, location: AdapterLocation | None) -> DeploymentHandle:
+    def _to(self, location: SlotKey | None) -> DeploymentHandle:
         return self.handle if location is None else self.handle.options(multiplexed_model_id=model_id(location))
 
     def predict(
-        self, location: AdapterLocation | None, texts: list[str | list[int]], params: GenerationParams
+        self, location: SlotKey | None, texts: list[str | list[int]], params: GenerationParams
     ) -> tuple[Task, list[ClassificationResult] | list[GenerationResult]]:
         replica, task, results = _with_retries(
             lambda: self._to(location).predict.remote(location, texts, params, _request()).result()
@@ -278,7 +283,7 @@ class RemoteEngine:
         _note_replica(replica)
         return task, results
 
-    def embed(self, location: AdapterLocation | None, inputs: list[str | list[int]]) -> list[EmbeddingResult]:
+    def embed(self, location: SlotKey | None, inputs: list[str | list[int]]) -> list[EmbeddingResult]:
         replica, results = _with_retries(
             lambda: self._to(location).embed.remote(location, inputs, _request()).result()
         )
@@ -286,7 +291,7 @@ class RemoteEngine:
         return results
 
     def predict_stream(
-        self, location: AdapterLocation | None, prompt: str | list[int], params: GenerationParams
+        self, location: SlotKey | None, prompt: str | list[int], params: GenerationParams
     ) -> Iterator:
         """engine.predict_stream on a replica; a replica that dies before the first item is retried, one that dies
         midway ends the stream with ReplicaUnavailable (the routes turn it into an error event)."""
@@ -328,11 +333,19 @@ class RemoteEngine:
     def is_loaded(self, name: str) -> bool:
         return any(i.split("@")[0] == name for ids in self.loaded_by_replica().values() for i in ids)
 
+    def mixtures(self) -> list[dict]:
+        """The mixtures the replicas hold, by name (model_id: the name, then its parts' digests) and replica."""
+        return [{"name": i.rsplit(":", 1)[0], "replica": replica} for replica, ids in self.loaded_by_replica().items()
+                for i in ids if i.startswith(MIXTURE_PREFIX)]
+
     def encode_messages(self, messages: list[dict[str, str]], params: GenerationParams) -> list[int]:
         return self.encoder.messages(messages, params)
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids)
+
+    def abort(self, error: LoraswapError) -> None:
+        """Nothing to cut here: the ingress holds no work (the replicas do, and Ray Serve stops them with it)."""
 
     def close(self) -> None:
         pass  # the replicas belong to Ray Serve

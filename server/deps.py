@@ -11,6 +11,7 @@ from fastapi import Depends, Request
 
 from .base_model import choose_dtype
 from .engine import Engine
+from .engine_api import EngineAPI
 from .errors import (
     AdapterChanged,
     AdapterExists,
@@ -66,11 +67,11 @@ def status_of(exc: LoraswapError) -> int:
 class Services:
     """What the routes need; the engine appears once the base model has loaded."""
 
-    def __init__(self, settings: Settings, engine: Engine | None = None):
+    def __init__(self, settings: Settings, engine: EngineAPI | None = None):
         self.settings = settings
         self.started_at = int(time.time())  # the base's "created" in /v1/models
         self.registry = Registry(settings.adapters_dir, SHIPPED_ADAPTERS if settings.shipped_adapters else None)
-        self.engine: Engine | None = None
+        self.engine: EngineAPI | None = None
         self.load_error: str | None = None
         self.lifecycle = Lifecycle()
         self.metrics = Metrics(lambda: self.engine, self.registry.__contains__)
@@ -78,7 +79,7 @@ class Services:
         if engine is not None:
             self._attach(engine)
 
-    def _attach(self, engine: Engine) -> None:
+    def _attach(self, engine: EngineAPI) -> None:
         skipped = self.registry.scan(engine.check_adapter)
         for problem in skipped:
             log.warning("adapter skipped: %s", problem)
@@ -101,7 +102,7 @@ class Services:
         if self.engine is not None:
             self.engine.abort(Draining("the server is shutting down: the request was cut at its drain timeout"))
 
-    def ready_engine(self) -> Engine:
+    def ready_engine(self) -> EngineAPI:
         if self.engine is None:
             raise NotReady(self.load_error or "the base model is still loading")
         return self.engine

@@ -28,12 +28,15 @@ from .errors import AdapterChanged, AdapterForOtherBase, AdapterInvalid, Invalid
 from .heads import SequenceClassifier
 from .jobs import ClassifyJob, EmbedJob, GenerateJob
 from .lora import LoraContext, MultiLoraLinear, fit_problems, resolve_module_path, wrap_linear_layers
+from .merging import MergePolicy
+from .mixtures import combine, config_rank, mixture_problems
 from .request_context import current_request
-from .runner import MergePolicy, ModelRunner
+from .runner import ModelRunner
 from .settings import Settings
 from .slots import BASE_SLOT, AdapterSlots, Installer, LoadedAdapter, Slot, SlotsBusy
 from .types import (
-    AdapterLocation, ClassificationResult, EmbeddingResult, GenerationParams, GenerationResult, Task, TokenLogprob
+    AdapterLocation, ClassificationResult, EmbeddingResult, GenerationParams, GenerationResult, MixtureKey, SlotKey,
+    Task, TokenLogprob,
 )
 
 log = logging.getLogger(__name__)
@@ -153,14 +156,14 @@ class Engine:
 
     @property
     def merge_policy(self) -> MergePolicy | None:
-        return self.runner.merge_policy
+        return self.runner.merging.policy
 
     # ---- adapter slots ---------------------------------------------------------------------------------------
 
-    def acquire(self, location: AdapterLocation) -> Slot:
-        """The slot serving this adapter version, loaded on first use (once, however many ask at the same time);
-        the caller must release() it. With every slot in use, it waits for one until the request's deadline
-        (without one, SLOT_WAIT_S)."""
+    def acquire(self, location: SlotKey) -> Slot:
+        """The slot serving this adapter version (or mixture), loaded (built) on first use (once, however many ask
+        at the same time); the caller must release() it. With every slot in use, it waits for one until the
+        request's deadline (without one, SLOT_WAIT_S)."""
         request = current_request()
         deadline = request.deadline
         wait_s = SLOT_WAIT_S if deadline is None else max(0.0, deadline - time.monotonic())
@@ -175,11 +178,20 @@ class Engine:
         self.slots.release(slot)
 
     def unload(self, name: str) -> None:
-        """Drop every loaded version of an adapter (deleted or replaced); requests in flight finish on it."""
+        """Drop every loaded version of an adapter (deleted or replaced), and every mixture of it; requests in
+        flight finish on them."""
         self.slots.unload(name)
 
-    def loaded(self) -> list[AdapterLocation]:
+    def loaded(self) -> list[SlotKey]:
         return self.slots.loaded()
+
+    def loaded_kinds(self) -> Counter[str]:
+        """Slots in memory by what they hold: "lora", "dora" or "mixture"."""
+        return self.slots.kinds()
+
+    def mixtures(self) -> list[dict]:
+        """The mixtures in memory now (least recently used first): name, combination, parts and weights."""
+        return [key.describe() for key in self.slots.loaded() if isinstance(key, MixtureKey)]
 
     def is_loaded(self, name: str) -> bool:
         return self.slots.is_loaded(name)
@@ -226,8 +238,22 @@ class Engine:
                 for name in named if name not in ("classifier", "score")
                 and not any(path == name or path.endswith(f".{name}") for path in paths)]
 
-    def _prepare(self, location: AdapterLocation) -> Installer:
-        """Read and check one adapter version (caller's thread); return what installs it into a slot."""
+    def _prepare(self, location: SlotKey) -> Installer:
+        """Read and check one adapter version, or build a mixture (caller's thread); return what installs it into
+        a slot."""
+        if isinstance(location, MixtureKey):
+            return self._prepare_mixture(location)
+        adapter, head = self._read(location)
+
+        def install(index: int, evicting: bool) -> LoadedAdapter:
+            self.runner.call(lambda: self._fill(index, adapter, evicting))
+            log.info("adapter %s v%d has sha256 %s", location.name, location.version, adapter.sha256[:12])
+            return LoadedAdapter(adapter.task, adapter.labels, head, kind="dora" if adapter.dora else "lora")
+
+        return install
+
+    def _read(self, location: AdapterLocation) -> tuple[AdapterWeights, dict[str, torch.nn.Module] | None]:
+        """One adapter version as checked by _checked; AdapterChanged if its folder no longer holds that version."""
         try:
             adapter, head = self._checked(location.folder)
         except (OSError, AdapterInvalid):
@@ -236,10 +262,31 @@ class Engine:
             raise
         if location.sha256 and adapter.sha256 != location.sha256:
             raise AdapterChanged(location.name)  # its folder now holds other weights: never serve them as this
+        return adapter, head
+
+    def _prepare_mixture(self, key: MixtureKey) -> Installer:
+        """Read the parts and combine their LoRA pairs as PEFT's add_weighted_adapter does (server/mixtures.py);
+        InvalidInput (field `adapters`) with every reason they cannot be combined."""
+        parts = [(part.location.name, self._read(part.location)[0]) for part in key.parts]
+        problems = mixture_problems(parts, key.combination)
+        if problems:
+            raise InvalidInput("adapters", "; ".join(problems))
+        prefix = self.model.base_model_prefix
+        resolved = [{resolve_module_path(module, self.layers, prefix): pair for module, pair in adapter.modules.items()}
+                    for _, adapter in parts]
+        modules = combine(resolved, [part.weight for part in key.parts], key.combination, list(self.layers),
+                          density=key.density, seed=key.seed or 0, rslora=bool(parts[0][1].config.get("use_rslora")))
+        if not all(torch.isfinite(t).all() for pair in modules.values() for t in (pair.A, pair.B)):
+            raise InvalidInput("adapters", "these weights make the mixture's tensors overflow (Inf or NaN)")
+        rank = max(pair.rank for pair in modules.values())
+        if self.max_rank is not None and rank > self.max_rank:
+            raise InvalidInput("adapters", f"the mixture has rank {rank} ({key.combination} of ranks "
+                               f"{[config_rank(a) for _, a in parts]}), over the configured maximum of {self.max_rank}")
+        mixture = AdapterWeights(task=parts[0][1].task, modules=modules, rank=rank)
+
         def install(index: int, evicting: bool) -> LoadedAdapter:
-            self.runner.call(lambda: self._fill(index, adapter, evicting))
-            log.info("adapter %s v%d has sha256 %s", location.name, location.version, adapter.sha256[:12])
-            return LoadedAdapter(adapter.task, adapter.labels, head)
+            self.runner.call(lambda: self._fill(index, mixture, evicting))
+            return LoadedAdapter(mixture.task, kind="mixture")
 
         return install
 
@@ -251,7 +298,7 @@ class Engine:
         try:
             for module, pair in adapter.modules.items():
                 path = resolve_module_path(module, self.layers, self.model.base_model_prefix)
-                self.layers[path].set_slot(index, pair.A, pair.B, pair.scale)
+                self.layers[path].set_slot(index, pair.A, pair.B, pair.scale, pair.magnitude)
         except BaseException:
             self.runner.clear_slot(index)
             raise
@@ -264,15 +311,15 @@ class Engine:
     @property
     def merged_adapter(self) -> str | None:
         """The adapter folded into the base weights now, if any."""
-        merged = self.runner.merged
+        merged = self.runner.merging.merged
         return None if merged is None else self.slots.name_of(merged)
 
     def merge(self, slot: Slot) -> None:
         """Fold one loaded adapter into the base weights; its requests then run at exactly base cost."""
-        self.runner.call(lambda: self.runner.merge(slot.index))
+        self.runner.call(lambda: self.runner.merging.merge(slot.index))
 
     def unmerge(self) -> None:
-        self.runner.call(self.runner.unmerge)
+        self.runner.call(self.runner.merging.unmerge)
 
     # ---- inference -------------------------------------------------------------------------------------------
 
@@ -303,7 +350,7 @@ class Engine:
         rows = self.encoder.for_classification(texts)
         return self._admitted(ClassifyJob(rows, slot)).result()
 
-    def embed(self, location: AdapterLocation | None, inputs: list[str | list[int]]) -> list[EmbeddingResult]:
+    def embed(self, location: SlotKey | None, inputs: list[str | list[int]]) -> list[EmbeddingResult]:
         """Mean-pooled, L2-normalized last hidden states (float32) of texts or token ids, with an adapter's LoRA
         applied (any adapter: its body is what counts) or the base's own (None). Batched with classifications."""
         self.admission.check()
@@ -351,7 +398,7 @@ class Engine:
         return self._admitted(job).result()
 
     def predict(
-        self, location: AdapterLocation | None, texts: list[str | list[int]], params: GenerationParams
+        self, location: SlotKey | None, texts: list[str | list[int]], params: GenerationParams
     ) -> tuple[Task, list[ClassificationResult] | list[GenerationResult]]:
         """Serve texts with one adapter version (None: the base generates); loads the adapter if needed.
         Generation also takes prompt ids (encode_messages); classification takes texts only."""
@@ -393,7 +440,7 @@ class Engine:
         yield result
 
     def predict_stream(
-        self, location: AdapterLocation | None, prompt: str | list[int], params: GenerationParams
+        self, location: SlotKey | None, prompt: str | list[int], params: GenerationParams
     ) -> Iterator[str | TokenLogprob | GenerationResult | ClassificationResult]:
         """predict() for one input as a stream: a generation adapter (or the base) yields text deltas then its
         GenerationResult, a classification adapter (text prompts only) yields its ClassificationResult.

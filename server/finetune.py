@@ -35,16 +35,19 @@ import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Literal
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal, Protocol
 
 from . import finetune_auto as auto
 from .adapter_format import CONFIG_FILE, METADATA_FILE, WEIGHTS_FILE
 from .archive import ArchiveLimits
 from .encoding import encode_chat, encode_prompt
-from .engine import Engine
+from .engine_api import EngineAPI
 from .errors import InvalidInput, LoraswapError, NotFound
 from .registry import Registry, valid_name
 from .settings import Settings
+
+if TYPE_CHECKING:
+    from .base_model import BaseInfo
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +192,15 @@ def inspect_jsonl(data: bytes, max_rows: int) -> Inspection:
     return Inspection(row_format, rows, sorted(labels) if row_format == "classification" else None)
 
 
-def base_shape(engine: Engine) -> auto.BaseShape:
+class TrainingEngine(Protocol):
+    """What a job's plan reads of the local engine it trains beside: the base, its tokenizer, the layers it wrapped."""
+
+    info: BaseInfo
+    tokenizer: Any
+    layers: dict[str, Any]
+
+
+def base_shape(engine: TrainingEngine) -> auto.BaseShape:
     """The loaded base as `auto` sees it: its family, depth, context and the layers the engine wrapped."""
     info = engine.info
     return auto.BaseShape(info.family, info.num_layers, info.max_context, tuple(engine.layers))
@@ -357,7 +368,7 @@ def adapter_name_for(job_id: str, suffix: str | None) -> str:
 class FineTuning:
     """Files, jobs and the one runner thread that trains queued jobs in order."""
 
-    def __init__(self, settings: Settings, registry: Registry, ready_engine: Callable[[], Engine]):
+    def __init__(self, settings: Settings, registry: Registry, ready_engine: Callable[[], EngineAPI]):
         self.settings = settings
         self.registry = registry
         self.ready_engine = ready_engine
@@ -428,7 +439,7 @@ class FineTuning:
 
     # ---- jobs -----------------------------------------------------------------------------------------------
 
-    def create_job(self, spec: JobSpec, engine: Engine) -> Job:
+    def create_job(self, spec: JobSpec, engine: TrainingEngine) -> Job:
         """Check the files a job names and that its data can make a useful adapter, decide every `auto` choice,
         then queue it; nothing is kept if a check fails."""
         training = self._training_file(spec.training_file, "training_file")
@@ -547,7 +558,7 @@ class FineTuning:
                         self._finish(job, "failed", error={"code": "internal_error", "param": None,
                                                            "message": f"{exc.__class__.__name__}: {exc}"})
 
-    def _train(self, job: Job, engine: Engine) -> None:
+    def _train(self, job: Job, engine: EngineAPI) -> None:
         work = self._folder(job) / "work"
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
@@ -662,7 +673,7 @@ class FineTuning:
                                 data={"metrics": event["metrics"]})
             self._save(job)
 
-    def _install(self, job: Job, engine: Engine, output: Path, tracker: _ProgressTracker) -> None:
+    def _install(self, job: Job, engine: EngineAPI, output: Path, tracker: _ProgressTracker) -> None:
         """The registry's checked, atomic add; then the loss curve and the plot become result files."""
         uploads = [(name, (output / name).open("rb")) for name in (CONFIG_FILE, WEIGHTS_FILE, METADATA_FILE)]
         try:

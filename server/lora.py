@@ -29,10 +29,12 @@ class LoraContext:
         self.row_slots: torch.Tensor | None = None  # [batch] int64, set for mixed batches
         self.uniform_slot = BASE_SLOT  # every row's slot when row_slots is None
         self.batch = 0  # bumped when the mixed assignment changes: layers gather their rows' pairs once for it
+        self.active: frozenset[int] = frozenset()  # the slots of the running forward's rows
         self._last_mixed: tuple[int, ...] = ()
 
     @contextmanager
     def rows(self, slots: list[int], device: torch.device | str) -> Iterator[None]:
+        self.active = frozenset(slots)
         if len(set(slots)) == 1:
             self.uniform_slot = slots[0]
         else:
@@ -43,7 +45,7 @@ class LoraContext:
         try:
             yield
         finally:
-            self.row_slots, self.uniform_slot = None, BASE_SLOT
+            self.row_slots, self.uniform_slot, self.active = None, BASE_SLOT, frozenset()
 
 
 class MultiLoraLinear(nn.Module):
@@ -77,6 +79,12 @@ class MultiLoraLinear(nn.Module):
         self._rows_A, self._rows_Bt = torch.empty(0, device=device), torch.empty(0, device=device)  # mixed rows' pairs
         self._rows_batch = -1  # the context batch those rows were gathered for
         self._pristine: torch.Tensor | None = None  # the base weight while an adapter is merged into it
+        # DoRA slots: their g = m / ||W + scale * B A|| per output feature [out] (float32), and those factors
+        # stacked by slot [slots, out] (1 for the other slots), made when the first DoRA adapter comes
+        self._dora: dict[int, torch.Tensor] = {}
+        self._dora_rows: torch.Tensor | None = None
+        self._dora_shift: torch.Tensor | None = None  # (1 - g) b by slot [slots, out], for layers with a bias
+        self._rows_G = self._rows_shift = torch.empty(0, device=device)  # the mixed rows' g and (1 - g) b
 
     @property
     def in_features(self) -> int:
@@ -90,7 +98,10 @@ class MultiLoraLinear(nn.Module):
     def weight(self) -> torch.Tensor:
         return self.base.weight
 
-    def set_slot(self, slot: int, A: torch.Tensor, B: torch.Tensor, scale: float) -> None:
+    def set_slot(
+        self, slot: int, A: torch.Tensor, B: torch.Tensor, scale: float, magnitude: torch.Tensor | None = None
+    ) -> None:
+        """Install a LoRA pair (and for DoRA its magnitude vector [out]) into a slot."""
         rank = A.shape[0]
         if rank > self._A.shape[1]:
             self._restack(rank)
@@ -98,12 +109,41 @@ class MultiLoraLinear(nn.Module):
         self._Bt[slot].zero_()[:rank] = (B.to(device=self._Bt.device, dtype=torch.float32) * scale).t()
         self.ranks[slot] = rank
         self._rows_batch = -1
+        self._set_dora(slot, magnitude)
 
     def clear_slot(self, slot: int) -> None:
         if self.ranks.pop(slot, None) is not None:
             self._A[slot].zero_()
             self._Bt[slot].zero_()
             self._rows_batch = -1
+        self._set_dora(slot, None)
+
+    def _set_dora(self, slot: int, magnitude: torch.Tensor | None) -> None:
+        """DoRA (PEFT's DoraLinearLayer): y = W x + b + (g - 1) W x + g (B A x) scale, with g = m / ||W + scale B A||
+        per output feature. PEFT detaches the norm from training, so at inference g is a constant of the slot:
+        computed once here, in float32, from the pristine base weight (not from one with an adapter merged into it).
+        Dropout does not apply at inference, as in PEFT's eval mode. Kept per slot: g and (1 - g) b, for the forward's
+        form g (W x + b + B A x scale) + (1 - g) b (the same sum: two in-place ops on the output)."""
+        if magnitude is None:
+            if self._dora.pop(slot, None) is not None:
+                self._dora_rows[slot] = 1.0
+                self._dora_shift[slot] = 0.0
+                self._rows_batch = -1
+            return
+        weight = (self._pristine if self._pristine is not None else self.base.weight).float()
+        if self.fan_in_fan_out:
+            weight = weight.t()  # [out, in], as PEFT's transpose(weight, fan_in_fan_out)
+        A, Bt = self.pair(slot)
+        norm = torch.linalg.norm(weight + Bt.t() @ A, dim=1)  # [out]
+        factor = magnitude.to(device=norm.device, dtype=torch.float32) / norm
+        if self._dora_rows is None:
+            self._dora_rows = torch.ones(self.n_slots, self.out_features, device=norm.device)  # [slots, out]
+            self._dora_shift = torch.zeros(self.n_slots, self.out_features, device=norm.device)  # [slots, out]
+        self._dora_rows[slot] = factor
+        if self.base.bias is not None:
+            self._dora_shift[slot] = (1 - factor) * self.base.bias.float()
+        self._dora[slot] = self._dora_rows[slot]  # a view of its row
+        self._rows_batch = -1
 
     def _restack(self, r_max: int) -> None:
         """Make room for a larger rank (only then is the whole stack reallocated)."""
@@ -127,7 +167,11 @@ class MultiLoraLinear(nn.Module):
         self._pristine = weight.detach().clone()
         A, Bt = self.pair(slot)
         update = A.t() @ Bt if self.fan_in_fan_out else Bt.t() @ A  # the weight's own layout
-        weight.data.copy_((self._pristine.float() + update).to(weight.dtype))
+        merged = self._pristine.float() + update
+        if slot in self._dora:  # PEFT's DoRA merge: g (W + scale B A); the bias stays as it is
+            factor = self._dora[slot]
+            merged *= factor[None, :] if self.fan_in_fan_out else factor[:, None]
+        weight.data.copy_(merged.to(weight.dtype))
 
     def unmerge(self) -> None:
         """Restore the pristine base weight: a copy, not a subtraction, so no drift accumulates."""
@@ -140,6 +184,8 @@ class MultiLoraLinear(nn.Module):
         if not self.ranks:
             return out
         ctx = self.context
+        if self._dora and not ctx.active.isdisjoint(self._dora):
+            return self._forward_dora(x, out)
         if ctx.row_slots is None:
             if ctx.uniform_slot not in self.ranks:
                 return out
@@ -150,6 +196,16 @@ class MultiLoraLinear(nn.Module):
                 return out
             return out + (low @ Bt).view(out.shape).to(out.dtype)
         # mixed batch: each row's pair, gathered once per batch, applied with two batched matmuls (Punica's BGMV)
+        rows = self._gather_rows(x)
+        low = torch.bmm(x.float().reshape(rows, -1, self.in_features), self._rows_A.transpose(1, 2))  # [rows, tok, r]
+        if out.dtype == torch.float32:  # fused: out += low @ Bt_rows
+            out.view(rows, -1, self.out_features).baddbmm_(low, self._rows_Bt)
+            return out
+        return out + torch.bmm(low, self._rows_Bt).view(out.shape).to(out.dtype)
+
+    def _gather_rows(self, x: torch.Tensor) -> int:
+        """Gather the mixed rows' pairs into the reused buffers (once per change of assignment); the row count."""
+        ctx = self.context
         slots = ctx.row_slots
         rows = slots.shape[0]
         if x.shape[0] != rows:  # as PEFT's _check_forward_args: a row assignment must match the batch it is for
@@ -157,12 +213,35 @@ class MultiLoraLinear(nn.Module):
         if self._rows_batch != ctx.batch:
             torch.index_select(self._A, 0, slots, out=self._rows_A.resize_(rows, *self._A.shape[1:]))
             torch.index_select(self._Bt, 0, slots, out=self._rows_Bt.resize_(rows, *self._Bt.shape[1:]))
+            if self._dora:  # DoRA's g and (1 - g) b per row
+                self._rows_G = self._dora_rows.index_select(0, slots)
+                self._rows_shift = self._dora_shift.index_select(0, slots)
             self._rows_batch = ctx.batch
-        low = torch.bmm(x.float().reshape(rows, -1, self.in_features), self._rows_A.transpose(1, 2))  # [rows, tok, r]
-        if out.dtype == torch.float32:  # fused: out += low @ Bt_rows
-            out.view(rows, -1, self.out_features).baddbmm_(low, self._rows_Bt)
-            return out
-        return out + torch.bmm(low, self._rows_Bt).view(out.shape).to(out.dtype)
+        return rows
+
+    def _forward_dora(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """A forward with DoRA rows: PEFT adds (g - 1) (W x) + g (B A x) scale to the base output W x + b; here the
+        same sum as g (W x + b + B A x scale) + (1 - g) b, per row's slot. Plain LoRA and base rows have g = 1 and
+        (1 - g) b = 0 (base rows a zero pair too): they get out + B A x scale."""
+        ctx = self.context
+        if ctx.row_slots is None:
+            slot = ctx.uniform_slot
+            A, Bt = self.pair(slot)
+            lora = (nn.functional.linear(x.float(), A).reshape(-1, A.shape[0]) @ Bt).view(out.shape)  # [..., out]
+            factor, shift = self._dora_rows[slot], self._dora_shift[slot]  # [out]
+        else:
+            rows = self._gather_rows(x)
+            low = torch.bmm(x.float().reshape(rows, -1, self.in_features), self._rows_A.transpose(1, 2))
+            lora = torch.bmm(low, self._rows_Bt).view(out.shape)
+            shape = (rows, *[1] * (out.dim() - 2), self.out_features)  # each row's g over its tokens
+            factor = self._rows_G.view(shape)
+            shift = self._rows_shift.view(shape)
+        if out.dtype == torch.float32:
+            out.add_(lora).mul_(factor)
+        else:
+            out = ((out.float() + lora) * factor).to(out.dtype)
+        return out.add_(shift.to(out.dtype)) if self.base.bias is not None else out
+
 
 
 def wrap_linear_layers(model: nn.Module, context: LoraContext, n_slots: int) -> dict[str, MultiLoraLinear]:

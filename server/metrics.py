@@ -5,7 +5,7 @@ loads, evictions and batches as an `EngineObserver`; gauges (loaded adapters, qu
 read from the engine at scrape time. Adapter labels are bounded by the adapters alive: a request for a name the
 registry does not know is counted under `UNKNOWN_LABEL`, one for the base model under `BASE_LABEL`; a deleted
 adapter's series leave with it (`forget`), and whatever is reported of it afterwards (a request that was in flight,
-the eviction of its slot) counts under `UNKNOWN_LABEL`.
+the eviction of its slot) counts under `UNKNOWN_LABEL`. Every per-request mixture counts under `MIXTURE_LABEL`.
 """
 
 from __future__ import annotations
@@ -17,9 +17,11 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from .engine import Engine
+from .types import MIXTURE_PREFIX
 
 BASE_LABEL = "__base__"
 UNKNOWN_LABEL = "__unknown__"
+MIXTURE_LABEL = "__mixture__"  # every per-request mixture (its name holds weights: unbounded as a label)
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 LOAD_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -63,7 +65,9 @@ class Metrics:
         r.register(_EngineGauges(engine))
 
     def _label(self, adapter: str) -> str:
-        return adapter if adapter in (BASE_LABEL, UNKNOWN_LABEL) or self._alive(adapter) else UNKNOWN_LABEL
+        if adapter in (BASE_LABEL, UNKNOWN_LABEL, MIXTURE_LABEL) or adapter.startswith(MIXTURE_PREFIX):
+            return slot_label(adapter)
+        return adapter if self._alive(adapter) else UNKNOWN_LABEL
 
     def forget(self, adapter: str) -> None:
         """A deleted adapter's series leave /metrics."""
@@ -94,6 +98,11 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+def slot_label(name: str) -> str:
+    """The metric label of what a slot holds: an adapter's name, or MIXTURE_LABEL for any mixture."""
+    return MIXTURE_LABEL if name.startswith(MIXTURE_PREFIX) else name
+
+
 class _EngineGauges(Collector):
     """Engine state read at scrape time; absent while the base model loads."""
 
@@ -104,7 +113,14 @@ class _EngineGauges(Collector):
         engine = self._engine()
         if engine is None:
             return
-        yield GaugeMetricFamily("loraswap_loaded_adapters", "Adapters in memory.", value=len(engine.loaded()))
+        yield GaugeMetricFamily("loraswap_loaded_adapters", "Adapters and mixtures in memory.",
+                                value=len(engine.loaded()))
+        kinds = GaugeMetricFamily("loraswap_loaded_adapters_by_kind",
+                                  "Slots in memory by what they hold: lora, dora or mixture.", labels=["kind"])
+        loaded = engine.loaded_kinds()
+        for kind in ("lora", "dora", "mixture"):
+            kinds.add_metric([kind], loaded[kind])
+        yield kinds
         yield GaugeMetricFamily(
             "loraswap_queue_depth", "Requests waiting for the engine thread.", value=engine.queue_depth
         )
@@ -123,5 +139,5 @@ class _EngineGauges(Collector):
             "loraswap_merged_adapter", "1 for the adapter merged into the base weights, if any.", labels=["adapter"]
         )
         if engine.merged_adapter is not None:
-            merged.add_metric([engine.merged_adapter], 1)
+            merged.add_metric([slot_label(engine.merged_adapter)], 1)
         yield merged

@@ -26,16 +26,20 @@ from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from starlette.exceptions import HTTPException
 
-from .deps import ServicesDep, status_of
-from .engine import Engine
+from .deps import Services, ServicesDep, status_of
+from .engine_api import EngineAPI
 from .errors import AdapterNotFound, InvalidInput, LoraswapError
 from .request_context import current_request
+from .schemas import MixtureFields
 from .serving import (
-    count_tokens, event_stream, generation_params, internal_error_message, resolve_model, sse, started, stream_failure
+    count_tokens, event_stream, generation_params, internal_error_message, resolve_mixture, resolve_model, sse,
+    started, stream_failure, task_of,
 )
 from .settings import Settings
 from .telemetry import RecordDep, RequestRecord
-from .types import MAX_TOP_LOGPROBS, ClassificationResult, GenerationParams, GenerationResult, Result, TokenLogprob
+from .types import (
+    MAX_TOP_LOGPROBS, ClassificationResult, GenerationParams, GenerationResult, Result, SlotKey, TokenLogprob,
+)
 
 log = logging.getLogger(__name__)
 DEFAULT_TEMPERATURE = 1.0  # OpenAI's default: sampling unless asked otherwise
@@ -45,8 +49,9 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class Sampling(BaseModel):
-    """Parameters both endpoints take; any other field is refused (400) rather than silently ignored."""
+class Sampling(MixtureFields):
+    """Parameters both endpoints take; any other field is refused (400) rather than silently ignored. With a mixture
+    (`adapters`, extra_body in OpenAI's clients), `model` names the base."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -368,7 +373,7 @@ def refuse_for_classifier(name: str, *, logprobs: bool, echo: bool = False, toke
         raise InvalidInput("prompt", f"{name!r} is a classification adapter: it takes text prompts, not token ids")
 
 
-def _token_text(engine: Engine, wanted: bool) -> Callable[[int], str] | None:
+def _token_text(engine: EngineAPI, wanted: bool) -> Callable[[int], str] | None:
     return (lambda token_id: engine.decode([token_id])) if wanted else None
 
 
@@ -389,13 +394,25 @@ def list_models(svc: ServicesDep) -> dict:
     return {"object": "list", "data": models}
 
 
+def resolve_target(svc: Services, engine: EngineAPI, record: RequestRecord, body: Sampling) -> SlotKey | None:
+    """The mixture the body names (then `model` must name the base), else the adapter `model` names (None: the
+    base)."""
+    mixture = resolve_mixture(svc.registry, record, body)
+    if mixture is None:
+        return resolve_model(svc.registry, engine, record, body.model)
+    if body.model != engine.info.name:
+        raise InvalidInput("model", f"with a mixture of adapters, model names the base ({engine.info.name!r}), not "
+                           f"{body.model!r}")
+    return mixture
+
+
 @router.post("/completions")
 def completions(body: CompletionRequest, svc: ServicesDep, record: RecordDep):
     engine = svc.ready_engine()
     current_request().limit_timeout(body.timeout)
-    location = resolve_model(svc.registry, engine, record, body.model)
+    location = resolve_target(svc, engine, record, body)
     prompts = inputs_of(body.prompt, "prompt", svc.settings.max_inputs)
-    if location is not None and svc.registry.get(location.name).task == "classification":
+    if location is not None and task_of(svc.registry, location) == "classification":
         refuse_for_classifier(location.name, logprobs=body.logprobs is not None, echo=body.echo,
                               token_ids=any(isinstance(p, list) for p in prompts))
     # a completion continues the raw prompt
@@ -419,11 +436,11 @@ def completions(body: CompletionRequest, svc: ServicesDep, record: RecordDep):
 def chat_completions(body: ChatRequest, svc: ServicesDep, record: RecordDep):
     engine = svc.ready_engine()
     current_request().limit_timeout(body.timeout)
-    location = resolve_model(svc.registry, engine, record, body.model)
+    location = resolve_target(svc, engine, record, body)
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = params_of(svc.settings, body, body.max_completion_tokens or body.max_tokens, chat=True, logprobs=logprobs)
     reply = Reply(body.model, chat=True, token_text=_token_text(engine, logprobs is not None))
-    if location is not None and svc.registry.get(location.name).task == "classification":
+    if location is not None and task_of(svc.registry, location) == "classification":
         refuse_for_classifier(location.name, logprobs=logprobs is not None)
         # a classifier reads text as it was trained: the last user message, without the chat template
         user_texts = [m.text() for m in body.messages if m.role == "user"]

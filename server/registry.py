@@ -64,6 +64,7 @@ class AdapterRecord:
     created: str
     folder: Path = field(repr=False)  # where this version's files live; not shown to clients
     metrics: dict | None = None
+    dora: bool = False  # a DoRA adapter (use_dora): LoRA pairs plus a magnitude vector per layer
 
     def as_dict(self) -> dict:
         data = asdict(self)

@@ -24,7 +24,7 @@ from starlette.datastructures import FormData, UploadFile
 from .adapter_format import METADATA_FILE
 from .archive import ArchiveLimits, write_zip
 from .deps import ServicesDep
-from .engine import Engine
+from .engine_api import EngineAPI
 from .errors import AdapterChanged, Forbidden, InvalidInput, PayloadTooLarge, Unauthorized
 from .registry import NAME_PATTERN, AdapterRecord
 
@@ -75,7 +75,7 @@ def require_admin(
 AdminDep = Annotated[None, Depends(require_admin)]
 
 
-def _shown(engine: Engine, record: AdapterRecord) -> dict:
+def _shown(engine: EngineAPI, record: AdapterRecord) -> dict:
     return dict(record.as_dict(), loaded=engine.is_loaded(record.name))
 
 
@@ -83,7 +83,7 @@ def _shown(engine: Engine, record: AdapterRecord) -> dict:
 def list_adapters(svc: ServicesDep) -> dict:
     engine = svc.ready_engine()
     return {"base": engine.info.name, "adapters": [_shown(engine, r) for r in svc.registry.records()],
-            "skipped": svc.registry.skipped()}
+            "mixtures": engine.mixtures(), "skipped": svc.registry.skipped()}
 
 
 @router.get("/adapters/{name}")

@@ -29,167 +29,38 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
+from .admission import WorkCosts
+from .decode import KV, DecodeBatch, InPlaceLayer, LeanDecoder, Row, grow_kv
 from .encoding import stop_cut
 from .errors import LoraswapError
 from .heads import SequenceClassifier, output_rows
-from .admission import WorkCosts
 from .jobs import (
     ClassifyJob, ControlJob, EmbedJob, GenerateJob, RowJob, end_if_abandoned, progress, row_done, settle
 )
 from .lora import LoraContext, MultiLoraLinear
+from .merging import MergePolicy, Merging
+from .sampling import sample, token_logprobs
 from .scheduler import Piece, Scheduler
 from .slots import BASE_SLOT
-from .types import ClassificationResult, EmbeddingResult, GenerationParams, GenerationResult, TokenLogprob
+from .types import ClassificationResult, EmbeddingResult, GenerationResult, TokenLogprob
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [rows, kv_heads, width, head_dim]
 
 
 class BatchObserver(Protocol):
     """Listens to forwards (server/metrics.py); called on the worker thread, must return quickly."""
 
     def batch_ran(self, rows: int) -> None: ...
-
-
-class MergePolicy:
-    """dLoRA-style: merge an adapter into the base weights while it dominates recent traffic.
-
-    Counts the slot of each recent request (0 = base). Merge the top adapter when its share of a full window
-    reaches `merge_share`; keep it merged while its share stays at or above `unmerge_share` (hysteresis).
-    """
-
-    def __init__(self, window: int = 32, merge_share: float = 0.9, unmerge_share: float = 0.6):
-        self.recent: deque[int] = deque(maxlen=window)
-        self.merge_share = merge_share
-        self.unmerge_share = unmerge_share
-
-    def observe(self, slot_index: int) -> None:
-        self.recent.append(slot_index)
-
-    def forget(self, slot_index: int) -> None:
-        """A slot was emptied: its history belongs to an adapter that is gone."""
-        kept = [s for s in self.recent if s != slot_index]
-        self.recent.clear()
-        self.recent.extend(kept)
-
-    def choose(self, merged: int | None) -> int | None:
-        """The slot that should be merged now, or None."""
-        if len(self.recent) < (self.recent.maxlen or 0):
-            return merged
-        counts = Counter(self.recent)
-        if merged is not None and counts[merged] >= self.unmerge_share * len(self.recent):
-            return merged
-        top, count = counts.most_common(1)[0]
-        if top != BASE_SLOT and count >= self.merge_share * len(self.recent):
-            return top
-        return None
-
-
-# ---- the decode batch ------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Row:
-    job: GenerateJob
-    index: int  # which of the job's prompts
-    prompt_tokens: int
-    generator: torch.Generator | None  # seeded rows sample from their own stream, whatever their batch mates
-    ids: list[int] = field(default_factory=list)  # generated so far (EOS excluded)
-
-    @property
-    def gone(self) -> bool:
-        """The request was cancelled or has failed (another of its rows did): this row's work is wasted."""
-        return self.job.future.done()
-
-    @property
-    def finished(self) -> bool:
-        return self.job.results[self.index] is not None or self.gone
-
-
-def _left_pad(x: torch.Tensor, width: int, dim: int) -> torch.Tensor:
-    missing = width - x.shape[dim]
-    if missing == 0:
-        return x
-    shape = list(x.shape)
-    shape[dim] = missing
-    return torch.cat([x.new_zeros(shape), x], dim)
-
-
-@dataclass
-class DecodeBatch:
-    """Rows being generated, left-padded to one width. The KV tensors are replaced, never changed in place, so a
-    step that fails leaves the batch as it was."""
-
-    rows: list[Row]
-    kv: KV
-    mask: torch.Tensor  # [rows, width] 1 = a real token
-    positions: torch.Tensor  # [rows] position id of each row's next input token
-    last: torch.Tensor  # [rows] each row's latest token: the next step's input
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def select(self, keep: Sequence[int]) -> DecodeBatch:
-        """Only these rows, with the columns that became padding for all of them cut away."""
-        index = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
-        mask = self.mask[index]
-        start = int(mask.any(0).long().argmax())  # first column some row still attends to
-        kv = [(k[index, :, start:], v[index, :, start:]) for k, v in self.kv]
-        return DecodeBatch([self.rows[i] for i in keep], kv, mask[:, start:], self.positions[index], self.last[index])
-
-    @staticmethod
-    def join(batches: Sequence[DecodeBatch]) -> DecodeBatch:
-        width = max(b.mask.shape[1] for b in batches)
-        kv = [
-            tuple(torch.cat([_left_pad(b.kv[layer][part], width, 2) for b in batches]) for part in (0, 1))
-            for layer in range(len(batches[0].kv))
-        ]
-        return DecodeBatch(
-            [row for b in batches for row in b.rows],
-            kv,
-            torch.cat([_left_pad(b.mask, width, 1) for b in batches]),
-            torch.cat([b.positions for b in batches]),
-            torch.cat([b.last for b in batches]),
-        )
-
-
-def sampling_scores(logits: torch.Tensor, params: GenerationParams) -> torch.Tensor:
-    """[vocab] float32 logits -> the scores a token is drawn from: temperature, then nucleus filtering as
-    transformers' TopPLogitsWarper does it (the most probable token always stays)."""
-    scores = logits / params.temperature
-    if params.top_p < 1.0:
-        sorted_scores, order = scores.sort()
-        drop = sorted_scores.softmax(-1).cumsum(-1) <= 1 - params.top_p
-        drop[-1] = False
-        scores = scores.masked_fill(drop.scatter(0, order, drop), float("-inf"))
-    return scores
-
-
-def sample(logits: torch.Tensor, params: GenerationParams, generator: torch.Generator | None) -> int:
-    return int(torch.multinomial(sampling_scores(logits, params).softmax(-1), 1, generator=generator))
-
-
-def token_logprobs(logits: torch.Tensor, tokens: Sequence[int], top: int) -> list[TokenLogprob]:
-    """[positions, vocab] logits and the token taken at each position -> each token's logprob (float32
-    log-softmax of these logits) with the `top` most likely tokens there."""
-    logprobs = logits.float().log_softmax(-1)
-    chosen = logprobs.gather(-1, torch.tensor(tokens, device=logits.device)[:, None])[:, 0].tolist()
-    best = logprobs.topk(top, -1) if top else None
-    entries = []
-    for i, token in enumerate(tokens):
-        alternatives = () if best is None else tuple(zip(best.indices[i].tolist(), best.values[i].tolist()))
-        entries.append(TokenLogprob(token, chosen[i], alternatives))
-    return entries
 
 
 # ---- the runner ------------------------------------------------------------------------------------------------
@@ -237,9 +108,9 @@ class ModelRunner:
         self.pad = tokenizer.pad_token_id
         self.max_batch_rows = max_batch_rows
         self.max_wait_s = max_wait_s
-        self.merge_policy = merge_policy  # None: never merge automatically
+        self.merging = Merging(layers, merge_policy)  # the adapter folded into the base weights (worker thread only)
         self.continuous = continuous
-        self.merged: int | None = None  # slot folded into the base weights (worker thread only)
+        self.lean = LeanDecoder.for_model(model)  # the decode step without transformers' machinery; None: full forward
         self.observers: list[BatchObserver] = []
         self.batch_sizes: Counter[int] = Counter()  # rows per forward, for metrics and benchmarks
         self.scheduler = Scheduler(max_batch_rows, max_batch_tokens, continuous, chunkable, context_weight)  # under _cond
@@ -327,22 +198,18 @@ class ModelRunner:
             self._drop_gone_rows()
             self._run_chunk(plan.chunk)
             self._run_encode(plan.encode)
-            started = time.perf_counter()  # the generation lane's share of the turn, for the admission's estimates
-            encode_s = 0.0
             prefill = [piece for piece in plan.prefill if not piece.job.future.done()]
             if prefill:
                 self._observe(prefill)
                 self._isolated(prefill, self._prefill)
                 with self._cond:  # what arrived during the prefill does not wait for the decode step too
                     encode = self.scheduler.take_encode()
-                encode_started = time.perf_counter()
                 self._run_encode(encode)
-                encode_s = time.perf_counter() - encode_started
             if self._batch is not None:
-                rows = len(self._batch)
+                rows, started = len(self._batch), time.perf_counter()
                 self._decode_step()
-                # a step as generation rows see it: the forward, sampling and cache upkeep, and new rows' prefill
-                self.costs.observe_step(rows, time.perf_counter() - started - encode_s)
+                # a step as its rows see it: the forward, sampling, streaming and cache upkeep
+                self.costs.observe_step(rows, time.perf_counter() - started)
 
     def _answer_everything(self, error: LoraswapError) -> None:
         """Shutdown (lock held): every request queued, in chunks or decoding is answered with `error`."""
@@ -372,10 +239,9 @@ class ModelRunner:
 
     def _observe(self, pieces: list[Piece]) -> None:
         """Each request counts once for the merge policy, with its first piece (a rerun after a failure does not)."""
-        if self.merge_policy is not None:
-            for piece in pieces:
-                if piece.row == 0 and piece.start == 0:
-                    self.merge_policy.observe(piece.job.slot_index)
+        for piece in pieces:
+            if piece.row == 0 and piece.start == 0:
+                self.merging.observe(piece.job.slot_index)
 
     def _isolated(self, pieces: list[Piece], run: Callable[[list[Piece]], None]) -> None:
         """Run pieces in one forward; if that fails, each request's alone, so that a bad request fails only itself."""
@@ -398,8 +264,9 @@ class ModelRunner:
         for observer in self.observers:
             observer.batch_ran(len(slot_indices))
         decoding = {row.job.slot_index for row in self._batch.rows} if self._batch is not None else set()
-        self._prepare_merge_state(set(slot_indices) | decoding)
-        effective = [BASE_SLOT if i == self.merged else i for i in slot_indices]  # merged rows are base rows now
+        self.merging.prepare(set(slot_indices) | decoding)
+        merged = self.merging.merged
+        effective = [BASE_SLOT if i == merged else i for i in slot_indices]  # merged rows are base rows now
         return self.context.rows(effective, self.device)
 
     def _pad(self, rows: list[list[int]], side: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -458,11 +325,11 @@ class ModelRunner:
         vectors = torch.nn.functional.normalize(means, dim=-1).tolist()
         return [EmbeddingResult(vector, len(job.rows[piece.row])) for vector, piece in zip(vectors, pieces)]
 
-    def _new_cache(self, kv: KV | None = None) -> DynamicCache:
+    def _new_cache(self, kv: KV | None = None, width: int = 0) -> DynamicCache:
+        """An empty cache (a prefill), or one over the decode batch's buffers whose steps write in place."""
         cache = DynamicCache(config=self.model.config)
-        for layer, (keys, values) in zip(cache.layers, kv or []):
-            layer.lazy_initialization(keys, values)
-            layer.keys, layer.values = keys, values
+        if kv is not None:
+            cache.layers = [InPlaceLayer(keys, values, width) for keys, values in kv]
         return cache
 
     def _new_row(self, job: GenerateJob, index: int) -> Row:
@@ -479,6 +346,7 @@ class ModelRunner:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = self._new_cache()
         head = self.model.get_output_embeddings()
+        started = time.perf_counter()
         with self._forward_rows([row.job.slot_index for row in rows]):
             hidden = self.body(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
                                use_cache=True).last_hidden_state  # [rows, width, hidden]
@@ -490,6 +358,9 @@ class ModelRunner:
                     first = TokenLogprob(prompt[0], None)
                     top = row.job.params.logprobs or 0
                     row.job.prompt_logprobs[row.index] = [first, *token_logprobs(predicted, prompt[1:], top)]
+        self.costs.observe("prefill", time.perf_counter() - started, ids.numel())
+        for piece in pieces:
+            progress(piece.job, "prefill", len(piece.ids))
         self._join(rows, cache, mask, logits)
 
     def _join(self, rows: list[Row], cache: DynamicCache, mask: torch.Tensor, logits: torch.Tensor) -> None:
@@ -514,6 +385,7 @@ class ModelRunner:
         self.costs.observe("encode", seconds, ids.numel())
         if not self.scheduler.chunkable:
             return
+        self.costs.observe("prefill", seconds, ids.numel())
         self.costs.observe("long", seconds, ids.numel())
         for size in sorted({1, rows}):
             with self.context.rows([BASE_SLOT] * size, self.device):
@@ -610,12 +482,16 @@ class ModelRunner:
 
     def _step(self, batch: DecodeBatch) -> torch.Tensor:
         """One decode forward; commits the batch's new cache, mask and positions only if it succeeds."""
+        width = batch.mask.shape[1]
         mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch), 1)], 1)
-        cache = self._new_cache(batch.kv)
+        batch.kv = grow_kv(batch.kv, width, width + 1)  # the valid columns are unchanged: safe before the forward
         with self._forward_rows([row.job.slot_index for row in batch.rows]):
-            logits = self.model(input_ids=batch.last[:, None], attention_mask=mask, position_ids=batch.positions[:, None],
-                                cache=cache, use_cache=True).logits[:, -1]  # [rows, vocab]
-        batch.kv = [(layer.keys, layer.values) for layer in cache.layers]
+            if self.lean is not None:
+                logits = self.lean.step(batch.last, batch.positions, mask, batch.kv, width)
+            else:
+                logits = self.model(input_ids=batch.last[:, None], attention_mask=mask,
+                                    position_ids=batch.positions[:, None], cache=self._new_cache(batch.kv, width),
+                                    use_cache=True).logits[:, -1]  # [rows, vocab]
         batch.mask, batch.positions = mask, batch.positions + 1
         return logits
 
@@ -703,35 +579,6 @@ class ModelRunner:
     # ---- adapter slots and merging (worker thread only; callers go through call()) -----------------------------
 
     def clear_slot(self, index: int) -> None:
-        if self.merged == index:
-            self.unmerge()
-        if self.merge_policy is not None:
-            self.merge_policy.forget(index)
+        self.merging.forget(index)
         for layer in self.layers.values():
             layer.clear_slot(index)
-
-    def merge(self, index: int) -> None:
-        """Fold one loaded adapter into the base weights; its rows then run at exactly base cost."""
-        if self.merged == index:
-            return
-        self.unmerge()
-        for layer in self.layers.values():
-            layer.merge(index)
-        self.merged = index
-        log.info("merged slot %d into the base weights", index)
-
-    def unmerge(self) -> None:
-        if self.merged is None:
-            return
-        for layer in self.layers.values():
-            layer.unmerge()
-        log.info("unmerged slot %d", self.merged)
-        self.merged = None
-
-    def _prepare_merge_state(self, slots: set[int]) -> None:
-        """Mixed forwards never run merged; follow the policy when every row in flight allows it."""
-        want = self.merged if self.merge_policy is None else self.merge_policy.choose(self.merged)
-        if self.merged is not None and (slots != {self.merged} or want != self.merged):
-            self.unmerge()
-        if want is not None and want != BASE_SLOT and self.merged is None and slots == {want}:
-            self.merge(want)

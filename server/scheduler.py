@@ -69,11 +69,13 @@ def whole_rows(jobs: list[RowJob]) -> list[Piece]:
 
 def lane_work(job: RowJob, max_tokens: int, chunkable: bool) -> dict[str, float]:
     """The work a job brings to each lane of the scheduler (server/admission.py estimates waits with it): tokens
-    of short rows ("encode"), tokens of rows run in chunks ("long"), and tokens to generate ("generate")."""
+    of short classification/embedding rows ("encode"), of short prompts ("prefill"), of rows run in chunks ("long"),
+    and tokens to generate ("generate")."""
     long = sum(len(row) for row in job.rows if chunkable and len(row) > max_tokens)
+    short = sum(len(row) for row in job.rows) - long
     if isinstance(job, GenerateJob):
-        return {"long": long, "generate": len(job.rows) * job.params.max_new_tokens}
-    return {"encode": sum(len(row) for row in job.rows) - long, "long": long}
+        return {"prefill": short, "long": long, "generate": len(job.rows) * job.params.max_new_tokens}
+    return {"encode": short, "long": long}
 
 
 class Scheduler:

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from .types import Combination
+
+MAX_MIXTURE_PARTS = 8
+MAX_WEIGHT = 100.0  # beyond it a mixture's tensors overflow sooner than they mean anything
+
 
 class Parameters(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -31,7 +36,34 @@ class Parameters(BaseModel):
         return value
 
 
-class PredictRequest(BaseModel):
+class MixtureEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(..., description="An adapter's name.")
+    weight: float = Field(..., ge=-MAX_WEIGHT, le=MAX_WEIGHT,
+                          description="Its weight; negative subtracts it, as in PEFT.")
+
+
+class MixtureFields(BaseModel):
+    """A per-request mixture of adapters (instead of one adapter), combined as PEFT's add_weighted_adapter does.
+    /predict and the OpenAI routes take these fields in the body (OpenAI clients: extra_body)."""
+
+    adapters: list[MixtureEntry] | None = Field(
+        None, min_length=1, max_length=MAX_MIXTURE_PARTS,
+        description="Adapters to mix, each with its weight: [{\"name\": \"a\", \"weight\": 0.7}, ...].",
+    )
+    combination: Combination | None = Field(
+        None, description="How to combine them, as PEFT's add_weighted_adapter (default linear)."
+    )
+    density: float | None = Field(
+        None, gt=0.0, le=1.0, description="ties, dare_linear, dare_ties: the share of each tensor kept."
+    )
+    mixture_seed: int | None = Field(
+        None, ge=0, le=2**63 - 1, description="dare_linear, dare_ties: the seed of the random pruning (default 0)."
+    )
+
+
+class PredictRequest(MixtureFields):
     model_config = ConfigDict(extra="forbid")
 
     inputs: str | list[str] = Field(..., description="One text or a list of texts.")

@@ -15,21 +15,25 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from .deps import status_of
-from .engine import Engine
+from .engine_api import EngineAPI
 from .errors import InvalidInput, LoraswapError
-from .metrics import BASE_LABEL
+from .metrics import BASE_LABEL, MIXTURE_LABEL
 from .registry import Registry
 from .request_context import current_request
+from .schemas import MixtureFields
 from .settings import Settings
 from .telemetry import RequestRecord
-from .types import AdapterLocation, GenerationParams, GenerationResult, Result, Task, TokenLogprob
+from .types import (
+    PRUNING, AdapterLocation, GenerationParams, GenerationResult, MixtureKey, MixturePart, Result, SlotKey, Task,
+    TokenLogprob,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
 def resolve_model(
-    registry: Registry, engine: Engine, record: RequestRecord, name: str | None
+    registry: Registry, engine: EngineAPI, record: RequestRecord, name: str | None
 ) -> AdapterLocation | None:
     """The adapter version to serve, or None for the base (no name, or the base's own name, which wins over an
     adapter of the same name); labels the request's metrics with it. Raises AdapterNotFound."""
@@ -39,6 +43,39 @@ def resolve_model(
     location = registry.locate(name)
     record.adapter = location.name
     return location
+
+
+def resolve_mixture(registry: Registry, record: RequestRecord, body: MixtureFields) -> MixtureKey | None:
+    """The mixture a request's body names (`adapters`, `combination`, `density`, `mixture_seed`), or None if it
+    names none; labels the request's metrics as a mixture. Raises AdapterNotFound for an unknown adapter and
+    InvalidInput naming the field for the rest; whether the adapters can be mixed is the engine's to say."""
+    if body.adapters is None:
+        for field in ("combination", "density", "mixture_seed"):
+            if getattr(body, field) is not None:
+                raise InvalidInput(field, "applies to a mixture only: name its adapters in `adapters`")
+        return None
+    names = [entry.name for entry in body.adapters]
+    if twice := next((name for name in names if names.count(name) > 1), None):
+        raise InvalidInput("adapters", f"{twice!r} is named twice: give each adapter once, with its weight")
+    combination = body.combination or "linear"
+    if len(names) == 1 and combination != "linear":
+        raise InvalidInput("combination", f"one adapter combines as 'linear' only (as in PEFT), not {combination!r}")
+    if combination in PRUNING and body.density is None:
+        raise InvalidInput("density", f"{combination} needs a density (the share of each tensor kept, 0 < d <= 1)")
+    if combination not in PRUNING and body.density is not None:
+        raise InvalidInput("density", f"applies to {', '.join(PRUNING)}, not to {combination}")
+    if not combination.startswith("dare") and body.mixture_seed is not None:
+        raise InvalidInput("mixture_seed", f"only dare_linear and dare_ties prune at random, not {combination}")
+    parts = tuple(MixturePart(registry.locate(entry.name), entry.weight) for entry in body.adapters)
+    seed = (body.mixture_seed or 0) if combination.startswith("dare") else None
+    record.adapter = MIXTURE_LABEL
+    return MixtureKey(parts, combination, body.density, seed)
+
+
+def task_of(registry: Registry, location: SlotKey | None) -> Task:
+    """What a resolved model serves, as far as the route must know: the base generates, and a mixture is never a
+    classifier (the engine refuses to mix those)."""
+    return registry.get(location.name).task if isinstance(location, AdapterLocation) else "generation"
 
 
 def refuse_generation_parameters(task: str, adapter: str, parameters: BaseModel) -> None:

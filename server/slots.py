@@ -17,13 +17,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from .errors import LoraswapError
-from .types import AdapterLocation, Task
+from .types import SlotKey, Task
 
 log = logging.getLogger(__name__)
 BASE_SLOT = 0  # slot 0 is the base model itself: rows there get no adapter
@@ -36,12 +36,13 @@ class LoadedAdapter:
     task: Task
     labels: list[str] | None = None
     head: Any = None  # the classification head (engine-defined), None for generation adapters
+    kind: str = "lora"  # "lora", "dora" or "mixture" (metrics and /adapters show which)
 
 
 @dataclass
 class Slot:
     index: int
-    location: AdapterLocation
+    location: SlotKey
     adapter: LoadedAdapter
     in_use: int = 0
     pinned: bool = False
@@ -70,7 +71,7 @@ class AdapterSlots:
     def __init__(
         self,
         capacity: int,
-        prepare: Callable[[AdapterLocation], Installer],
+        prepare: Callable[[SlotKey], Installer],
         clear: Callable[[int], None],
         pinned: tuple[str, ...] | list[str] = (),
     ):
@@ -78,19 +79,24 @@ class AdapterSlots:
         self._prepare = prepare
         self._clear = clear
         self.observers: list[SlotObserver] = []
-        self._slots: OrderedDict[AdapterLocation, Slot] = OrderedDict()  # LRU order: oldest first
+        self._slots: OrderedDict[SlotKey, Slot] = OrderedDict()  # LRU order: oldest first
         self._free = list(range(capacity, 0, -1))  # indices 1..capacity; BASE_SLOT is never handed out
         self._lock = threading.Lock()  # guards _slots/_free/_loading/_unloaded_while_loading/_pinned
         self._idle = threading.Condition(self._lock)  # notified when a slot may have become free or evictable
-        self._loading: dict[AdapterLocation, threading.Event] = {}
-        self._unloaded_while_loading: set[AdapterLocation] = set()  # unload() ran during their first load
+        self._loading: dict[SlotKey, threading.Event] = {}
+        self._unloaded_while_loading: set[SlotKey] = set()  # unload() ran during their first load
         self._pinned: set[str] = set(pinned)
         self.evictions = 0
 
-    def loaded(self) -> list[AdapterLocation]:
+    def loaded(self) -> list[SlotKey]:
         """Loaded versions, least recently used first."""
         with self._lock:
             return list(self._slots)
+
+    def kinds(self) -> Counter[str]:
+        """Loaded slots by what they hold: "lora", "dora" or "mixture"."""
+        with self._lock:
+            return Counter(slot.adapter.kind for slot in self._slots.values())
 
     def is_loaded(self, name: str) -> bool:
         with self._lock:
@@ -108,7 +114,7 @@ class AdapterSlots:
                 if key.name == name:
                     slot.pinned = pinned
 
-    def acquire(self, location: AdapterLocation, wait_s: float = 0.0) -> Slot:
+    def acquire(self, location: SlotKey, wait_s: float = 0.0) -> Slot:
         """The slot serving this adapter version, loaded on first use; the caller must release() it. A load that
         finds every slot in use waits up to `wait_s` seconds for one to become idle (then SlotsBusy)."""
         while True:
@@ -141,18 +147,19 @@ class AdapterSlots:
             self._free_slot(slot)
 
     def unload(self, name: str) -> None:
-        """Drop every loaded version of an adapter (deleted or replaced): later requests cannot acquire them, and
-        each slot is freed once its last in-flight request releases it, so those finish unchanged."""
+        """Drop every loaded version of an adapter (deleted or replaced), and every mixture of it: later requests
+        cannot acquire them, and each slot is freed once its last in-flight request releases it, so those finish
+        unchanged."""
         with self._lock:
-            slots = [self._slots.pop(k) for k in [k for k in self._slots if k.name == name]]
-            self._unloaded_while_loading.update(k for k in self._loading if k.name == name)
+            slots = [self._slots.pop(k) for k in [k for k in self._slots if k.involves(name)]]
+            self._unloaded_while_loading.update(k for k in self._loading if k.involves(name))
             for slot in slots:
                 slot.retired = True
             idle = [slot for slot in slots if slot.in_use == 0]
         for slot in idle:
             self._free_slot(slot)
 
-    def _load(self, location: AdapterLocation, wait_s: float) -> Slot:
+    def _load(self, location: SlotKey, wait_s: float) -> Slot:
         started = time.perf_counter()
         install = self._prepare(location)
         index, evicting = self._take_free_index(wait_s)

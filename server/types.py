@@ -19,6 +19,54 @@ class AdapterLocation:
     folder: Path
     sha256: str = ""
 
+    def involves(self, name: str) -> bool:
+        """Whether deleting or replacing the adapter `name` retires this slot key."""
+        return name == self.name
+
+
+Combination = Literal["linear", "cat", "ties", "dare_linear", "dare_ties"]
+COMBINATIONS: tuple[Combination, ...] = ("linear", "cat", "ties", "dare_linear", "dare_ties")
+PRUNING = ("ties", "dare_linear", "dare_ties")  # the combinations that keep a `density` share of each tensor
+MIXTURE_PREFIX = "mix:"  # mixture names start with it; adapter names cannot hold ':' (registry.NAME_PATTERN)
+
+
+@dataclass(frozen=True)
+class MixturePart:
+    location: AdapterLocation
+    weight: float
+
+
+@dataclass(frozen=True)
+class MixtureKey:
+    """A per-request mixture of adapter versions, combined as PEFT's add_weighted_adapter combines them; the key of
+    its slot as an AdapterLocation is an adapter's (names@versions, weights, combination, density and seed: a
+    mixture is built once per distinct key and evicted like an adapter)."""
+
+    parts: tuple[MixturePart, ...]
+    combination: Combination
+    density: float | None = None  # ties and dare_*: the share of each tensor kept
+    seed: int | None = None  # dare_*: the seed of the random pruning
+
+    version = 0  # a mixture has no versions of its own: its parts' versions are in its key
+
+    @property
+    def name(self) -> str:
+        """Readable and unique per key, e.g. 'mix:linear(a@1*0.7+b@2*0.3)'."""
+        parts = "+".join(f"{p.location.name}@{p.location.version}*{p.weight!r}" for p in self.parts)
+        extra = "".join(f",{k}={v!r}" for k, v in (("density", self.density), ("seed", self.seed)) if v is not None)
+        return f"{MIXTURE_PREFIX}{self.combination}({parts}{extra})"
+
+    def involves(self, name: str) -> bool:
+        return any(part.location.name == name for part in self.parts)
+
+    def describe(self) -> dict:
+        return {"name": self.name, "combination": self.combination, "density": self.density, "seed": self.seed,
+                "adapters": [{"name": p.location.name, "version": p.location.version, "weight": p.weight}
+                             for p in self.parts]}
+
+
+SlotKey = AdapterLocation | MixtureKey  # what a slot holds: one adapter version or one mixture
+
 
 @dataclass(frozen=True)
 class GenerationParams:

@@ -56,9 +56,12 @@ def make_adapter(
     alpha: int | None = None,
     write_labels: bool = True,
     modules_to_save: list[str] | None = None,
+    dora: bool = False,
 ) -> Path:
     """A PEFT adapter saved by plain PEFT, with random (non-zero) A and B so it really changes the output; a SEQ_CLS
-    adapter on the architecture's own *ForSequenceClassification, its head (saved by modules_to_save) random too."""
+    adapter on the architecture's own *ForSequenceClassification, its head (saved by modules_to_save) random too.
+    With `dora`, a DoRA adapter (use_dora) whose magnitude vectors are moved off their initial value (the norm of
+    W + scale B A, where DoRA would change nothing) by up to +-50 %."""
     torch.manual_seed(seed)
     if task == "SEQ_CLS":
         model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=len(labels), dtype=torch.float32)
@@ -68,9 +71,12 @@ def make_adapter(
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     config = LoraConfig(
         task_type=task, r=r, lora_alpha=alpha or 2 * r, target_modules=list(targets), init_lora_weights=False,
-        modules_to_save=modules_to_save,
+        modules_to_save=modules_to_save, use_dora=dora,
     )
     peft_model = get_peft_model(model, config)
+    for name, param in peft_model.named_parameters():
+        if "lora_magnitude_vector" in name:
+            param.data *= 1 + (torch.rand_like(param) - 0.5)
     if task == "SEQ_CLS":
         for name in ("score", "classifier", "pre_classifier"):
             wrapper = getattr(peft_model.base_model.model, name, None)
@@ -97,6 +103,43 @@ def peft_reference_greedy(base: Path, adapter: Path | None, prompt_ids: list[int
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     if adapter is not None:
         model = PeftModel.from_pretrained(model, adapter)
+    return greedy_ids(model, prompt_ids, max_new_tokens)
+
+
+def peft_mixture(base: Path, adapters: list[Path], weights: list[float], combination: str,
+                 density: float | None = None, seed: int | None = None) -> PeftModel:
+    """Plain PEFT's add_weighted_adapter of these adapters (named a0, a1, ...) into the active adapter "mix", on the
+    causal LM (float32). DARE prunes with torch's global RNG, which add_weighted_adapter also draws from before (it
+    initialises the new adapter's weights): with a seed, torch.manual_seed(seed) runs just before its first pruning
+    draw, which is where the server's per-mixture generator starts."""
+    from unittest import mock
+
+    import peft.tuners.lora.model as lora_model
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), adapters[0],
+                                      adapter_name="a0")
+    for i, adapter in enumerate(adapters[1:], start=1):
+        model.load_adapter(adapter, adapter_name=f"a{i}")
+    seeded = []
+
+    def seeded_first(merge):
+        def run(*args, **kwargs):
+            if not seeded:
+                torch.manual_seed(seed)
+                seeded.append(True)
+            return merge(*args, **kwargs)
+        return run
+
+    with mock.patch.object(lora_model, "dare_linear", seeded_first(lora_model.dare_linear)), \
+            mock.patch.object(lora_model, "dare_ties", seeded_first(lora_model.dare_ties)):
+        model.add_weighted_adapter([f"a{i}" for i in range(len(adapters))], weights, "mix",
+                                   combination_type=combination, density=density)
+    model.set_adapter("mix")
+    return model.eval()
+
+
+def greedy_ids(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy generate() of one prompt (float32), up to EOS."""
     model.eval()
     ids = torch.tensor([prompt_ids])
     with torch.no_grad():
@@ -415,9 +458,9 @@ FAMILY_TARGETS = {  # what the tutorials train: attention projections (GPT-2: it
 
 
 def make_family_adapter(base: Path, out: Path, family: str, task: str, labels: list[str] | None = None, r: int = 4,
-                        seed: int = 1) -> Path:
+                        seed: int = 1, dora: bool = False) -> Path:
     """make_adapter with the family's usual targets (DistilBERT's pre_classifier named in modules_to_save: PEFT's
     SEQ_CLS saves only the classifier, and a bare DistilBertModel has no trained pre_classifier)."""
     to_save = ["pre_classifier"] if family == "distilbert" and task == "SEQ_CLS" else None
-    return make_adapter(base, out, task, r, FAMILY_TARGETS[family], labels, seed, modules_to_save=to_save)
+    return make_adapter(base, out, task, r, FAMILY_TARGETS[family], labels, seed, modules_to_save=to_save, dora=dora)
 

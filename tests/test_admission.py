@@ -33,7 +33,7 @@ def test_the_estimates_follow_the_scheduler_turns():
     costs.observe_step(1, 0.02)  # a decode step: 20 ms with one row, 50 ms with four
     costs.observe_step(4, 0.05)
     assert costs.step_s(2) == pytest.approx(0.03) and costs.step_s(9) == pytest.approx(0.05)
-    idle = {"encode": 0, "long": 0, "generate": 0}
+    idle = {"encode": 0, "prefill": 0, "long": 0, "generate": 0}
     # a generation row while the batch is full (4 rows, 40 tokens to go): 10 full steps before it has room
     full = costs.estimate({**idle, "generate": 40}, 4, {"generate": 10}, rows=1, steps=10)
     assert (full.wait_s, full.answer_s, full.alone_s) == pytest.approx((0.5, 1.0, 0.2))
@@ -81,7 +81,7 @@ def test_a_request_that_could_not_start_or_finish_in_time_gets_429_with_what_it_
     assert gate.pending["generate"] == 50
     generation(10, time_left_s=3).release()  # waits 1.3 s of 1.5 allowed, answered at 2.3 s
     first.release()
-    assert gate.pending == {"encode": 0, "long": 0, "generate": 0} and gate.rows == gate.tokens == gate.generating == 0
+    assert gate.pending == {"encode": 0, "prefill": 0, "long": 0, "generate": 0} and gate.rows == gate.tokens == gate.generating == 0
 
 
 def test_without_a_deadline_or_a_measure_there_is_no_time_rule():
@@ -126,3 +126,15 @@ def test_a_burst_gets_answers_in_time_or_429_never_a_late_answer(slow_server):
     assert all(int(r.headers["Retry-After"]) >= 1 for r in refused)
     assert "before its deadline" in refused[0].json()["detail"]
     assert engine.admission.pending["generate"] == 0 and engine.admission.rows == 0
+
+
+def test_a_generation_request_pays_for_its_prompt_and_waits_for_the_prefill_queue():
+    costs = WorkCosts(budget=100, max_rows=4)
+    costs.observe("prefill", 1.0, 100)  # 10 ms a token
+    costs.observe_step(1, 0.02)
+    idle = {"encode": 0, "prefill": 0, "long": 0, "generate": 0}
+    alone = costs.estimate(idle, 0, {"prefill": 30, "generate": 10}, rows=1, steps=10)
+    assert (alone.wait_s, alone.answer_s, alone.alone_s) == pytest.approx((0.0, 0.5, 0.5))
+    # 250 prompt tokens queued ahead: three prefill forwards of up to 100 tokens (1 s each) before its own
+    queued = costs.estimate({**idle, "prefill": 250}, 0, {"prefill": 30, "generate": 10}, rows=1, steps=10)
+    assert queued.wait_s == pytest.approx(3.0)

@@ -254,5 +254,5 @@ def test_past_the_drain_timeout_work_is_cut_with_503_and_the_process_exits(tiny_
         assert response.json() == {"detail": "the server is shutting down: the request was cut at its drain timeout"}
         assert process.wait(timeout=30) == 0
         exited_s = time.monotonic() - signalled
-    assert exited_s < 1 + 10, exited_s
+    assert exited_s < 1 + 20, exited_s  # the bar: the drain timeout + 20 s
     assert "drain timeout: 1 requests still in flight are cut (503); exiting" in log_path.read_text()

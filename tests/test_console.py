@@ -470,6 +470,15 @@ def test_html_in_labels_and_description_renders_as_text(browser, console_url):
                                   ".length") == 0
 
 
+def test_mixtures_in_memory_are_listed_with_their_parts(browser, console_url):
+    body = {"inputs": "hi", "parameters": {"max_new_tokens": 2},
+            "adapters": [{"name": "gen-a", "weight": 0.7}, {"name": "pubmedqa", "weight": 0.3}]}
+    assert post(f"{console_url}/predict", json=body).status_code == 200
+    open_page(browser, console_url)
+    wait_for(browser, lambda d: "gen-a" in " ".join(text_of(d, "#mixtures li")), "the mixture is not listed")
+    assert text_of(browser, "#mixtures li") == ["linear: gen-a v1 × 0.7 + pubmedqa v1 × 0.3"]
+
+
 # ---- Swagger UI (/docs): Authorize sends the admin token ---------------------------------------------------------
 
 

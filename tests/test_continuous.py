@@ -12,7 +12,7 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopP
 
 from server.engine import Engine
 from server.jobs import GenerateJob
-from server.runner import sampling_scores
+from server.sampling import sampling_scores
 from server.scheduler import whole_rows
 from server.types import AdapterLocation, GenerationParams
 from tests.helpers import generate_together, peft_reference_greedy, poisoned

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from server.engine import Engine
-from server.runner import MergePolicy
+from server.merging import MergePolicy
 from server.slots import BASE_SLOT
 from server.types import AdapterLocation, GenerationParams
 from tests.conftest import LABELS

@@ -125,7 +125,7 @@ def test_upload_returns_the_record_and_serves_on_the_next_request(admin, adapter
     assert record == {
         "name": "fresh", "version": 1, "task": "generation", "labels": None, "rank": 16, "alpha": 32.0,
         "target_modules": ["k_proj", "o_proj", "q_proj", "v_proj"], "size_bytes": len(weights),
-        "sha256": hashlib.sha256(weights).hexdigest(), "metrics": None, "loaded": False,
+        "sha256": hashlib.sha256(weights).hexdigest(), "metrics": None, "dora": False, "loaded": False,
     }
     served = admin.post("/predict?adapter=fresh", json={"inputs": "hi", "parameters": {"max_new_tokens": 3}})
     assert served.status_code == 200
@@ -257,8 +257,10 @@ def test_a_missing_name_is_422(admin, adapter_store):
     assert response.status_code == 422 and "'name' is required" in response.json()["detail"]
 
 
-def test_dora_is_422(refused, variant):
-    refused("dora", folder_files(variant(config={"use_dora": True})), 422, "DoRA", "only plain LoRA")
+def test_a_dora_config_without_magnitude_vectors_is_422(refused, variant):
+    """DoRA adapters serve (tests/test_dora.py); one whose config says use_dora but lacks DoRA's tensors does not."""
+    refused("dora", folder_files(variant(config={"use_dora": True})), 422,
+            "use_dora=true but no lora_magnitude_vector")
 
 
 @pytest.mark.parametrize("peft_type", ["LOHA", "IA3", "PREFIX_TUNING"])
@@ -510,9 +512,9 @@ def test_a_broken_archive_is_422(refused):
 
 
 def test_every_problem_is_reported_at_once(refused, variant):
-    folder = variant(config={"use_dora": True, "peft_type": "LOHA"},
+    folder = variant(config={"lora_bias": True, "peft_type": "LOHA"},
                      extra={"adapter_model.bin": b"not even a pickle"})
-    refused("many", folder_files(folder), 422, "DoRA", "LOHA", "pickled weights")
+    refused("many", folder_files(folder), 422, "lora_bias", "LOHA", "pickled weights")
 
 
 def test_labels_come_from_the_uploaded_metadata(admin, adapter_store):

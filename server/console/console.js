@@ -58,7 +58,7 @@ function adapterRow(tbody, a) {
   row.addEventListener("click", () => openDetail(a));
   row.addEventListener("keydown", (event) => { if (event.key === "Enter") openDetail(a); });
   cell(row, a.name).className = "name";
-  cell(row, a.task);
+  cell(row, a.dora ? `${a.task} (DoRA)` : a.task);
   cell(row, a.rank);
   cell(row, a.labels ? a.labels.join(", ") : "");
   cell(row, a.version);
@@ -100,6 +100,18 @@ async function loadAdapters() {
     const loaded = $("adapters").querySelector(`tr[data-name="${a.name}"] .loaded`);  // gone if a newer call rebuilt
     if (loaded) loaded.textContent = a.loaded ? "yes" : "no";
   }
+  showMixtures(body.mixtures ?? []);
+}
+
+// The per-request mixtures in memory: combination, then each adapter at its weight.
+function showMixtures(mixtures) {
+  const items = mixtures.map((m) => {
+    const parts = m.adapters.map((a) => `${a.name} v${a.version} × ${a.weight}`).join(" + ");
+    const options = [m.density != null ? `density ${m.density}` : "", m.seed != null ? `seed ${m.seed}` : ""];
+    const extra = options.filter(Boolean).join(", ");
+    return element("li", `${m.combination}: ${parts}${extra ? ` (${extra})` : ""}`, { "data-name": m.name });
+  });
+  $("mixtures").replaceChildren(...(items.length ? items : [element("li", "none", { class: "muted" })]));
 }
 
 // Requests and mean latency since start, from each scrape of /metrics.
