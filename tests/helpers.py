@@ -21,6 +21,7 @@ from transformers import (
 )
 
 from server.adapter_format import METADATA_FILE
+from server.types import AdapterLocation
 
 
 def make_tiny_base(folder: Path, tokenizer, seed: int = 0, hidden: int = 64, layers: int = 2) -> Path:
@@ -148,6 +149,11 @@ def greedy_ids(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
     new = out[0, ids.shape[1]:].tolist()
     eos = model.config.eos_token_id
     return new[: new.index(eos)] if eos in new else new
+
+
+def location(store: Path, name: str) -> AdapterLocation:
+    """Version 1 of an adapter in a test store, as the registry would locate it."""
+    return AdapterLocation(name, 1, store / name)
 
 
 def write_tiny_adapter(folder: Path, seed: int, r: int = 1, hidden: int = 64) -> Path:

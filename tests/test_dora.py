@@ -16,10 +16,10 @@ from server.adapter_format import CONFIG_FILE, WEIGHTS_FILE, read_adapter
 from server.engine import Engine
 from server.errors import AdapterInvalid
 from server.runner import ClassifyJob, GenerateJob
-from server.types import AdapterLocation, GenerationParams
+from server.types import GenerationParams
 from tests.conftest import LABELS
 from tests.helpers import (
-    classify_together, folder_files, generate_together, make_adapter, make_family_adapter, make_family_base,
+    classify_together, folder_files, generate_together, location, make_adapter, make_family_adapter, make_family_base,
     peft_reference_greedy, peft_reference_probs, upload,
 )
 
@@ -46,9 +46,6 @@ def dora_engine(tiny_settings, dora_store):
     engine.close()
 
 
-def at(store, name: str) -> AdapterLocation:
-    return AdapterLocation(name, 1, store / name)
-
 
 def probs(results, labels) -> torch.Tensor:
     return torch.tensor([[r.scores[label] for label in labels] for r in results])
@@ -64,7 +61,7 @@ def test_a_dora_adapter_is_read_as_one(dora_store):
 
 def test_dora_generation_matches_peft(dora_engine, tiny_base, dora_store):
     for name in ("dora-gen", "dora-mlp"):
-        _, results = dora_engine.predict(at(dora_store, name), PROMPTS, GREEDY)
+        _, results = dora_engine.predict(location(dora_store, name), PROMPTS, GREEDY)
         for prompt, result in zip(PROMPTS, results):
             ids = dora_engine.encode_for_generation([prompt], GREEDY)[0]
             reference = peft_reference_greedy(tiny_base, dora_store / name, ids, 12)
@@ -73,7 +70,7 @@ def test_dora_generation_matches_peft(dora_engine, tiny_base, dora_store):
 
 
 def test_dora_classification_matches_peft(dora_engine, tiny_base, dora_store, tokenizer):
-    _, results = dora_engine.predict(at(dora_store, "dora-cls"), TEXTS, GenerationParams())
+    _, results = dora_engine.predict(location(dora_store, "dora-cls"), TEXTS, GenerationParams())
     reference = peft_reference_probs(tiny_base, dora_store / "dora-cls", tokenizer, TEXTS, len(LABELS))
     ours = probs(results, LABELS)
     assert torch.allclose(ours, reference, atol=1e-5), (ours - reference).abs().max()
@@ -96,8 +93,8 @@ def test_dora_rows_in_a_mixed_batch_equal_their_lone_runs(dora_engine, dora_stor
     """One prefill and decode batch with DoRA, plain LoRA and base rows; one classification forward with DoRA and
     plain classifiers: each row gets what it gets alone (and alone equals PEFT, above)."""
     names = ["dora-gen", "plain-gen", "dora-mlp"]
-    slots = [dora_engine.acquire(at(dora_store, n)) for n in names]
-    cls = [dora_engine.acquire(at(dora_store, n)) for n in ("dora-cls", "plain-cls")]
+    slots = [dora_engine.acquire(location(dora_store, n)) for n in names]
+    cls = [dora_engine.acquire(location(dora_store, n)) for n in ("dora-cls", "plain-cls")]
     try:
         prompts = ["first prompt", "a somewhat longer second prompt here", "third", "fourth for the base"]
         rows = dora_engine.encode_for_generation(prompts, GREEDY)
@@ -122,7 +119,7 @@ def test_dora_merged_equals_peft_and_unmerge_restores_the_base(dora_engine, tiny
     bit for bit (from the pristine copy, never by dividing g out again)."""
     before = {path: layer.weight.detach().clone() for path, layer in dora_engine.layers.items()}
     for name, check in (("dora-cls", "probs"), ("dora-gen", "greedy")):
-        slot = dora_engine.acquire(at(dora_store, name))
+        slot = dora_engine.acquire(location(dora_store, name))
         try:
             dora_engine.merge(slot)
             assert dora_engine.merged_adapter == name
@@ -146,11 +143,11 @@ def test_a_dora_adapter_installed_while_another_is_merged_uses_the_pristine_weig
                                                                                    tokenizer):
     """DoRA's norm is of the base weight plus its own update: installed while another adapter is merged into the
     base, it must read the pristine copy, not the merged weight."""
-    gen = dora_engine.acquire(at(dora_store, "dora-gen"))
+    gen = dora_engine.acquire(location(dora_store, "dora-gen"))
     try:
         dora_engine.merge(gen)
         dora_engine.unload("dora-cls")  # the next acquire installs it anew, now, while dora-gen is merged
-        cls = dora_engine.acquire(at(dora_store, "dora-cls"))
+        cls = dora_engine.acquire(location(dora_store, "dora-cls"))
         try:
             dora_engine.unmerge()
             ours = probs(dora_engine.classify(TEXTS, cls), LABELS)
@@ -166,8 +163,8 @@ def test_dora_and_plain_rows_join_a_running_decode_batch(dora_engine, tiny_base,
     """A DoRA row joins while a plain LoRA row decodes, and a plain row joins a running DoRA row: all get PEFT's
     answer."""
     for running, joining in (("plain-gen", "dora-gen"), ("dora-mlp", "plain-gen")):
-        long_slot = dora_engine.acquire(at(dora_store, running))
-        short_slot = dora_engine.acquire(at(dora_store, joining))
+        long_slot = dora_engine.acquire(location(dora_store, running))
+        short_slot = dora_engine.acquire(location(dora_store, joining))
         try:
             long_params = GenerationParams(max_new_tokens=60, ignore_eos=True)
             long_ids = dora_engine.encode_for_generation(["Tell me a long story"], long_params)[0]
@@ -200,11 +197,11 @@ def test_dora_on_conv1d_and_biased_layers_matches_peft(family, tmp_path, tokeniz
     engine = Engine.from_settings(Settings(base_model=base, adapters_dir=tmp_path / "store", dtype="float32",
                                            cache_dir=tmp_path / "cache", auto_merge=False))
     try:
-        _, results = engine.predict(at(tmp_path / "store", "gen"), PROMPTS, GREEDY)
+        _, results = engine.predict(location(tmp_path / "store", "gen"), PROMPTS, GREEDY)
         for prompt, result in zip(PROMPTS, results):
             ids = engine.encode_for_generation([prompt], GREEDY)[0]
             assert result.token_ids == peft_reference_greedy(base, tmp_path / "store" / "gen", ids, 12)
-        _, results = engine.predict(at(tmp_path / "store", "cls"), TEXTS, GenerationParams())
+        _, results = engine.predict(location(tmp_path / "store", "cls"), TEXTS, GenerationParams())
         reference = peft_reference_probs(base, tmp_path / "store" / "cls", tokenizer, TEXTS, 2)
         assert torch.allclose(probs(results, ["x", "y"]), reference, atol=1e-5)
     finally:
@@ -271,11 +268,11 @@ def test_dora_rows_in_chunks_equal_peft(tiny_settings, dora_store, tiny_base, to
         update={"adapters_dir": dora_store, "auto_merge": False, "max_batch_tokens": 16}))
     try:
         engine.batch_sizes.clear()
-        _, results = engine.predict(at(dora_store, "dora-cls"), texts, GenerationParams())
+        _, results = engine.predict(location(dora_store, "dora-cls"), texts, GenerationParams())
         assert sum(engine.batch_sizes.values()) > len(texts)  # chunks, not one forward
         reference = peft_reference_probs(tiny_base, dora_store / "dora-cls", tokenizer, texts, len(LABELS))
         assert torch.allclose(probs(results, LABELS), reference, atol=1e-5)
-        _, [generated] = engine.predict(at(dora_store, "dora-gen"), texts[:1], GREEDY)
+        _, [generated] = engine.predict(location(dora_store, "dora-gen"), texts[:1], GREEDY)
         ids = engine.encode_for_generation(texts[:1], GREEDY)[0]
         assert generated.token_ids == peft_reference_greedy(tiny_base, dora_store / "dora-gen", ids, 12)
     finally:

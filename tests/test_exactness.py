@@ -7,13 +7,10 @@ import torch
 from server.jobs import ClassifyJob, GenerateJob
 from server.types import AdapterLocation, GenerationParams
 from tests.conftest import LABELS
-from tests.helpers import peft_reference_greedy, peft_reference_probs, classify_together, generate_together
+from tests.helpers import classify_together, generate_together, location, peft_reference_greedy, peft_reference_probs
 
 TEXTS = ["a stirring , funny and finally transporting film", "one long string of cliches .", "ok"]
 
-
-def location(store, name):
-    return AdapterLocation(name, 1, store / name)
 
 
 def test_classification_matches_peft(engine, tiny_base, adapter_store, tokenizer):

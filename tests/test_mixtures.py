@@ -15,9 +15,11 @@ from server.engine import Engine
 from server.errors import AdapterNotFound, InvalidInput
 from server.lora import resolve_module_path
 from server.runner import GenerateJob
-from server.types import AdapterLocation, GenerationParams, MixtureKey, MixturePart
+from server.types import GenerationParams, MixtureKey, MixturePart
 from tests.conftest import LABELS
-from tests.helpers import generate_together, greedy_ids, make_adapter, peft_mixture, peft_reference_greedy
+from tests.helpers import (
+    generate_together, greedy_ids, location, make_adapter, peft_mixture, peft_reference_greedy,
+)
 
 PROMPTS = ["What is the capital of France?", "Write a haiku"]
 GREEDY = GenerationParams(max_new_tokens=12)
@@ -58,12 +60,9 @@ def mix_engine(tiny_settings, mix_store):
     engine.close()
 
 
-def at(store, name: str) -> AdapterLocation:
-    return AdapterLocation(name, 1, store / name)
-
-
 def mixture(store, names, weights, combination, density=None, seed=None) -> MixtureKey:
-    return MixtureKey(tuple(MixturePart(at(store, n), w) for n, w in zip(names, weights)), combination, density, seed)
+    parts = tuple(MixturePart(location(store, n), w) for n, w in zip(names, weights))
+    return MixtureKey(parts, combination, density, seed)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -128,7 +127,7 @@ def test_a_mixture_is_built_once_per_distinct_key_and_evicted_like_an_adapter(ti
         assert linear.describe()["adapters"] == [{"name": "m1", "version": 1, "weight": 0.7},
                                                  {"name": "m2", "version": 1, "weight": 0.3}]
         engine.predict(mixture(mix_store, ["m1", "m2"], [0.3, 0.7], "linear"), PROMPTS, GREEDY)  # other weights
-        engine.predict(at(mix_store, "m3"), PROMPTS, GREEDY)  # a third key in two slots: the oldest goes
+        engine.predict(location(mix_store, "m3"), PROMPTS, GREEDY)  # a third key in two slots: the oldest goes
         assert linear not in engine.loaded() and engine.evictions == 1
         assert engine.loaded_kinds() == {"mixture": 1, "lora": 1}
         engine.unload("m2")  # replacing or deleting a part retires its mixtures
@@ -139,7 +138,7 @@ def test_a_mixture_is_built_once_per_distinct_key_and_evicted_like_an_adapter(ti
 
 def test_mixture_rows_share_batches_with_plain_dora_and_base_rows(mix_engine, mix_store):
     key = mixture(mix_store, ["m1", "m2", "m3"], [0.5, 0.3, 0.4], "ties", DENSITY)
-    held = [mix_engine.acquire(k) for k in (key, at(mix_store, "m1"), at(mix_store, "dora"))]
+    held = [mix_engine.acquire(k) for k in (key, location(mix_store, "m1"), location(mix_store, "dora"))]
     try:
         prompts = ["first prompt", "a somewhat longer second prompt here", "third", "fourth for the base"]
         rows = mix_engine.encode_for_generation(prompts, GREEDY)
@@ -154,7 +153,7 @@ def test_mixture_rows_share_batches_with_plain_dora_and_base_rows(mix_engine, mi
 
 
 def test_a_mixture_joins_a_running_decode_batch(mix_engine, mix_store, tiny_base):
-    plain = mix_engine.acquire(at(mix_store, "m3"))
+    plain = mix_engine.acquire(location(mix_store, "m3"))
     key = mixture(mix_store, ["m1", "r8"], [0.8, 0.4], "cat")
     try:
         long_params = GenerationParams(max_new_tokens=60, ignore_eos=True)

@@ -13,13 +13,10 @@ import torch
 from server.engine import Engine
 from server.merging import MergePolicy
 from server.slots import BASE_SLOT
-from server.types import AdapterLocation, GenerationParams
+from server.types import GenerationParams
 from tests.conftest import LABELS
-from tests.helpers import peft_reference_greedy, peft_reference_probs, poisoned
+from tests.helpers import location, peft_reference_greedy, peft_reference_probs, poisoned
 
-
-def location(store, name):
-    return AdapterLocation(name, 1, store / name)
 
 
 def test_merge_policy_decisions():
