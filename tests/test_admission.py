@@ -81,7 +81,8 @@ def test_a_request_that_could_not_start_or_finish_in_time_gets_429_with_what_it_
     assert gate.pending["generate"] == 50
     generation(10, time_left_s=3).release()  # waits 1.3 s of 1.5 allowed, answered at 2.3 s
     first.release()
-    assert gate.pending == {"encode": 0, "prefill": 0, "long": 0, "generate": 0} and gate.rows == gate.tokens == gate.generating == 0
+    assert gate.pending == {"encode": 0, "prefill": 0, "long": 0, "generate": 0}
+    assert gate.rows == gate.tokens == gate.generating == 0
 
 
 def test_without_a_deadline_or_a_measure_there_is_no_time_rule():

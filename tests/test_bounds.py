@@ -31,7 +31,8 @@ def small_bodies(tiny_settings, engine, store):
 
 def test_a_body_over_the_bound_is_413_before_it_is_parsed(small_bodies):
     big = json.dumps({"inputs": "x" * 5000})
-    response = small_bodies.post("/predict?adapter=sentiment", content=big, headers={"content-type": "application/json"})
+    response = small_bodies.post("/predict?adapter=sentiment", content=big,
+                                 headers={"content-type": "application/json"})
     assert response.status_code == 413
     assert response.json() == {
         "detail": f"the request body is {len(big)} bytes, over the limit of 4096 (setting max_body_bytes)"
@@ -57,7 +58,9 @@ def test_a_streamed_body_without_length_is_cut_at_the_bound(tiny_settings, engin
         response = httpx.post(f"{url}/predict?adapter=sentiment", content=chunks(),
                               headers={"content-type": "application/json"})
         assert response.status_code == 413
-        assert response.json() == {"detail": "the request body is over the limit of 4096 bytes (setting max_body_bytes)"}
+        assert response.json() == {
+            "detail": "the request body is over the limit of 4096 bytes (setting max_body_bytes)"
+        }
         assert httpx.get(f"{url}/health").status_code == 200
 
 

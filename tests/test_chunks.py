@@ -16,7 +16,9 @@ from server.jobs import ClassifyJob, EmbedJob, GenerateJob
 from server.request_context import RequestContext
 from server.types import AdapterLocation, GenerationParams
 from tests.conftest import LABELS
-from tests.helpers import peft_reference_embeddings, peft_reference_greedy, peft_reference_logprobs, peft_reference_probs
+from tests.helpers import (
+    peft_reference_embeddings, peft_reference_greedy, peft_reference_logprobs, peft_reference_probs,
+)
 
 BUDGET = 16  # tokens per forward: every text below is several chunks
 LONG_TEXTS = ["the river runs past the old stone mill at night, and the miller's daughter counts the stars " * 2,
