@@ -9,8 +9,9 @@ Installs nothing. It prepares, once, under --work (default /work/peers/data; not
   `gguf` package and its metadata copied (loraswap dequantizes the same file to float32: the same weights);
 - four generation adapters: the shipped `pubmedqa` and three seeded variants of it (its B matrices scaled by
   random factors), as PEFT folders for loraswap and converted with llama.cpp's `convert_lora_to_gguf.py` for it.
-Then it starts each server with one thread (loraswap: `--num-threads 1`, float32, plus `--dtype bfloat16` as a
-second column with --bf16; llama.cpp: `-t 1 -tb 1`, 8 parallel slots, continuous batching) and runs, in rounds
+Then it starts each server with one thread (loraswap: `--num-threads 1`, float32; llama.cpp: `-t 1 -tb 1`, 8
+parallel slots, continuous batching; with --bf16 both also with bfloat16 weights, llama.cpp on a BF16 GGUF made from
+the F32 one) and runs, in rounds
 whose server order rotates, the workloads on `/v1/completions` (the prompt rendered by the base's chat template, 64
 new tokens, greedy):
 - single: 4 requests one after another, adapter pubmedqa;
@@ -51,8 +52,9 @@ BASE_NAME = "SmolLM2-135M-Instruct"
 # ---- preparation ---------------------------------------------------------------------------------------------------
 
 
-def f32_gguf(source: Path, target: Path) -> None:
-    """Every tensor of a GGUF dequantized to F32, its metadata copied (as gguf-py's gguf_new_metadata.py copies it)."""
+def float_gguf(source: Path, target: Path, bf16: bool = False) -> None:
+    """Every tensor of a GGUF dequantized to F32 (or, with bf16, F32 rounded to BF16 for the 2-D weights, as
+    llama.cpp's converter keeps norms in F32), its metadata copied (as gguf-py's gguf_new_metadata.py copies it)."""
     import gguf
 
     reader = gguf.GGUFReader(source)
@@ -60,13 +62,18 @@ def f32_gguf(source: Path, target: Path) -> None:
     for field in reader.fields.values():
         if field.name == gguf.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
             continue
-        value = gguf.LlamaFileType.ALL_F32 if field.name == gguf.Keys.General.FILE_TYPE else field.contents()
+        file_type = gguf.LlamaFileType.MOSTLY_BF16 if bf16 else gguf.LlamaFileType.ALL_F32
+        value = file_type if field.name == gguf.Keys.General.FILE_TYPE else field.contents()
         kind = field.types[0]
         writer.add_key_value(field.name, value, kind, sub_type=field.types[-1] if kind == gguf.GGUFValueType.ARRAY
                              else None)
     tensors = [(t.name, gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)) for t in reader.tensors]
     for name, data in tensors:
-        writer.add_tensor(name, data, raw_dtype=gguf.GGMLQuantizationType.F32)
+        if bf16 and data.ndim == 2:
+            writer.add_tensor(name, gguf.quants.quantize(data, gguf.GGMLQuantizationType.BF16),
+                              raw_dtype=gguf.GGMLQuantizationType.BF16)
+        else:
+            writer.add_tensor(name, data, raw_dtype=gguf.GGMLQuantizationType.F32)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -79,7 +86,7 @@ def adapter_variants(work: Path) -> Path:
     from safetensors.torch import load_file, save_file
 
     store = work / "adapters"
-    shipped = ROOT / "adapters" / "pubmedqa"
+    shipped = ROOT / "server" / "shipped_adapters" / "pubmedqa"
     for seed, name in enumerate(ADAPTERS):
         folder = store / name
         if folder.exists():
@@ -95,13 +102,17 @@ def adapter_variants(work: Path) -> Path:
     return store
 
 
-def prepare(work: Path, llama_cpp: Path | None) -> dict[str, Path]:
+def prepare(work: Path, llama_cpp: Path | None, bf16: bool = False) -> dict[str, Path]:
     from server.base_model import embedded_gguf_path
 
     work.mkdir(parents=True, exist_ok=True)
     files = {"gguf": work / f"{BASE_NAME}-f32.gguf", "store": adapter_variants(work)}
     if not files["gguf"].exists():
-        f32_gguf(embedded_gguf_path(), files["gguf"])
+        float_gguf(embedded_gguf_path(), files["gguf"])
+    if bf16:
+        files["gguf bf16"] = work / f"{BASE_NAME}-bf16.gguf"
+        if not files["gguf bf16"].exists():
+            float_gguf(embedded_gguf_path(), files["gguf bf16"], bf16=True)
     if llama_cpp is not None:
         hf_base = Path(os.environ.get("LORASWAP_CACHE_DIR", Path.home() / ".cache" / "loraswap")) / BASE_NAME
         for name in ADAPTERS:
@@ -163,12 +174,14 @@ def start_servers(args: argparse.Namespace, files: dict[str, Path], log: Path) -
                    "--dtype", dtype, "--num-threads", "1"]
         servers.append(Server(f"loraswap {dtype}", command, port, log, {"HF_HUB_OFFLINE": "1"}))
         port += 1
-    if args.llama_server is not None:
-        command = [str(args.llama_server), "-m", str(files["gguf"]), "--port", str(port), "-t", "1", "-tb", "1",
+    for label, gguf in [("float32", "gguf"), *([("bfloat16", "gguf bf16")] if args.bf16 else [])]:
+        if args.llama_server is None:
+            break
+        command = [str(args.llama_server), "-m", str(files[gguf]), "--port", str(port), "-t", "1", "-tb", "1",
                    "-np", "8", "-c", str(8 * 2048), "--lora-init-without-apply", "--no-webui"]
         for name in ADAPTERS:
             command += ["--lora", str(files[name])]
-        servers.append(LlamaCppServer("llama.cpp f32", command, port, log))
+        servers.append(LlamaCppServer(f"llama.cpp {label}", command, port, log))
         port += 1
     if args.vllm is not None:
         modules = [f"{name}={files['store'] / name}" for name in ADAPTERS]
@@ -237,8 +250,8 @@ def main() -> None:
     parser.add_argument("--llama-server", type=Path, help="the built llama-server binary")
     parser.add_argument("--vllm", help="the command that starts vLLM's OpenAI server, e.g. "
                                        "'/work/peers/vllm/bin/python -m vllm.entrypoints.openai.api_server'")
-    parser.add_argument("--bf16", action="store_true", help="also loraswap in bfloat16 (slow on CPUs without native "
-                                                            "bf16: 4x the float32 prefill time on AVX2)")
+    parser.add_argument("--bf16", action="store_true", help="also both with bfloat16 weights (slow on CPUs without "
+                                                            "native bf16: 4x the float32 prefill time on AVX2)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--work", type=Path, default=Path("/work/peers/data"))
@@ -247,7 +260,7 @@ def main() -> None:
     if (args.llama_server is None) != (args.llama_cpp is None):
         parser.error("--llama-server and --llama-cpp go together (the server, and the converter of its adapters)")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # the servers are stopped on the way out
-    files = prepare(args.work, args.llama_cpp)
+    files = prepare(args.work, args.llama_cpp, args.bf16)
     texts = prompts(8)
     servers = start_servers(args, files, args.work / "servers.log")
     rates: dict[str, dict[str, list[float]]] = {s.label: {w: [] for w in WORKLOADS} for s in servers}
@@ -274,15 +287,16 @@ def main() -> None:
 
 def report(args: argparse.Namespace, servers: list[Server], rates: dict, answers: dict, loads: list[float]) -> None:
     labels = [s.label for s in servers]
-    reference = next((label for label in labels if label.startswith("llama.cpp")), None)
     medians = {label: {w: statistics.median(v) for w, v in rates[label].items()} for label in labels}
-    header = "| workload | " + " | ".join(labels) + " |" + "".join(
-        f" {label} / {reference} |" for label in labels if reference and label != reference)
+    # each other server against llama.cpp with weights of the same dtype (vLLM: float32)
+    pairs = [(label, f"llama.cpp {label.split()[-1] if label.startswith('loraswap') else 'float32'}")
+             for label in labels if not label.startswith("llama.cpp")]
+    pairs = [(label, reference) for label, reference in pairs if reference in labels]
+    header = "| workload | " + " | ".join(labels) + " |" + "".join(f" {a} / {b} |" for a, b in pairs)
     lines = [header, "|---" * (header.count("|") - 1) + "|"]
     for name in WORKLOADS:
         cells = [f"{medians[label][name]:.1f}" for label in labels]
-        ratios = [f"{medians[label][name] / medians[reference][name]:.2f}x" for label in labels
-                  if reference and label != reference]
+        ratios = [f"{medians[a][name] / medians[b][name]:.2f}x" for a, b in pairs]
         lines.append(f"| {name} | " + " | ".join(cells + ratios) + " |")
     same = {label: {w: answers[label][w] == answers[labels[0]][w] for w in WORKLOADS} for label in labels}
     print(f"\ntokens/s, medians of {args.rounds} interleaved rounds, one thread per server, {args.new_tokens} new "

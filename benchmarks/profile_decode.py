@@ -38,7 +38,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     engine = Engine.from_settings(Settings(dtype="float32", num_threads=1, auto_merge=args.merge, merge_window=1))
-    slot = None if args.base else engine.acquire(AdapterLocation("pubmedqa", 1, ROOT / "adapters" / "pubmedqa"))
+    slot = None if args.base else engine.acquire(AdapterLocation("pubmedqa", 1, ROOT / "server" / "shipped_adapters" / "pubmedqa"))
     params = GenerationParams(max_new_tokens=64, temperature=0, ignore_eos=True)
     prompts = [PROMPT] * args.rows
     report = io.StringIO()

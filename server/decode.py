@@ -8,7 +8,8 @@ step does not cover.
 `LeanDecoder` is one decode step (one new token per row) of a Llama-like decoder (Llama, Mistral, Qwen2) run
 straight from the model's own modules: the same operations as transformers' forward with SDPA attention, without its
 per-step machinery (the 4-D mask builder, the cache object, output records, kwargs plumbing through 30 layers): 8 %
-less CPU per single-stream step (README "Decode speed"). The LoRA layers are called as they are, so adapters, mixed
+less CPU per single-stream step (README "Decode speed"). A single row takes the compiled `RowStep` where it
+applies (server/row_step.py). The LoRA layers are called as they are, so adapters, mixed
 rows and merges behave exactly as in the full forward (tests/test_decode.py, tests/test_exactness.py).
 """
 
@@ -23,6 +24,7 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
 from .jobs import GenerateJob
+from .row_step import RowStep
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [rows, kv_heads, capacity, head_dim]
 GROW_COLUMNS = 64  # a full buffer grows by this many columns: one copy per 64 steps instead of one per step
@@ -150,6 +152,7 @@ class LeanDecoder:
         self.kv_heads = config.num_key_value_heads
         self.head_dim = self.layers[0].self_attn.head_dim
         self.scaling = self.layers[0].self_attn.scaling
+        self.row_step: RowStep | None = None  # a single row's step, compiled (server/row_step.py), once warmed up
 
     @staticmethod
     def for_model(model: PreTrainedModel) -> LeanDecoder | None:
@@ -169,6 +172,8 @@ class LeanDecoder:
         real token, the new column included), kv buffers with room for width + 1 columns (this step's keys and
         values are written at column `width`) -> logits [rows, vocab]."""
         rows = last.shape[0]
+        if rows == 1 and self.row_step is not None and bool(mask.all()) and self.row_step.applies():
+            return self.row_step.step(last, positions, kv, width)
         hidden = self.embed(last[:, None])  # [rows, 1, hidden]
         cos, sin = self.rotary(hidden, positions[:, None])  # [rows, 1, head_dim]
         cos, sin = cos[:, None], sin[:, None]  # [rows, 1, 1, head_dim]: broadcast over heads

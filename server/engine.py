@@ -18,8 +18,10 @@ from queue import Queue
 from typing import Protocol
 
 import torch
+from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from . import packed
 from .adapter_format import AdapterWeights, read_adapter
 from .admission import AdmissionGate
 from .base_model import BaseInfo, load_base
@@ -63,6 +65,16 @@ def attention_weight(config, layers: dict[str, MultiLoraLinear]) -> float:
     return 2 * heads * head_dim / linear
 
 
+def pack_weights(model: PreTrainedModel, layers: dict[str, MultiLoraLinear]) -> None:
+    """Inference matmuls on weights packed in oneDNN's layout (server/packed.py): every wrapped layer and the LM head.
+    Where that path is unavailable (not float32, not a CPU with oneDNN) the layers stay as they are."""
+    for layer in layers.values():
+        layer.pack()
+    head = model.get_output_embeddings()
+    if isinstance(head, nn.Linear) and (weight := packed.pack(head.weight)) is not None:
+        model.set_output_embeddings(packed.PackedLinear(head, weight))
+
+
 class Engine:
     def __init__(
         self,
@@ -78,6 +90,8 @@ class Engine:
         merge_policy: MergePolicy | None = None,
         pinned: list[str] | tuple[str, ...] = (),
         continuous: bool = True,
+        packed_weights: bool = True,
+        compile_decode: bool = True,
         admission: AdmissionGate | None = None,
     ):
         self.model = model
@@ -95,11 +109,13 @@ class Engine:
         if (lm_head := model.get_output_embeddings()) is not None:
             # torch's CPU slow path: F.linear on a non-contiguous 3-D input with a frozen weight copies it per row
             lm_head.register_forward_pre_hook(lambda _m, args: (args[0].contiguous(),))
+        if packed_weights:
+            pack_weights(model, self.layers)
         self.runner = ModelRunner(
             model, tokenizer, self.layers, context, self.classifier, max_batch_rows=max_batch_size,
             max_batch_tokens=max_batch_tokens, max_wait_s=max_wait_ms / 1000, merge_policy=merge_policy,
             continuous=continuous, chunkable="generation" in info.tasks,  # a decoder: causal attention
-            context_weight=attention_weight(model.config, self.layers),
+            context_weight=attention_weight(model.config, self.layers), compile_decode=compile_decode,
         )
         self.slots = AdapterSlots(max_loaded_adapters, self._prepare, self._clear, pinned)
         self.admission = admission or AdmissionGate(max_rows=2**31, max_tokens=2**62)  # default: unbounded
@@ -129,6 +145,8 @@ class Engine:
             merge_policy=policy,
             pinned=settings.pinned_adapters,
             continuous=settings.scheduling == "continuous",
+            packed_weights=settings.packed_weights,
+            compile_decode=settings.compile_decode,
             admission=AdmissionGate(settings.max_rows_in_flight, settings.max_tokens_in_flight, settings.retry_after_s,
                                     settings.max_request_share, settings.admission_wait_share),
         )

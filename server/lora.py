@@ -15,10 +15,12 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from . import packed
 from .adapter_format import AdapterWeights
 from .slots import BASE_SLOT
 
-SERVED_LAYER_TYPES = (nn.Linear, Conv1D)  # GPT-2's Conv1D is a Linear with its weight stored transposed
+SERVED_LAYER_TYPES = (nn.Linear, Conv1D)
+ZERO_RANK = 2  # the rank of the zero pair a layer without pairs gives compiled graphs (1 would be a shape of its own)  # GPT-2's Conv1D is a Linear with its weight stored transposed
 
 
 class LoraContext:
@@ -79,6 +81,7 @@ class MultiLoraLinear(nn.Module):
         self._rows_A, self._rows_Bt = torch.empty(0, device=device), torch.empty(0, device=device)  # mixed rows' pairs
         self._rows_batch = -1  # the context batch those rows were gathered for
         self._pristine: torch.Tensor | None = None  # the base weight while an adapter is merged into it
+        self._packed: torch.Tensor | None = None  # the (merged) base weight in oneDNN's layout, see pack()
         # DoRA slots: their g = m / ||W + scale * B A|| per output feature [out] (float32), and those factors
         # stacked by slot [slots, out] (1 for the other slots), made when the first DoRA adapter comes
         self._dora: dict[int, torch.Tensor] = {}
@@ -159,6 +162,27 @@ class MultiLoraLinear(nn.Module):
         rank = self.ranks[slot]
         return self._A[slot, :rank], self._Bt[slot, :rank]
 
+    def padded_pair(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A slot's pair zero-padded to the layer's largest rank (the padding adds exactly 0), zeros where the slot
+        has none here: one shape for every slot of the layer, for compiled graphs."""
+        if self._A.shape[1] == 0:  # no adapter reached this layer yet
+            return self._A.new_zeros(ZERO_RANK, self.in_features), self._Bt.new_zeros(ZERO_RANK, self.out_features)
+        return self._A[slot], self._Bt[slot]
+
+    def is_dora(self, slot: int) -> bool:
+        return slot in self._dora
+
+    def pack(self) -> None:
+        """Keep the base weight also in oneDNN's layout (server/packed.py): inference forwards (no autograd) then
+        multiply with it; a merge packs it again. Where that path is unavailable nothing changes."""
+        weight = self.base.weight.detach()
+        self._packed = packed.pack(weight.t() if self.fan_in_fan_out else weight)
+
+    def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._packed is not None and not torch.is_grad_enabled():
+            return packed.linear(x, self._packed, self.base.bias)
+        return self.base(x)
+
     def merge(self, slot: int) -> None:
         """Fold a slot's pair into the base weight (in float32), keeping the pristine weight to restore."""
         if slot not in self.ranks:
@@ -172,15 +196,19 @@ class MultiLoraLinear(nn.Module):
             factor = self._dora[slot]
             merged *= factor[None, :] if self.fan_in_fan_out else factor[:, None]
         weight.data.copy_(merged.to(weight.dtype))
+        if self._packed is not None:
+            self.pack()
 
     def unmerge(self) -> None:
         """Restore the pristine base weight: a copy, not a subtraction, so no drift accumulates."""
         if self._pristine is not None:
             self.base.weight.data.copy_(self._pristine)
             self._pristine = None
+            if self._packed is not None:
+                self.pack()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
+        out = self._base_forward(x)
         if not self.ranks:
             return out
         ctx = self.context

@@ -40,6 +40,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from .admission import WorkCosts
 from .decode import KV, DecodeBatch, InPlaceLayer, LeanDecoder, Row, grow_kv
+from .row_step import RowStep, compiled_graphs, compiled_or_none
 from .encoding import stop_cut
 from .errors import LoraswapError
 from .heads import SequenceClassifier, output_rows
@@ -96,6 +97,7 @@ class ModelRunner:
         continuous: bool = True,
         chunkable: bool = True,
         context_weight: float = 0.0,
+        compile_decode: bool = True,
     ):
         self.model = model
         self.body = getattr(model, model.base_model_prefix)  # the transformer without its LM head
@@ -111,6 +113,7 @@ class ModelRunner:
         self.merging = Merging(layers, merge_policy)  # the adapter folded into the base weights (worker thread only)
         self.continuous = continuous
         self.lean = LeanDecoder.for_model(model)  # the decode step without transformers' machinery; None: full forward
+        self.compile_decode = compile_decode  # a single row's step compiled (server/row_step.py), at calibrate()
         self.observers: list[BatchObserver] = []
         self.batch_sizes: Counter[int] = Counter()  # rows per forward, for metrics and benchmarks
         self.scheduler = Scheduler(max_batch_rows, max_batch_tokens, continuous, chunkable, context_weight)  # under _cond
@@ -206,10 +209,11 @@ class ModelRunner:
                     encode = self.scheduler.take_encode()
                 self._run_encode(encode)
             if self._batch is not None:
-                rows, started = len(self._batch), time.perf_counter()
+                rows, started, graphs = len(self._batch), time.perf_counter(), compiled_graphs()
                 self._decode_step()
-                # a step as its rows see it: the forward, sampling, streaming and cache upkeep
-                self.costs.observe_step(rows, time.perf_counter() - started)
+                if compiled_graphs() == graphs:  # a step that compiled a graph says nothing of the steps to come
+                    # a step as its rows see it: the forward, sampling, streaming and cache upkeep
+                    self.costs.observe_step(rows, time.perf_counter() - started)
 
     def _answer_everything(self, error: LoraswapError) -> None:
         """Shutdown (lock held): every request queued, in chunks or decoding is answered with `error`."""
@@ -373,7 +377,8 @@ class ModelRunner:
     @torch.no_grad()
     def calibrate(self) -> None:
         """Time a classification forward of `max_batch_tokens` tokens and (on a decoder) decode steps of one row
-        and of a full batch, on the base: the admission gate's estimates until real forwards have been measured."""
+        and of a full batch, on the base: the admission gate's estimates until real forwards have been measured.
+        On a decoder the single-row step is compiled first (server/row_step.py)."""
         rows = self.max_batch_rows
         width = max(1, self.scheduler.max_tokens // rows)
         ids = torch.full((rows, width), self.pad if self.pad is not None else 0, dtype=torch.long, device=self.device)
@@ -387,14 +392,27 @@ class ModelRunner:
             return
         self.costs.observe("prefill", seconds, ids.numel())
         self.costs.observe("long", seconds, ids.numel())
+        if self.compile_decode and self.lean is not None and self.lean.row_step is None:
+            self.lean.row_step = compiled_or_none(lambda: RowStep.for_model(self.model, self.context),
+                                                  lambda row_step: (row_step.warm_up(), self._time_step(ids[:1], width)))
         for size in sorted({1, rows}):
-            with self.context.rows([BASE_SLOT] * size, self.device):
-                cache = self._new_cache()
-                self.body(input_ids=ids[:size], attention_mask=mask[:size], cache=cache, use_cache=True)
-                step_mask = torch.ones((size, width + 1), dtype=torch.long, device=self.device)
-                started = time.perf_counter()
-                self.model(input_ids=ids[:size, -1:], attention_mask=step_mask, cache=cache, use_cache=True)
-                self.costs.observe_step(size, time.perf_counter() - started)
+            self.costs.observe_step(size, self._time_step(ids[:size], width))
+
+    def _time_step(self, ids: torch.Tensor, width: int) -> float:
+        """Seconds of one decode step of the base after a prompt of `ids` [rows, width], by the path serving takes."""
+        size = len(ids)
+        with self.context.rows([BASE_SLOT] * size, self.device):
+            cache = self._new_cache()
+            self.body(input_ids=ids, attention_mask=torch.ones_like(ids), cache=cache, use_cache=True)
+            kv = grow_kv([(layer.keys, layer.values) for layer in cache.layers], width, width + 1)
+            step_mask = torch.ones((size, width + 1), dtype=torch.long, device=self.device)
+            started = time.perf_counter()
+            if self.lean is not None:
+                self.lean.step(ids[:, -1], torch.full((size,), width, device=self.device), step_mask, kv, width)
+            else:
+                self.model(input_ids=ids[:, -1:], attention_mask=step_mask, cache=self._new_cache(kv, width),
+                           use_cache=True)
+            return time.perf_counter() - started
 
     # ---- a long row, one chunk per turn ---------------------------------------------------------------------------
 

@@ -262,10 +262,21 @@ def poisoned(engine, slot_index: int):
             raise RuntimeError(f"poisoned slot {slot_index}")
 
     handle = engine.runner.call(lambda: layer.register_forward_pre_hook(check))  # hooks change on the worker only
+    row_step = engine.runner.lean.row_step if engine.runner.lean is not None else None
+    if row_step is not None:  # the compiled single-row step does not call the layers' forwards: poison it too
+        step = row_step.step
+
+        def poisoned_step(*args):  # type: ignore[no-untyped-def]
+            check(layer, args)
+            return step(*args)
+
+        row_step.step = poisoned_step
     try:
         yield
     finally:
         engine.runner.call(handle.remove)
+        if row_step is not None:
+            del row_step.step  # the class's method again
 
 
 def peft_reference_logprobs(base: Path, adapter: Path | None, ids: list[int]) -> torch.Tensor:

@@ -38,7 +38,11 @@ def test_converted_cache_gives_the_gguf_logits(real_engine):
 
     gguf_model, tokenizer = load_gguf(embedded_gguf_path())
     ids = tokenizer("The quick brown fox jumps over the lazy dog", return_tensors="pt").input_ids
-    with torch.no_grad():
+    ours = dict(real_engine.model.named_parameters())
+    for name, tensor in gguf_model.named_parameters():  # the wrapped layers keep the Linear as `.base`
+        converted = ours.get(name, ours.get(name.replace(".weight", ".base.weight")))
+        assert converted is not None and torch.equal(tensor, converted), name
+    with torch.no_grad():  # the forward multiplies with oneDNN's packed weights: summation order differs
         reference = gguf_model(ids).logits
-        ours = real_engine.model(ids).logits
-    assert torch.equal(reference, ours)
+        logits = real_engine.model(ids).logits
+    assert torch.allclose(reference, logits, atol=1e-3), (reference - logits).abs().max()
