@@ -8,8 +8,8 @@ the embedded base (float32, one thread, AVX-512 EPYC) a step took 25 ms against 
 (benchmarks/linear_floor.py has the kernels alone). Only the summation order differs from the eager step (logits
 within ~5e-5 on the embedded base, greedy tokens equal: tests/test_row_step.py).
 
-The graphs take the weights as inputs, so one compiled graph serves all layers: two graphs per layer kind (the
-attention's input side and the rest of the layer), the LM head a third. An adapter's row passes a LoRA pair for
+The graphs take the weights as inputs, so the same compiled graphs serve every layer: one for the attention's input
+side (norm, q/k/v, rotary), one for the rest of the layer (o, norm, MLP), a third for the LM head. An adapter's row passes a LoRA pair for
 every projection: the layer's zero-padded stacks (padding and zero pairs add exactly 0), so one graph with a dynamic
 rank serves every adapter; base rows and merged adapters pass none. `warm_up` compiles both variants at start, so no
 request waits for a compile (one that does, e.g. for a rank-1 stack, is not counted as a step's cost: see
@@ -64,7 +64,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 class RowStep:
-    """One row's decode step (see the module docstring). `step` returns None when this path does not apply."""
+    """One row's decode step (see the module docstring), for the rows `applies` accepts."""
 
     def __init__(self, model: nn.Module, context: LoraContext):
         config = model.config
