@@ -48,6 +48,7 @@ from .jobs import (
 )
 from .lora import LoraContext, MultiLoraLinear
 from .merging import MergePolicy, Merging
+from .prefixes import Prefilled, PrefixStore, leaders_and_followers
 from .sampling import sample, token_logprobs
 from .scheduler import Piece, Scheduler
 from .slots import BASE_SLOT
@@ -113,10 +114,12 @@ class ModelRunner:
         self.lean = LeanDecoder.for_model(model)  # the decode step without transformers' machinery; None: full forward
         self.observers: list[BatchObserver] = []
         self.batch_sizes: Counter[int] = Counter()  # rows per forward, for metrics and benchmarks
-        self.scheduler = Scheduler(max_batch_rows, max_batch_tokens, continuous, chunkable, context_weight)  # under _cond
+        self.scheduler = Scheduler(max_batch_rows, max_batch_tokens, continuous, chunkable, context_weight,
+                                   self._cached_tokens)  # under _cond
         self.costs = WorkCosts(max_batch_tokens, max_batch_rows)  # measured here, read by the admission gate
         self._batch: DecodeBatch | None = None  # worker thread only
         self._long: LongRow | None = None  # worker thread only
+        self.prefixes = PrefixStore()  # prompts just scored, for scored prompts that begin with them (worker only)
         self._cond = threading.Condition()
         self._closed = False
         self._abort: LoraswapError | None = None  # set: stop at the next turn, answering everything with it
@@ -201,7 +204,7 @@ class ModelRunner:
             prefill = [piece for piece in plan.prefill if not piece.job.future.done()]
             if prefill:
                 self._observe(prefill)
-                self._isolated(prefill, self._prefill)
+                self._run_prefill(prefill)
                 with self._cond:  # what arrived during the prefill does not wait for the decode step too
                     encode = self.scheduler.take_encode()
                 self._run_encode(encode)
@@ -225,6 +228,28 @@ class ModelRunner:
         if pieces:
             self._observe(pieces)
             self._isolated(pieces, self._encode)
+
+    def _run_prefill(self, pieces: list[Piece]) -> None:
+        """New prompts, each forward isolated. Scored prompts that begin with one just scored (server/prefixes.py) run
+        their own last tokens only, through its cache; the others run as one forward, whose scored prompts are kept,
+        and those that begin with one of them run next, taking it."""
+        while pieces:
+            reusing: dict[int, list[Piece]] = {}  # by the tokens each runs: one forward per length, unpadded
+            for piece in pieces:
+                if (reuse := self.prefixes.find(piece)) is not None:
+                    reusing.setdefault(len(piece.ids) - reuse.shared, []).append(piece)
+            for group in reusing.values():
+                self._isolated(group, self._prefill_reusing)
+            reused = {id(piece) for group in reusing.values() for piece in group}
+            rest = [piece for piece in pieces if id(piece) not in reused and not piece.job.future.done()]
+            leaders, pieces = leaders_and_followers(rest)
+            if leaders:
+                self._isolated(leaders, self._prefill)
+
+    def _cached_tokens(self, job: GenerateJob, row: int) -> int:
+        """How many first tokens of this prompt a prompt just scored lends it (the scheduler plans with it)."""
+        reuse = self.prefixes.find(Piece(job, row, 0, len(job.rows[row])))
+        return 0 if reuse is None else reuse.shared
 
     def _wait_for_company(self) -> None:
         """With nothing decoding, give the first queued request up to max_wait for batch mates (lock held)."""
@@ -361,7 +386,55 @@ class ModelRunner:
         self.costs.observe("prefill", time.perf_counter() - started, ids.numel())
         for piece in pieces:
             progress(piece.job, "prefill", len(piece.ids))
+        kv = [(layer.keys, layer.values) for layer in cache.layers]
+        if scored := [Prefilled.of_row(piece, i, kv, hidden, row.job.prompt_logprobs[row.index])
+                      for i, (piece, row) in enumerate(zip(pieces, rows)) if row.job.params.prompt_logprobs]:
+            self.prefixes.replace(scored)
         self._join(rows, cache, mask, logits)
+
+    @torch.no_grad()
+    def _prefill_reusing(self, pieces: list[Piece]) -> None:
+        """Scored prompts that begin with stored ones (server/prefixes.py), each running the same number of its own
+        last tokens: one forward over those, through a cache of the stored keys and values of the tokens before
+        them (left-padded, as a prefill's); then as _prefill."""
+        reuses = [self.prefixes.find(piece) for piece in pieces]
+        rows = [self._new_row(piece.job, piece.row) for piece in pieces]
+        width = max(reuse.shared for reuse in reuses)
+        mask = torch.zeros((len(pieces), width + len(pieces[0].ids) - reuses[0].shared), dtype=torch.long)
+        for i, reuse in enumerate(reuses):
+            mask[i, width - reuse.shared:] = 1
+        ids = torch.tensor([piece.ids[reuse.shared:] for piece, reuse in zip(pieces, reuses)])  # [rows, tokens]
+        positions = torch.stack([torch.arange(reuse.shared, len(piece.ids)) for piece, reuse in zip(pieces, reuses)])
+        ids, mask, positions = ids.to(self.device), mask.to(self.device), positions.to(self.device)
+
+        def stacked(layer: int, part: int) -> torch.Tensor:  # [rows, kv_heads, width, head_dim]
+            first = reuses[0].source.kv[layer][part]
+            out = first.new_zeros(len(reuses), first.shape[0], width, first.shape[2])
+            for i, reuse in enumerate(reuses):
+                out[i, :, width - reuse.shared:] = reuse.source.kv[layer][part][:, :reuse.shared]
+            return out
+
+        cache = self._new_cache()
+        for layer in range(len(reuses[0].source.kv)):
+            cache.update(stacked(layer, 0), stacked(layer, 1), layer)
+        head = self.model.get_output_embeddings()
+        started = time.perf_counter()
+        with self._forward_rows([row.job.slot_index for row in rows]):
+            hidden = self.body(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
+                               use_cache=True).last_hidden_state  # [rows, tokens, hidden]
+            # one head call (its weights read once): each row's last position, whose logits choose its first token,
+            # then each row's positions that predict its own tokens (the first of them is the source's last shared)
+            predicting = [torch.cat([reuse.source.hidden[reuse.shared - 1 : reuse.shared], hidden[i, :-1]])
+                          for i, reuse in enumerate(reuses)]
+            logits = head(torch.cat([hidden[:, -1], *predicting]))  # [rows + rows x tokens, vocab]
+            for piece, row, reuse, predicted in zip(pieces, rows, reuses, logits[len(rows):].split(ids.shape[1])):
+                own = token_logprobs(predicted, piece.ids[reuse.shared:], row.job.params.logprobs or 0)
+                row.job.prompt_logprobs[row.index] = reuse.source.prompt_logprobs[: reuse.shared] + own
+        # per token of the whole prompts: the prefill lane's work is counted so (server/admission.py)
+        self.costs.observe("prefill", time.perf_counter() - started, sum(len(piece.ids) for piece in pieces))
+        for piece in pieces:
+            progress(piece.job, "prefill", len(piece.ids))
+        self._join(rows, cache, mask, logits[: len(rows)])
 
     def _join(self, rows: list[Row], cache: DynamicCache, mask: torch.Tensor, logits: torch.Tensor) -> None:
         """Prefilled rows join the decode batch and take their first token from `logits` [rows, vocab]."""
@@ -580,5 +653,6 @@ class ModelRunner:
 
     def clear_slot(self, index: int) -> None:
         self.merging.forget(index)
+        self.prefixes.forget(index)
         for layer in self.layers.values():
             layer.clear_slot(index)

@@ -7,6 +7,8 @@ decode step over the rows generating. Every forward holds at most `max_tokens` t
 width) and `max_rows` rows, so no request makes the others wait longer than one bounded forward:
 - rows are taken from the queues in order (each queue first in, first out), a request's rows possibly spread over
   several turns; rows of generation requests also count the rows decoding against `max_rows`;
+- a scored prompt that begins with one just scored (`cached`: server/prefixes.py) counts only the tokens it runs,
+  so that lm-eval's other choices of a question, which differ from the first in their last tokens, share a forward;
 - a row longer than `max_tokens` (on a decoder, whose causal attention lets a row run in pieces through its KV
   cache) becomes the long row: it runs one chunk of at most `max_tokens` tokens per turn, while the rest of the
   queues and the decode batch go on around it; its request's later rows wait for it, other requests do not. A chunk
@@ -21,6 +23,7 @@ one bounded forward.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .jobs import ClassifyJob, ControlJob, EmbedJob, GenerateJob, RowJob, end_if_abandoned
@@ -78,12 +81,16 @@ def lane_work(job: RowJob, max_tokens: int, chunkable: bool) -> dict[str, float]
     return {"encode": short, "long": long}
 
 
+def nothing_cached(job: RowJob, row: int) -> int:
+    return 0
+
+
 class Scheduler:
     """The queues of jobs waiting for the worker and the long row in progress. Not thread-safe: the runner calls
     it under its lock."""
 
     def __init__(self, max_rows: int, max_tokens: int, continuous: bool = True, chunkable: bool = True,
-                 context_weight: float = 0.0):
+                 context_weight: float = 0.0, cached: Callable[[GenerateJob, int], int] | None = None):
         self.max_rows = max_rows
         self.max_tokens = max_tokens
         self.continuous = continuous
@@ -91,6 +98,8 @@ class Scheduler:
         # what attending to one earlier position costs, in tokens' worth of the rest of the forward: a chunk deep in
         # a long row is shortened so that it costs no more than `max_tokens` tokens at its start
         self.context_weight = context_weight
+        # how many first tokens of a generation row (job, index) the runner holds from a prompt it just scored
+        self.cached = cached or nothing_cached
         self.controls: list[ControlJob] = []
         self.encode: list[ClassifyJob | EmbedJob] = []
         self.generate: list[GenerateJob] = []
@@ -140,7 +149,7 @@ class Scheduler:
             return plan
         plan.chunk = self._next_chunk(decoding)
         plan.encode = self.take_encode()
-        plan.prefill = self._take(self.generate, room=self.max_rows - decoding)
+        plan.prefill = self._take(self.generate, room=self.max_rows - decoding, cached=self.cached)
         return plan
 
     def take_encode(self) -> list[Piece]:
@@ -150,15 +159,16 @@ class Scheduler:
     def _is_long(self, job: RowJob) -> bool:
         return self.chunkable and len(job.rows[job.taken]) > self.max_tokens
 
-    def _take(self, queue: list, room: int) -> list[Piece]:
-        """Whole rows from the queue in order: at most `room` rows and max_tokens tokens (rows x the widest); a
-        job whose next row is long is skipped (the long lane takes it), the jobs behind it are not."""
+    def _take(self, queue: list, room: int, cached: Callable[[GenerateJob, int], int] = nothing_cached) -> list[Piece]:
+        """Whole rows from the queue in order: at most `room` rows and max_tokens tokens (rows x the widest, a row
+        counting the tokens it runs: without its `cached` ones); a job whose next row is long is skipped (the long
+        lane takes it), the jobs behind it are not."""
         pieces: list[Piece] = []
         width = 0
         for job in list(queue):
             while job.taken < len(job.rows) and not self._is_long(job) and len(pieces) < room:
                 row = job.rows[job.taken]
-                wider = max(width, len(row))
+                wider = max(width, len(row) - cached(job, job.taken))
                 if pieces and wider * (len(pieces) + 1) > self.max_tokens:
                     return pieces
                 width = wider

@@ -64,6 +64,21 @@ def test_generation_rows_count_the_rows_decoding():
     assert shape(scheduler.plan(decoding=2).prefill) == [(0, 2, 0, 5), (1, 0, 0, 5)]
 
 
+def test_a_prompt_counts_only_the_tokens_it_runs_beside_the_cached_ones():
+    """lm-eval's choices of a question: once the first is prefilled, the others run their last token only, together."""
+    held = {(0, 1): 29, (0, 2): 29}  # (job, row) -> first tokens the runner holds once row 0 is prefilled
+    scheduler = Scheduler(max_rows=16, max_tokens=40, cached=lambda job, row: held.get((job.id, row), 0))
+    a, b = numbered(generate(30, 30, 30), generate(30))
+    scheduler.add(a)
+    scheduler.add(b)
+    assert shape(scheduler.plan(decoding=0).prefill) == [(0, 0, 0, 30)]  # 2 rows x 30 > 40
+    assert shape(scheduler.plan(decoding=0).prefill) == [(0, 1, 0, 30), (0, 2, 0, 30)]  # 2 x 1; with b's, 3 x 30
+    assert shape(scheduler.plan(decoding=0).prefill) == [(1, 0, 0, 30)]
+    uncached = Scheduler(max_rows=16, max_tokens=40)
+    uncached.add(generate(30, 30, 30))
+    assert [len(uncached.plan(decoding=0).prefill) for _ in range(3)] == [1, 1, 1]
+
+
 def test_a_long_row_runs_in_chunks_while_other_requests_go_on():
     scheduler = Scheduler(max_rows=16, max_tokens=10)
     big, small = numbered(classify(25, 25), classify(4))
