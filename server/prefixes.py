@@ -3,10 +3,12 @@
 lm-evaluation-harness scores a multiple-choice question as one prompt per choice, with echo and logprobs: the
 question's context, then the choice. Those prompts differ only in their last tokens, and lm-eval sends them side by
 side (it sorts its requests by length, then by tokens). Its own `hf` model computes such a context once; without
-this, the engine ran every choice's whole prompt again (3 choices: 3 times the work). A scored prompt that begins
-with one scored just before (the same adapter slot and top-n, most of its tokens in common) takes that prompt's KV
-cache, last hidden states and prompt logprobs for the tokens they share (causal attention: those positions see the
-same tokens): its forward runs over the rest of its tokens only.
+this, the engine ran every choice's whole prompt again (3 choices: 3 times the work). Within one prefill forward
+such prompts ride in one row (server/scheduler.py: pack; the runner's _prefill_packed). Across turns (lm-eval's
+batches of 8 split a question's choices over two requests), a scored prompt that begins with one scored just before
+(the same adapter slot and top-n, most of its tokens in common) takes that prompt's KV cache, last hidden states and
+prompt logprobs for the tokens they share from this store (causal attention: those positions see the same tokens):
+its forward runs over the rest of its tokens only.
 
 Only prompts scored with echo share: tokens run through a cache differ from one whole forward in the last bits
 (~1e-6), which a score takes in its stride, while the same generation request twice answers bit for bit the same.
@@ -21,31 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .scheduler import Piece
+from .scheduler import Piece, Prompt
 from .types import TokenLogprob
-
-
-@dataclass(frozen=True)
-class Prompt:
-    """What decides whether one prompt can take another's first tokens."""
-
-    slot_index: int
-    ids: list[int]
-    echo_top: int | None  # the top-n of its prompt logprobs; None: not scored (no echo), it never shares
-
-    @classmethod
-    def of(cls, piece: Piece) -> Prompt:
-        params = piece.job.params
-        return cls(piece.job.slot_index, piece.ids, (params.logprobs or 0) if params.prompt_logprobs else None)
-
-    def shared_with(self, source: Prompt) -> int:
-        """How many of its first tokens this prompt takes from `source` (0: none): both scored with the same top-n
-        (it takes the source's prompt logprobs too), never its last token (it runs, for the logits of the answer's
-        first token), and only when more than half of its tokens are shared (worth a forward of its own)."""
-        if self.echo_top is None or (source.slot_index, source.echo_top) != (self.slot_index, self.echo_top):
-            return 0
-        shared = min(common_length(source.ids, self.ids), len(self.ids) - 1)
-        return shared if 2 * shared > len(self.ids) else 0
 
 
 @dataclass
@@ -73,28 +52,6 @@ class Reuse:
 
     source: Prefilled
     shared: int
-
-
-def common_length(a: list[int], b: list[int]) -> int:
-    """How many leading tokens two prompts have in common."""
-    length = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        length += 1
-    return length
-
-
-def leaders_and_followers(pieces: list[Piece]) -> tuple[list[Piece], list[Piece]]:
-    """Split one prefill's prompts: those that share most of their tokens with an earlier one (followers: they run
-    after it, taking its first tokens) and the rest (leaders), each in order."""
-    leaders: list[Piece] = []
-    followers: list[Piece] = []
-    for piece in pieces:
-        prompt = Prompt.of(piece)
-        follows = any(prompt.shared_with(Prompt.of(leader)) for leader in leaders)
-        (followers if follows else leaders).append(piece)
-    return leaders, followers
 
 
 class PrefixStore:

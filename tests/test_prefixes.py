@@ -8,8 +8,7 @@ import torch
 
 from server.engine import Engine
 from server.jobs import GenerateJob
-from server.prefixes import leaders_and_followers
-from server.scheduler import Piece
+from server.scheduler import Piece, pack, packed_width
 from server.types import AdapterLocation, GenerationParams
 from tests.helpers import peft_reference_greedy, peft_reference_logprobs
 
@@ -53,14 +52,14 @@ def check_against_peft(result, ids: list[int], reference: torch.Tensor, greedy: 
         assert best == int(expected.argmax()) and value == pytest.approx(float(expected.max()), abs=TOLERANCE)
 
 
-def test_choices_of_one_context_run_their_own_tokens_and_score_as_peft(shared_engine, widths, tiny_base,
+def test_choices_of_one_context_run_in_one_row_and_score_as_peft(shared_engine, widths, tiny_base,
                                                                         adapter_store, tokenizer):
     prompts = choice_prompts(tokenizer)
     context = len(tokenizer(CONTEXT)["input_ids"])
     assert all(p[:context] == prompts[0][:context] for p in prompts)
     _, results = shared_engine.predict(AdapterLocation("gen-a", 1, adapter_store / "gen-a"), prompts, SCORED)
-    assert widths[0] == (1, len(prompts[0]))  # the first choice runs whole, alone
-    assert widths[1:] == [(2, 1), (1, len(prompts[3]) - context)]  # the others: their own tokens only, together
+    # one row: the first choice whole, then each other one's own tokens
+    assert widths == [(1, len(prompts[0]) + sum(len(p) - context for p in prompts[1:]))]
     for result, ids in zip(results, prompts):
         greedy = peft_reference_greedy(tiny_base, adapter_store / "gen-a", ids, 1)
         check_against_peft(result, ids, peft_reference_logprobs(tiny_base, adapter_store / "gen-a", ids + greedy),
@@ -107,15 +106,16 @@ def test_an_evicted_adapter_leaves_no_prompts(shared_engine, adapter_store, toke
     assert shared_engine.runner.call(lambda: shared_engine.runner.prefixes.prompts) == []
 
 
-def test_leaders_run_first_and_followers_need_most_of_their_tokens_shared():
+def test_a_prompt_rides_in_an_earlier_ones_row_when_it_shares_most_of_its_tokens():
     def piece(slot: int, ids: list[int], params: GenerationParams = SCORED) -> Piece:
         return Piece(GenerateJob([ids], slot, params), 0, 0, len(ids))
 
     context = list(range(10, 20))
-    pieces = [piece(1, context + [1]), piece(1, context + [2]), piece(2, context + [3]),  # another adapter
+    pieces = [piece(1, context + [1]), piece(1, context + [2, 2]), piece(2, context + [3]),  # another adapter
               piece(1, context[:4] + [4] * 7),  # 4 of 11 shared: not worth it
               piece(1, context + [5], GenerationParams(max_new_tokens=1, logprobs=2, prompt_logprobs=True)),
               piece(1, context + [6], GenerationParams(max_new_tokens=3, logprobs=1)),  # not scored: never shares
               piece(1, context + [7])]
-    leaders, followers = leaders_and_followers(pieces)
-    assert leaders == pieces[:1] + pieces[2:6] and followers == [pieces[1], pieces[6]]
+    groups = pack(pieces)
+    assert groups == [[pieces[0], pieces[1], pieces[6]], [pieces[2]], [pieces[3]], [pieces[4]], [pieces[5]]]
+    assert packed_width(groups[0]) == 11 + 2 + 1
