@@ -25,6 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).parent / "results"
 DATA = ROOT.parent / "shared" / "data" / "pubmedqa"
+ADAPTER = ROOT / "server" / "shipped_adapters" / "pubmedqa"  # what the server serves as "pubmedqa"
 TASK = """
 task: pubmedqa_local
 dataset_path: json
@@ -93,8 +94,8 @@ def main() -> None:
                 "loraswap (local-completions)": ("local-completions", {
                     "model": "pubmedqa", "base_url": f"http://127.0.0.1:{port}/v1/completions",
                     "tokenizer": str(base), "tokenizer_backend": "huggingface", "batch_size": args.batch_size}),
-                "lm-eval hf + peft": ("hf", {"pretrained": str(base), "peft": str(ROOT / "adapters" / "pubmedqa"),
-                                             "dtype": "float32", "device": "cpu", "batch_size": args.batch_size}),
+                "lm-eval hf + peft": ("hf", {"pretrained": str(base), "peft": str(ADAPTER), "dtype": "float32",
+                                             "device": "cpu", "batch_size": args.batch_size}),
             }
             seconds: dict[str, list[float]] = {name: [] for name in runs}
             accuracy: dict[str, float] = {}

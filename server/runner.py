@@ -49,8 +49,9 @@ from .jobs import (
 )
 from .lora import LoraContext, MultiLoraLinear
 from .merging import MergePolicy, Merging
+from .prefixes import Prefilled, PrefixStore
 from .sampling import sample, token_logprobs
-from .scheduler import Piece, Scheduler
+from .scheduler import Piece, Prompt, Scheduler, pack
 from .slots import BASE_SLOT
 from .types import ClassificationResult, EmbeddingResult, GenerationResult, TokenLogprob
 
@@ -116,10 +117,12 @@ class ModelRunner:
         self.compile_decode = compile_decode  # a single row's step compiled (server/row_step.py), at calibrate()
         self.observers: list[BatchObserver] = []
         self.batch_sizes: Counter[int] = Counter()  # rows per forward, for metrics and benchmarks
-        self.scheduler = Scheduler(max_batch_rows, max_batch_tokens, continuous, chunkable, context_weight)  # under _cond
+        self.scheduler = Scheduler(max_batch_rows, max_batch_tokens, continuous, chunkable, context_weight,
+                                   self._cached_tokens)  # under _cond
         self.costs = WorkCosts(max_batch_tokens, max_batch_rows)  # measured here, read by the admission gate
         self._batch: DecodeBatch | None = None  # worker thread only
         self._long: LongRow | None = None  # worker thread only
+        self.prefixes = PrefixStore()  # prompts just scored, for scored prompts that begin with them (worker only)
         self._cond = threading.Condition()
         self._closed = False
         self._abort: LoraswapError | None = None  # set: stop at the next turn, answering everything with it
@@ -204,7 +207,7 @@ class ModelRunner:
             prefill = [piece for piece in plan.prefill if not piece.job.future.done()]
             if prefill:
                 self._observe(prefill)
-                self._isolated(prefill, self._prefill)
+                self._run_prefill(prefill)
                 with self._cond:  # what arrived during the prefill does not wait for the decode step too
                     encode = self.scheduler.take_encode()
                 self._run_encode(encode)
@@ -229,6 +232,24 @@ class ModelRunner:
         if pieces:
             self._observe(pieces)
             self._isolated(pieces, self._encode)
+
+    def _run_prefill(self, pieces: list[Piece]) -> None:
+        """New prompts, each forward isolated: scored prompts that begin with one just scored (server/prefixes.py)
+        run their own last tokens only, through its cache, one forward per number of tokens; then the others."""
+        reusing: dict[int, list[Piece]] = {}  # by the tokens each runs: one forward per length, unpadded
+        for piece in pieces:
+            if (reuse := self.prefixes.find(piece)) is not None:
+                reusing.setdefault(len(piece.ids) - reuse.shared, []).append(piece)
+        for group in reusing.values():
+            self._isolated(group, self._prefill_reusing)
+        reused = {id(piece) for group in reusing.values() for piece in group}
+        if rest := [piece for piece in pieces if id(piece) not in reused and not piece.job.future.done()]:
+            self._isolated(rest, self._prefill)
+
+    def _cached_tokens(self, job: GenerateJob, row: int) -> int:
+        """How many first tokens of this prompt a prompt just scored lends it (the scheduler plans with it)."""
+        reuse = self.prefixes.find(Piece(job, row, 0, len(job.rows[row])))
+        return 0 if reuse is None else reuse.shared
 
     def _wait_for_company(self) -> None:
         """With nothing decoding, give the first queued request up to max_wait for batch mates (lock held)."""
@@ -343,7 +364,12 @@ class ModelRunner:
 
     @torch.no_grad()
     def _prefill(self, pieces: list[Piece]) -> None:
-        """One forward over new prompts (whole); their rows get a first token and join the decode batch."""
+        """One forward over new prompts (whole); their rows get a first token and join the decode batch. Scored
+        prompts that share most of their tokens run packed (_prefill_packed)."""
+        groups = pack(pieces)
+        if len(groups) < len(pieces):
+            self._prefill_packed(groups)
+            return
         rows = [self._new_row(piece.job, piece.row) for piece in pieces]
         prompts = [piece.ids for piece in pieces]
         ids, mask = self._pad(prompts, "left")
@@ -365,7 +391,132 @@ class ModelRunner:
         self.costs.observe("prefill", time.perf_counter() - started, ids.numel())
         for piece in pieces:
             progress(piece.job, "prefill", len(piece.ids))
+        kv = [(layer.keys, layer.values) for layer in cache.layers]
+        if scored := [Prefilled.of_row(piece, i, kv, hidden, row.job.prompt_logprobs[row.index])
+                      for i, (piece, row) in enumerate(zip(pieces, rows)) if row.job.params.prompt_logprobs]:
+            self.prefixes.replace(scored)
         self._join(rows, cache, mask, logits)
+
+    @torch.no_grad()
+    def _prefill_reusing(self, pieces: list[Piece]) -> None:
+        """Scored prompts that begin with stored ones (server/prefixes.py), each running the same number of its own
+        last tokens: one forward over those, through a cache of the stored keys and values of the tokens before
+        them (left-padded, as a prefill's); then as _prefill."""
+        reuses = [self.prefixes.find(piece) for piece in pieces]
+        rows = [self._new_row(piece.job, piece.row) for piece in pieces]
+        cache, shared_mask = self._left_padded_cache([reuse.source.kv for reuse in reuses],
+                                                     [reuse.shared for reuse in reuses])
+        ids = torch.tensor([piece.ids[reuse.shared:] for piece, reuse in zip(pieces, reuses)])  # [rows, tokens]
+        positions = torch.stack([torch.arange(reuse.shared, len(piece.ids)) for piece, reuse in zip(pieces, reuses)])
+        ids, positions = ids.to(self.device), positions.to(self.device)
+        mask = torch.cat([shared_mask, torch.ones_like(ids)], 1)  # [rows, shared + tokens]
+        head = self.model.get_output_embeddings()
+        started = time.perf_counter()
+        with self._forward_rows([row.job.slot_index for row in rows]):
+            hidden = self.body(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache,
+                               use_cache=True).last_hidden_state  # [rows, tokens, hidden]
+            # one head call (its weights read once): each row's last position, whose logits choose its first token,
+            # then each row's positions that predict its own tokens (the first of them is the source's last shared)
+            predicting = [torch.cat([reuse.source.hidden[reuse.shared - 1 : reuse.shared], hidden[i, :-1]])
+                          for i, reuse in enumerate(reuses)]
+            logits = head(torch.cat([hidden[:, -1], *predicting]))  # [rows + rows x tokens, vocab]
+            for piece, row, reuse, predicted in zip(pieces, rows, reuses, logits[len(rows):].split(ids.shape[1])):
+                own = token_logprobs(predicted, piece.ids[reuse.shared:], row.job.params.logprobs or 0)
+                row.job.prompt_logprobs[row.index] = reuse.source.prompt_logprobs[: reuse.shared] + own
+        # per token of the whole prompts: the prefill lane's work is counted so (server/admission.py)
+        self.costs.observe("prefill", time.perf_counter() - started, sum(len(piece.ids) for piece in pieces))
+        for piece in pieces:
+            progress(piece.job, "prefill", len(piece.ids))
+        self._join(rows, cache, mask, logits[: len(rows)])
+
+    @torch.no_grad()
+    def _prefill_packed(self, groups: list[list[Piece]]) -> None:
+        """One forward over new prompts packed in rows (server/scheduler.py: pack): each row holds a prompt, then the
+        own last tokens of the scored prompts that share most of its tokens, at their own positions; a 4-D mask lets
+        every prompt's tokens attend to its own (the shared ones included) only, as in a row of its own. Each prompt
+        then takes its cache from its columns and joins the decode batch, as after _prefill."""
+        pieces = [piece for group in groups for piece in group]
+        rows = [self._new_row(piece.job, piece.row) for piece in pieces]
+        shared: list[int] = []  # per prompt: the first tokens it shares with its row's first prompt (that one: 0)
+        leaders: list[int] = []  # per prompt: the index (in pieces) of its row's first prompt
+        layouts = []  # per packed row: its tokens, their positions, and each prompt's columns
+        for group in groups:
+            first = Prompt.of(group[0])
+            tokens, positions, columns = list(first.ids), list(range(len(first.ids))), [list(range(len(first.ids)))]
+            leader = len(shared)
+            shared.append(0)
+            leaders.append(leader)
+            for piece in group[1:]:
+                common = Prompt.of(piece).shared_with(first)
+                columns.append(list(range(common)) + list(range(len(tokens), len(tokens) + len(piece.ids) - common)))
+                tokens += piece.ids[common:]
+                positions += range(common, len(piece.ids))
+                shared.append(common)
+                leaders.append(leader)
+            layouts.append((tokens, positions, columns))
+        width = max(len(tokens) for tokens, _, _ in layouts)
+        ids = torch.full((len(groups), width), self.pad, dtype=torch.long)
+        positions = torch.zeros((len(groups), width), dtype=torch.long)
+        allowed = torch.zeros((len(groups), 1, width, width), dtype=torch.bool)  # [rows, 1, queries, keys]
+        spans: list[tuple[int, torch.Tensor]] = []  # per prompt: its packed row and its columns there
+        for r, (tokens, row_positions, columns) in enumerate(layouts):
+            pad = width - len(tokens)  # left padding, which attends to itself only (never read)
+            ids[r, pad:], positions[r, pad:] = torch.tensor(tokens), torch.tensor(row_positions)
+            allowed[r, 0, torch.arange(pad), torch.arange(pad)] = True
+            for own in columns:
+                index = torch.tensor(own) + pad
+                allowed[r, 0, index[:, None], index[None, :]] |= torch.ones(len(own), len(own), dtype=torch.bool).tril()
+                spans.append((r, index.to(self.device)))
+        dtype = self.model.dtype
+        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+        cache = self._new_cache()
+        head = self.model.get_output_embeddings()
+        scored = [i for i, row in enumerate(rows) if row.job.params.prompt_logprobs]
+        starts = [max(common - 1, 0) for common in shared]  # each prompt's first position predicting its own token
+        started = time.perf_counter()
+        with self._forward_rows([group[0].job.slot_index for group in groups]):
+            hidden = self.body(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                               position_ids=positions.to(self.device), cache=cache,
+                               use_cache=True).last_hidden_state  # [packed rows, width, hidden]
+            own_hidden = [hidden[r, index] for r, index in spans]  # per prompt [tokens, hidden]
+            predicting = [own_hidden[i][starts[i] : -1] for i in scored]
+            # one head call: each prompt's last position (its first token), then what each scored one predicts
+            logits = head(torch.cat([torch.stack([h[-1] for h in own_hidden]), *predicting]))
+            for i, predicted in zip(scored, logits[len(pieces):].split([len(h) for h in predicting])):
+                prompt, row, leader = pieces[i].ids, rows[i], rows[leaders[i]]
+                before = ([TokenLogprob(prompt[0], None)] if not shared[i]
+                          else leader.job.prompt_logprobs[leader.index][: shared[i]])
+                own = token_logprobs(predicted, prompt[starts[i] + 1 :], row.job.params.logprobs or 0)
+                row.job.prompt_logprobs[row.index] = before + own
+        self.costs.observe("prefill", time.perf_counter() - started, sum(len(piece.ids) for piece in pieces))
+        for piece in pieces:
+            progress(piece.job, "prefill", len(piece.ids))
+        kv = [[(layer.keys[r][:, index], layer.values[r][:, index]) for layer in cache.layers] for r, index in spans]
+        if kept := [Prefilled(Prompt.of(pieces[i]), kv[i], own_hidden[i], rows[i].job.prompt_logprobs[rows[i].index])
+                    for i in scored]:
+            self.prefixes.replace(kept)
+        joined, joined_mask = self._left_padded_cache(kv, [len(piece.ids) for piece in pieces])
+        self._join(rows, joined, joined_mask, logits[: len(pieces)])
+
+    def _left_padded_cache(self, kvs: list[list[tuple[torch.Tensor, torch.Tensor]]], lengths: list[int]
+                           ) -> tuple[DynamicCache, torch.Tensor]:
+        """A cache over prompts' first `lengths` columns of their keys and values (per prompt, per layer
+        [kv_heads, tokens, head_dim]), left-padded as a prefill's, and its mask [prompts, widest]."""
+        width = max(lengths)
+        mask = torch.zeros((len(kvs), width), dtype=torch.long, device=self.device)
+        for i, length in enumerate(lengths):
+            mask[i, width - length:] = 1
+        cache = self._new_cache()
+        for layer in range(len(kvs[0])):
+            parts = []
+            for part in (0, 1):
+                first = kvs[0][layer][part]
+                out = first.new_zeros(len(kvs), first.shape[0], width, first.shape[2])  # [prompts, heads, width, dim]
+                for i, length in enumerate(lengths):
+                    out[i, :, width - length:] = kvs[i][layer][part][:, :length]
+                parts.append(out)
+            cache.update(parts[0], parts[1], layer)
+        return cache, mask
 
     def _join(self, rows: list[Row], cache: DynamicCache, mask: torch.Tensor, logits: torch.Tensor) -> None:
         """Prefilled rows join the decode batch and take their first token from `logits` [rows, vocab]."""
@@ -598,5 +749,6 @@ class ModelRunner:
 
     def clear_slot(self, index: int) -> None:
         self.merging.forget(index)
+        self.prefixes.forget(index)
         for layer in self.layers.values():
             layer.clear_slot(index)

@@ -7,6 +7,10 @@ decode step over the rows generating. Every forward holds at most `max_tokens` t
 width) and `max_rows` rows, so no request makes the others wait longer than one bounded forward:
 - rows are taken from the queues in order (each queue first in, first out), a request's rows possibly spread over
   several turns; rows of generation requests also count the rows decoding against `max_rows`;
+- scored prompts (echo) that share most of their tokens count those once: one that begins with a prompt just scored
+  (`cached`: server/prefixes.py) runs only its own last tokens, and one that shares them with an earlier prompt of
+  the same forward rides in that one's row (pack), so that lm-eval's choices of a question, which differ in their
+  last tokens only, run in one row as its own `hf` model runs them once;
 - a row longer than `max_tokens` (on a decoder, whose causal attention lets a row run in pieces through its KV
   cache) becomes the long row: it runs one chunk of at most `max_tokens` tokens per turn, while the rest of the
   queues and the decode batch go on around it; its request's later rows wait for it, other requests do not. A chunk
@@ -21,6 +25,7 @@ one bounded forward.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .jobs import ClassifyJob, ControlJob, EmbedJob, GenerateJob, RowJob, end_if_abandoned
@@ -58,6 +63,77 @@ class StepPlan:
     decode: bool = False  # a decode step over the rows generating
 
 
+def common_length(a: list[int], b: list[int]) -> int:
+    """How many leading tokens two prompts have in common."""
+    length = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        length += 1
+    return length
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """What decides whether one prompt can take another's first tokens (server/prefixes.py)."""
+
+    slot_index: int
+    ids: list[int]
+    echo_top: int | None  # the top-n of its prompt logprobs; None: not scored (no echo), it never shares
+
+    @classmethod
+    def of(cls, piece: Piece) -> Prompt:
+        """A whole row of a generation job."""
+        params = piece.job.params
+        return cls(piece.job.slot_index, piece.ids, (params.logprobs or 0) if params.prompt_logprobs else None)
+
+    def shared_with(self, source: Prompt) -> int:
+        """How many of its first tokens this prompt takes from `source` (0: none): both scored with the same top-n
+        (it takes the source's prompt logprobs too), never its last token (it runs, for the logits of the answer's
+        first token), and only when more than half of its tokens are shared (worth running apart)."""
+        if self.echo_top is None or (source.slot_index, source.echo_top) != (self.slot_index, self.echo_top):
+            return 0
+        shared = min(common_length(source.ids, self.ids), len(self.ids) - 1)
+        return shared if 2 * shared > len(self.ids) else 0
+
+
+def pack(pieces: list[Piece]) -> list[list[Piece]]:
+    """Whole generation rows as the rows of one prefill forward: a prompt that shares most of its tokens with an
+    earlier one (Prompt.shared_with) rides in that one's row, adding only its own last tokens (server/runner.py);
+    each group its first prompt first, in order."""
+    groups: list[list[Piece]] = []
+    for piece in pieces:
+        prompt = Prompt.of(piece)
+        shares = [(prompt.shared_with(Prompt.of(group[0])), group) for group in groups]
+        shared, group = max(shares, key=lambda pair: pair[0], default=(0, None))
+        if shared:
+            group.append(piece)
+        else:
+            groups.append([piece])
+    return groups
+
+
+def packed_width(group: list[Piece]) -> int:
+    """Tokens of a prefill row that holds a group of pack(): the first prompt's, then each other's own last ones."""
+    first = Prompt.of(group[0])
+    return len(first.ids) + sum(len(piece.ids) - Prompt.of(piece).shared_with(first) for piece in group[1:])
+
+
+def prefill_tokens(pieces: list[Piece], cached: Callable[[Piece], int]) -> int:
+    """The largest forward the runner makes of these new prompts (rows x width): those whose first tokens a prompt
+    just scored lends them (`cached`), one forward per number of tokens they run; the others packed (pack) in one."""
+    reusing: dict[int, int] = {}  # tokens each runs -> rows
+    rest = []
+    for piece in pieces:
+        if shared := cached(piece):
+            reusing[len(piece.ids) - shared] = reusing.get(len(piece.ids) - shared, 0) + 1
+        else:
+            rest.append(piece)
+    groups = pack(rest)
+    forwards = [rows * tokens for tokens, rows in reusing.items()]
+    return max([*forwards, len(groups) * max((packed_width(group) for group in groups), default=0)])
+
+
 def whole_rows(jobs: list[RowJob]) -> list[Piece]:
     """Every row of these jobs as one piece each (marked taken): they run in one forward."""
     pieces = []
@@ -78,12 +154,17 @@ def lane_work(job: RowJob, max_tokens: int, chunkable: bool) -> dict[str, float]
     return {"encode": short, "long": long}
 
 
+def padded_tokens(pieces: list[Piece]) -> int:
+    """A forward over these rows, right- or left-padded: rows x the widest."""
+    return len(pieces) * max(len(piece.ids) for piece in pieces)
+
+
 class Scheduler:
     """The queues of jobs waiting for the worker and the long row in progress. Not thread-safe: the runner calls
     it under its lock."""
 
     def __init__(self, max_rows: int, max_tokens: int, continuous: bool = True, chunkable: bool = True,
-                 context_weight: float = 0.0):
+                 context_weight: float = 0.0, cached: Callable[[GenerateJob, int], int] | None = None):
         self.max_rows = max_rows
         self.max_tokens = max_tokens
         self.continuous = continuous
@@ -91,6 +172,8 @@ class Scheduler:
         # what attending to one earlier position costs, in tokens' worth of the rest of the forward: a chunk deep in
         # a long row is shortened so that it costs no more than `max_tokens` tokens at its start
         self.context_weight = context_weight
+        # how many first tokens of a generation row (job, index) the runner holds from a prompt it just scored
+        self.cached = cached or (lambda job, row: 0)
         self.controls: list[ControlJob] = []
         self.encode: list[ClassifyJob | EmbedJob] = []
         self.generate: list[GenerateJob] = []
@@ -140,29 +223,36 @@ class Scheduler:
             return plan
         plan.chunk = self._next_chunk(decoding)
         plan.encode = self.take_encode()
-        plan.prefill = self._take(self.generate, room=self.max_rows - decoding)
+        known: dict[tuple[int, int], int] = {}  # what self.cached said of each row this turn
+
+        def cached(piece: Piece) -> int:
+            key = (id(piece.job), piece.row)
+            if key not in known:
+                known[key] = self.cached(piece.job, piece.row)
+            return known[key]
+
+        room = self.max_rows - decoding
+        plan.prefill = self._take(self.generate, room, lambda pieces: prefill_tokens(pieces, cached))
         return plan
 
     def take_encode(self) -> list[Piece]:
         """Classification and embedding rows for one forward (also between a prefill and the decode step)."""
-        return self._take(self.encode, room=self.max_rows)
+        return self._take(self.encode, self.max_rows, padded_tokens)
 
     def _is_long(self, job: RowJob) -> bool:
         return self.chunkable and len(job.rows[job.taken]) > self.max_tokens
 
-    def _take(self, queue: list, room: int) -> list[Piece]:
-        """Whole rows from the queue in order: at most `room` rows and max_tokens tokens (rows x the widest); a
-        job whose next row is long is skipped (the long lane takes it), the jobs behind it are not."""
+    def _take(self, queue: list, room: int, tokens: Callable[[list[Piece]], int]) -> list[Piece]:
+        """Whole rows from the queue in order: at most `room` rows, and forwards of at most max_tokens tokens
+        (`tokens`: the largest forward the runner makes of the rows taken); a job whose next row is long is skipped
+        (the long lane takes it), the jobs behind it are not."""
         pieces: list[Piece] = []
-        width = 0
         for job in list(queue):
             while job.taken < len(job.rows) and not self._is_long(job) and len(pieces) < room:
-                row = job.rows[job.taken]
-                wider = max(width, len(row))
-                if pieces and wider * (len(pieces) + 1) > self.max_tokens:
+                piece = Piece(job, job.taken, 0, len(job.rows[job.taken]))
+                if pieces and tokens([*pieces, piece]) > self.max_tokens:
                     return pieces
-                width = wider
-                pieces.append(Piece(job, job.taken, 0, len(row)))
+                pieces.append(piece)
                 job.taken += 1
             if job.taken == len(job.rows):
                 queue.remove(job)

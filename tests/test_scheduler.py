@@ -64,6 +64,33 @@ def test_generation_rows_count_the_rows_decoding():
     assert shape(scheduler.plan(decoding=2).prefill) == [(0, 2, 0, 5), (1, 0, 0, 5)]
 
 
+def test_a_prompt_counts_only_the_tokens_it_runs_beside_the_cached_ones():
+    """Rows whose first tokens the runner holds from a prompt just scored run their last ones apart, in a forward of
+    their own per length: they count so, not at their whole width."""
+    held: dict[tuple[int, int], int] = {}  # (job, row) -> first tokens the runner holds
+    scheduler = Scheduler(max_rows=16, max_tokens=40, cached=lambda job, row: held.get((job.id, row), 0))
+    a, b = numbered(generate(30, 30, 30), generate(30))
+    scheduler.add(a)
+    scheduler.add(b)
+    assert shape(scheduler.plan(decoding=0).prefill) == [(0, 0, 0, 30)]  # 2 rows x 30 > 40
+    held.update({(0, 1): 29, (0, 2): 29})  # a's first row has run: it lends its 29 first tokens
+    # a's rows: one forward of 2 rows x 1 token; b's row: one of 30
+    assert shape(scheduler.plan(decoding=0).prefill) == [(0, 1, 0, 30), (0, 2, 0, 30), (1, 0, 0, 30)]
+
+
+def test_scored_prompts_that_share_most_of_their_tokens_count_them_once():
+    """lm-eval's choices of a question (echo): one packed row, the context once and each choice's own token."""
+    scored = GenerationParams(max_new_tokens=1, logprobs=1, prompt_logprobs=True)
+    context = [7] * 30
+    choices, other = numbered(GenerateJob([context + [1], context + [2], context + [3]], 1, scored,
+                                          request=RequestContext()), generate(20))
+    scheduler = Scheduler(max_rows=16, max_tokens=40)
+    scheduler.add(choices)
+    scheduler.add(other)
+    assert shape(scheduler.plan(decoding=0).prefill) == [(0, 0, 0, 31), (0, 1, 0, 31), (0, 2, 0, 31)]  # 33 tokens
+    assert shape(scheduler.plan(decoding=0).prefill) == [(1, 0, 0, 20)]  # beside them: 2 rows x 33 > 40
+
+
 def test_a_long_row_runs_in_chunks_while_other_requests_go_on():
     scheduler = Scheduler(max_rows=16, max_tokens=10)
     big, small = numbered(classify(25, 25), classify(4))
