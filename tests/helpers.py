@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -21,6 +21,7 @@ from transformers import (
 )
 
 from server.adapter_format import METADATA_FILE
+from server.lora import LoraContext
 from server.types import AdapterLocation
 
 
@@ -251,32 +252,48 @@ def generate_together(engine, jobs) -> list[list]:
 
 
 @contextmanager
-def poisoned(engine, slot_index: int):
-    """Every forward that holds a row of this slot fails (a stand-in for a row that breaks the model)."""
+def before_every_forward(engine, check: Callable[[LoraContext], None]) -> Iterator[None]:
+    """`check(context)` runs before every forward of the engine: a pre-hook on its first LoRA layer, and before the
+    compiled single-row step (which calls no layer's forward). Hooks change on the worker thread (directly once it has
+    stopped)."""
+    runner = engine.runner
     layer = next(iter(engine.layers.values()))
 
-    def check(module, args):
-        ctx = module.context
-        slots = ctx.row_slots.tolist() if ctx.row_slots is not None else [ctx.uniform_slot]
-        if slot_index in slots:
-            raise RuntimeError(f"poisoned slot {slot_index}")
+    def on_worker(fn):  # type: ignore[no-untyped-def]
+        return runner.call(fn) if runner._thread.is_alive() else fn()
 
-    handle = engine.runner.call(lambda: layer.register_forward_pre_hook(check))  # hooks change on the worker only
-    row_step = engine.runner.lean.row_step if engine.runner.lean is not None else None
-    if row_step is not None:  # the compiled single-row step does not call the layers' forwards: poison it too
+    handle = on_worker(lambda: layer.register_forward_pre_hook(lambda module, args: check(module.context)))
+    row_step = runner.lean.row_step if runner.lean is not None else None
+    if row_step is not None:
         step = row_step.step
 
-        def poisoned_step(*args):  # type: ignore[no-untyped-def]
-            check(layer, args)
+        def checked_step(*args):  # type: ignore[no-untyped-def]
+            check(layer.context)
             return step(*args)
 
-        row_step.step = poisoned_step
+        row_step.step = checked_step
     try:
         yield
     finally:
-        engine.runner.call(handle.remove)
+        on_worker(handle.remove)
         if row_step is not None:
             del row_step.step  # the class's method again
+
+
+def poisoned(engine, slot_index: int):
+    """Every forward that holds a row of this slot fails (a stand-in for a row that breaks the model)."""
+
+    def check(context: LoraContext) -> None:
+        slots = context.row_slots.tolist() if context.row_slots is not None else [context.uniform_slot]
+        if slot_index in slots:
+            raise RuntimeError(f"poisoned slot {slot_index}")
+
+    return before_every_forward(engine, check)
+
+
+def slowed(engine, seconds: float):
+    """Every forward takes at least `seconds` longer: long work stays in flight long enough to be watched."""
+    return before_every_forward(engine, lambda _context: time.sleep(seconds))
 
 
 def peft_reference_logprobs(base: Path, adapter: Path | None, ids: list[int]) -> torch.Tensor:

@@ -17,7 +17,7 @@ from server.request_context import RequestContext
 from server.types import AdapterLocation, GenerationParams
 from tests.conftest import LABELS
 from tests.helpers import (
-    peft_reference_embeddings, peft_reference_greedy, peft_reference_logprobs, peft_reference_probs,
+    peft_reference_embeddings, peft_reference_greedy, peft_reference_logprobs, peft_reference_probs, slowed,
 )
 
 BUDGET = 16  # tokens per forward: every text below is several chunks
@@ -82,17 +82,11 @@ def test_a_long_prompt_is_prefilled_in_chunks_and_generates_as_peft(chunked, slo
     assert torch.allclose(torch.tensor([e.logprob for e in echoed[1:]]), expected, atol=1e-5)
 
 
-def slowed(engine, seconds: float):
-    layer = next(iter(engine.layers.values()))
-    return engine.runner.call(lambda: layer.register_forward_pre_hook(lambda *_: time.sleep(seconds)))
-
-
 def test_a_big_request_interleaves_with_a_small_one_and_leaves_when_its_client_goes(chunked, slot, tokenizer):
     sentiment = slot("sentiment")
     rows = [tokenizer(LONG_TEXTS[0])["input_ids"]] * 64  # 64 long rows: about 640 chunks
     big = ClassifyJob(rows, sentiment, request=RequestContext())
-    hook = slowed(chunked, 0.002)
-    try:
+    with slowed(chunked, 0.002):
         chunked.runner.classify(big)
         time.sleep(0.2)
         started = time.monotonic()
@@ -106,28 +100,25 @@ def test_a_big_request_interleaves_with_a_small_one_and_leaves_when_its_client_g
         done = threading.Event()
         chunked.runner.call(done.set)
         assert done.wait(5) and chunked.runner._long is None and chunked.runner.depth() == 0
-    finally:
-        chunked.runner.call(hook.remove)
     assert small.label in LABELS
 
 
 def test_shutdown_answers_everything_at_the_next_turn(tiny_settings, adapter_store, tokenizer):
     engine = Engine.from_settings(tiny_settings.model_copy(update={"max_batch_tokens": BUDGET}))
     sentiment = engine.acquire(AdapterLocation("sentiment", 1, adapter_store / "sentiment"))
-    hook = slowed(engine, 0.005)
-    rows = [tokenizer(LONG_TEXTS[0])["input_ids"]] * 8
-    jobs = [ClassifyJob(rows, sentiment), EmbedJob(rows, 0),
-            GenerateJob([[1, 2, 3]], 0, GenerationParams(max_new_tokens=200, ignore_eos=True))]
-    for job in jobs:
-        (engine.runner.generate if isinstance(job, GenerateJob) else engine.runner.classify)(job)
-    time.sleep(0.3)
-    started = time.monotonic()
-    engine.runner.abort(Draining("the server is shutting down"))
-    assert time.monotonic() - started < 2
-    for job in jobs:
-        with pytest.raises(Draining):
-            job.future.result(timeout=1)
-    assert not engine.runner._thread.is_alive()
-    with pytest.raises(RuntimeError, match="shut down"):
-        engine.classify(["x"], sentiment)
-    del hook
+    with slowed(engine, 0.005):
+        rows = [tokenizer(LONG_TEXTS[0])["input_ids"]] * 8
+        jobs = [ClassifyJob(rows, sentiment), EmbedJob(rows, 0),
+                GenerateJob([[1, 2, 3]], 0, GenerationParams(max_new_tokens=200, ignore_eos=True))]
+        for job in jobs:
+            (engine.runner.generate if isinstance(job, GenerateJob) else engine.runner.classify)(job)
+        time.sleep(0.3)
+        started = time.monotonic()
+        engine.runner.abort(Draining("the server is shutting down"))
+        assert time.monotonic() - started < 2
+        for job in jobs:
+            with pytest.raises(Draining):
+                job.future.result(timeout=1)
+        assert not engine.runner._thread.is_alive()
+        with pytest.raises(RuntimeError, match="shut down"):
+            engine.classify(["x"], sentiment)

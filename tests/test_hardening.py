@@ -19,21 +19,9 @@ import pytest
 from server.admission import AdmissionGate
 from server.request_context import RequestIdFilter
 from server.types import GenerationParams
-from tests.helpers import serve_in_thread, server_process
+from tests.helpers import serve_in_thread, server_process, slowed
 
 LONG = {"max_new_tokens": 200}  # the tiny base's context is 256 tokens
-
-
-@contextmanager
-def slowed(engine, seconds: float):
-    """Every forward takes at least `seconds` longer (a hook on the first layer): long generations stay in flight
-    long enough to be watched."""
-    layer = next(iter(engine.layers.values()))
-    handle = engine.runner.call(lambda: layer.register_forward_pre_hook(lambda *_: time.sleep(seconds)))
-    try:
-        yield
-    finally:
-        engine.runner.call(handle.remove)
 
 
 @contextmanager
