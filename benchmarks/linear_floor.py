@@ -3,7 +3,8 @@
 worker's CPU time per step (other processes' load inflates it less than wall time):
 - float32 `F.linear` (MKL, the weights as stored), the eager path before `packed_weights`;
 - float32 oneDNN on weights packed once in its layout (server/packed.py);
-- float32 reductions `(weight * x).sum(-1)` compiled by inductor (server/row_step.py; single rows);
+- float32 reductions `(weight * x).sum(-1)` compiled by inductor (server/row_step.py; single rows), also over
+  bfloat16 weights widened to float32 as they stream (the row step with `dtype=bfloat16`);
 - bfloat16 `F.linear`, and int8 weight-only with bf16 activations (`_weight_int8pack_mm`) for one row;
 - the floor: reading every weight once (`weight.sum()`), what memory bandwidth allows.
 
@@ -30,7 +31,7 @@ def reductions(weights: list[torch.Tensor]) -> Callable[[dict[int, torch.Tensor]
     """One compiled graph over all weights: each product a reduction over the weight's rows (as RowStep's)."""
 
     def run(x: dict[int, torch.Tensor], weights: list[torch.Tensor]) -> list[torch.Tensor]:
-        return [(w * x[w.shape[1]]).sum(-1) for w in weights]
+        return [(w.float() * x[w.shape[1]]).sum(-1) for w in weights]
 
     compiled = torch.compile(run, fullgraph=True)
     return lambda x: compiled(x, weights)
@@ -51,7 +52,7 @@ def main() -> None:
     for w in weights:
         scale = w.abs().amax(1) / 127
         int8.append(((w / scale[:, None]).round().to(torch.int8), scale.bfloat16()))
-    reduce_all = reductions(weights)
+    reduce_all, reduce_bf16 = reductions(weights), reductions(bf16)
     linear = torch.nn.functional.linear
     runs: dict[str, Callable[[], object]] = {"read every weight once": lambda: [w.sum() for w in weights]}
     for rows in args.rows:
@@ -63,6 +64,8 @@ def main() -> None:
                 packed.linear(x[w.shape[1]], p, None) for w, p in zip(weights, packs)]
         if rows == 1:
             runs[f"{rows:2} rows float32 compiled reductions"] = lambda x=x: reduce_all({n: t[0] for n, t in x.items()})
+            runs[f"{rows:2} rows bf16 weights, compiled reductions"] = lambda x=x: reduce_bf16(
+                {n: t[0] for n, t in x.items()})
             runs[f"{rows:2} rows bfloat16 F.linear"] = lambda xb=xb: [linear(xb[w.shape[1]], w) for w in bf16]
             runs[f"{rows:2} rows int8 weights, bf16 activations"] = lambda xb=xb: [
                 torch.ops.aten._weight_int8pack_mm(xb[q.shape[1]], q, s) for q, s in int8]

@@ -1,9 +1,10 @@
 """Where a single-stream decode step's time goes: the embedded base, float32, one torch thread, one request at a
 time with the pubmedqa adapter (auto-merge off, so the LoRA path runs), greedy, 64 new tokens.
 
-Prints tokens/s of whole requests with the lean decode step (server/decode.py) and with transformers' full forward,
-in alternating rounds, then a cProfile of 32 decode steps of each on the worker thread, by own time: torch's operators
-show as built-ins (linear, scaled_dot_product_attention, cat), the rest is Python overhead.
+Prints tokens/s of whole requests with the compiled single-row step (server/row_step.py; one row only), the eager
+lean decode step (server/decode.py) and transformers' full forward, in alternating rounds, then a cProfile of 32
+decode steps of each on the worker thread, by own time: torch's operators show as built-ins (linear,
+scaled_dot_product_attention, cat), the rest is Python overhead.
 
     .venv/bin/python benchmarks/profile_decode.py [--merge] [--rows 1] [--out benchmarks/results/profile.txt]
 """
@@ -49,7 +50,8 @@ def main() -> None:
 
     runner = engine.runner
     lean = runner.lean
-    paths = {"lean": lean, "full": None}
+    compiled = lean.row_step  # the compiled single-row step (server/row_step.py), None where it does not apply
+    paths = {"compiled": (lean, compiled), "lean": (lean, None), "full": (None, None)}
     rates: dict[str, list[float]] = {name: [] for name in paths}
     step_cpu: dict[str, list[float]] = {name: [] for name in paths}  # the worker thread's CPU time per step
     original = runner._step
@@ -61,12 +63,16 @@ def main() -> None:
         finally:
             into.append(time.thread_time() - started)
 
-    for name, decoder in paths.items():  # warm-up: allocations, thread pool, a merge if asked
-        runner.lean = decoder
+    def use(name: str) -> None:
+        runner.lean, row_step = paths[name]
+        lean.row_step = row_step
+
+    for name in paths:  # warm-up: allocations, thread pool, a merge if asked
+        use(name)
         engine.generate(prompts, slot, params)
     for round_ in range(6):  # AB BA AB ...: the machine's drift falls on both alike
         for name in list(paths)[:: 1 if round_ % 2 == 0 else -1]:
-            runner.lean = paths[name]
+            use(name)
             runner._step = lambda batch, into=step_cpu[name]: timed(batch, into)  # type: ignore[method-assign]
             started = time.perf_counter()
             results = engine.generate(prompts, slot, params)
@@ -80,10 +86,12 @@ def main() -> None:
         cpu = statistics.median(step_cpu[name])
         say(f"  {name:5} {', '.join(f'{r:.1f}' for r in values)}  (median {statistics.median(values):.1f} tokens/s); "
             f"step CPU median {1000 * cpu:.1f} ms over {len(step_cpu[name])} steps")
-    say(f"  lean / full step CPU time: {statistics.median(step_cpu['lean']) / statistics.median(step_cpu['full']):.2f}")
+    for name in ("compiled", "lean"):
+        say(f"  {name} / full step CPU time: "
+            f"{statistics.median(step_cpu[name]) / statistics.median(step_cpu['full']):.2f}")
     original = runner._step
-    for name, decoder in paths.items():
-        runner.lean = decoder
+    for name in paths:
+        use(name)
         profiler = cProfile.Profile()
         steps: list[float] = []
         runner._step = lambda batch: _profiled(profiler, original, batch, steps)  # type: ignore[method-assign]

@@ -3,7 +3,7 @@
 torch's `F.linear` on the CPU calls MKL's sgemm with the weight as it is stored; for the few rows of a decode step
 that path reads the weight at a fraction of the memory bandwidth. oneDNN's matmul over a weight reordered once into
 its own blocked layout is the one inductor uses for frozen CPU models: on the embedded base's 30 layers (float32, one
-thread, AVX-512 EPYC) it took 42 ms against 77 ms for 8 rows, 36 against 68 for 4, 182 against 245 for 64 tokens
+thread, AVX-512 EPYC) it took 50 ms against 88 ms for 8 rows, 46 against 83 for 4, 193 against 287 for 64 tokens
 (benchmarks/linear_floor.py). Its results differ from MKL's by summation order only (~1e-6 relative).
 
 The copy costs the weight's size again in memory; training and merges keep using the plain weight (a merge packs it

@@ -4,8 +4,8 @@ written as reductions.
 Why: one row's step multiplies a vector by every weight of the model, so its speed is how fast the weights stream
 from memory. torch's `F.linear` (MKL's sgemv/sgemm, oneDNN) streams them at less than half the machine's bandwidth
 for a single row; `(weight * x).sum(-1)` compiled by inductor is one vectorized loop over the weight, close to it: on
-the embedded base (float32, one thread, AVX-512 EPYC) a step took 25 ms against 55 ms eager
-(benchmarks/linear_floor.py has the kernels alone). Only the summation order differs from the eager step (logits
+the embedded base (float32, one thread, AVX-512 EPYC) a step took 31.5 against 63.9 ms of CPU eager
+(benchmarks/profile_decode.py; benchmarks/linear_floor.py has the kernels alone). Only the summation order differs from the eager step (logits
 within ~5e-5 on the embedded base, greedy tokens equal: tests/test_row_step.py).
 
 The graphs take the weights as inputs, so the same compiled graphs serve every layer: one for the attention's input
