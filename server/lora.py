@@ -19,8 +19,8 @@ from . import packed
 from .adapter_format import AdapterWeights
 from .slots import BASE_SLOT
 
-SERVED_LAYER_TYPES = (nn.Linear, Conv1D)
-ZERO_RANK = 2  # the rank of the zero pair a layer without pairs gives compiled graphs (1 would be a shape of its own)  # GPT-2's Conv1D is a Linear with its weight stored transposed
+SERVED_LAYER_TYPES = (nn.Linear, Conv1D)  # GPT-2's Conv1D is a Linear with its weight stored transposed
+ZERO_RANK = 2  # the rank of the zero pair a layer without pairs gives compiled graphs (1 would be a shape of its own)
 
 
 class LoraContext:
@@ -82,6 +82,8 @@ class MultiLoraLinear(nn.Module):
         self._rows_batch = -1  # the context batch those rows were gathered for
         self._pristine: torch.Tensor | None = None  # the base weight while an adapter is merged into it
         self._packed: torch.Tensor | None = None  # the (merged) base weight in oneDNN's layout, see pack()
+        self._zero_pair = (torch.zeros(ZERO_RANK, in_features, device=device),  # see padded_pair()
+                           torch.zeros(ZERO_RANK, out_features, device=device))
         # DoRA slots: their g = m / ||W + scale * B A|| per output feature [out] (float32), and those factors
         # stacked by slot [slots, out] (1 for the other slots), made when the first DoRA adapter comes
         self._dora: dict[int, torch.Tensor] = {}
@@ -166,7 +168,7 @@ class MultiLoraLinear(nn.Module):
         """A slot's pair zero-padded to the layer's largest rank (the padding adds exactly 0), zeros where the slot
         has none here: one shape for every slot of the layer, for compiled graphs."""
         if self._A.shape[1] == 0:  # no adapter reached this layer yet
-            return self._A.new_zeros(ZERO_RANK, self.in_features), self._Bt.new_zeros(ZERO_RANK, self.out_features)
+            return self._zero_pair
         return self._A[slot], self._Bt[slot]
 
     def is_dora(self, slot: int) -> bool:
