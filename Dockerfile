@@ -9,6 +9,9 @@ ENV PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 HF_HUB_OFFLINE=1 \
     LORASWAP_CACHE_DIR=/opt/loraswap/cache LORASWAP_ADAPTERS_DIR=/data/adapters
 
 RUN useradd --create-home --uid 1000 loraswap
+# a C++ compiler: torch.compile (inductor) builds the single-row decode step with it at start (without one the eager
+# step serves, about half as fast for one request at a time: docs/benchmarks.md "Decode speed and the CPU peers")
+RUN apt-get update && apt-get install -y --no-install-recommends g++ && rm -rf /var/lib/apt/lists/*
 WORKDIR /opt/loraswap/app
 
 # torch first (its own layer: it is the big one), from PyPI like every other package. PyPI's Linux wheel bundles
