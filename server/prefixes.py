@@ -72,3 +72,51 @@ class PrefixStore:
         prompt = Prompt.of(piece)
         found = [Reuse(source, shared) for source in self.prompts if (shared := prompt.shared_with(source.prompt))]
         return max(found, key=lambda reuse: reuse.shared, default=None)
+
+
+@dataclass
+class PackedRows:
+    """The layout of one prefill forward over prompts packed in rows (server/scheduler.py: pack): each row holds a
+    prompt, then the own last tokens of the prompts that share most of its tokens, at their own positions,
+    left-padded to one width."""
+
+    ids: torch.Tensor  # [rows, width]
+    positions: torch.Tensor  # [rows, width] each token's position in its own prompt
+    allowed: torch.Tensor  # [rows, 1, width, width] bool: the keys each query attends to (its own prompt's, causal)
+    spans: list[tuple[int, torch.Tensor]]  # per prompt (groups flattened): its packed row and its columns there
+    shared: list[int]  # per prompt: the first tokens it shares with its row's first prompt (that one: 0)
+    leaders: list[int]  # per prompt: the index of its row's first prompt
+
+    @classmethod
+    def of(cls, groups: list[list[Piece]], pad_id: int) -> PackedRows:
+        shared: list[int] = []
+        leaders: list[int] = []
+        layouts = []  # per packed row: its tokens, their positions, and each prompt's columns
+        for group in groups:
+            first = Prompt.of(group[0])
+            tokens, positions, columns = list(first.ids), list(range(len(first.ids))), [list(range(len(first.ids)))]
+            leader = len(shared)
+            shared.append(0)
+            leaders.append(leader)
+            for piece in group[1:]:
+                common = Prompt.of(piece).shared_with(first)
+                columns.append(list(range(common)) + list(range(len(tokens), len(tokens) + len(piece.ids) - common)))
+                tokens += piece.ids[common:]
+                positions += range(common, len(piece.ids))
+                shared.append(common)
+                leaders.append(leader)
+            layouts.append((tokens, positions, columns))
+        width = max(len(tokens) for tokens, _, _ in layouts)
+        ids = torch.full((len(groups), width), pad_id, dtype=torch.long)
+        positions = torch.zeros((len(groups), width), dtype=torch.long)
+        allowed = torch.zeros((len(groups), 1, width, width), dtype=torch.bool)
+        spans: list[tuple[int, torch.Tensor]] = []
+        for r, (tokens, row_positions, columns) in enumerate(layouts):
+            pad = width - len(tokens)  # left padding, which attends to itself only (never read)
+            ids[r, pad:], positions[r, pad:] = torch.tensor(tokens), torch.tensor(row_positions)
+            allowed[r, 0, torch.arange(pad), torch.arange(pad)] = True
+            for own in columns:
+                index = torch.tensor(own) + pad
+                allowed[r, 0, index[:, None], index[None, :]] |= torch.ones(len(own), len(own), dtype=torch.bool).tril()
+                spans.append((r, index))
+        return cls(ids, positions, allowed, spans, shared, leaders)

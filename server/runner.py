@@ -49,7 +49,7 @@ from .jobs import (
 )
 from .lora import LoraContext, MultiLoraLinear
 from .merging import MergePolicy, Merging
-from .prefixes import Prefilled, PrefixStore
+from .prefixes import PackedRows, Prefilled, PrefixStore
 from .sampling import sample, token_logprobs
 from .scheduler import Piece, Prompt, Scheduler, pack
 from .slots import BASE_SLOT
@@ -437,38 +437,11 @@ class ModelRunner:
         then takes its cache from its columns and joins the decode batch, as after _prefill."""
         pieces = [piece for group in groups for piece in group]
         rows = [self._new_row(piece.job, piece.row) for piece in pieces]
-        shared: list[int] = []  # per prompt: the first tokens it shares with its row's first prompt (that one: 0)
-        leaders: list[int] = []  # per prompt: the index (in pieces) of its row's first prompt
-        layouts = []  # per packed row: its tokens, their positions, and each prompt's columns
-        for group in groups:
-            first = Prompt.of(group[0])
-            tokens, positions, columns = list(first.ids), list(range(len(first.ids))), [list(range(len(first.ids)))]
-            leader = len(shared)
-            shared.append(0)
-            leaders.append(leader)
-            for piece in group[1:]:
-                common = Prompt.of(piece).shared_with(first)
-                columns.append(list(range(common)) + list(range(len(tokens), len(tokens) + len(piece.ids) - common)))
-                tokens += piece.ids[common:]
-                positions += range(common, len(piece.ids))
-                shared.append(common)
-                leaders.append(leader)
-            layouts.append((tokens, positions, columns))
-        width = max(len(tokens) for tokens, _, _ in layouts)
-        ids = torch.full((len(groups), width), self.pad, dtype=torch.long)
-        positions = torch.zeros((len(groups), width), dtype=torch.long)
-        allowed = torch.zeros((len(groups), 1, width, width), dtype=torch.bool)  # [rows, 1, queries, keys]
-        spans: list[tuple[int, torch.Tensor]] = []  # per prompt: its packed row and its columns there
-        for r, (tokens, row_positions, columns) in enumerate(layouts):
-            pad = width - len(tokens)  # left padding, which attends to itself only (never read)
-            ids[r, pad:], positions[r, pad:] = torch.tensor(tokens), torch.tensor(row_positions)
-            allowed[r, 0, torch.arange(pad), torch.arange(pad)] = True
-            for own in columns:
-                index = torch.tensor(own) + pad
-                allowed[r, 0, index[:, None], index[None, :]] |= torch.ones(len(own), len(own), dtype=torch.bool).tril()
-                spans.append((r, index.to(self.device)))
+        layout = PackedRows.of(groups, self.pad)
+        ids, positions, shared, leaders = layout.ids, layout.positions, layout.shared, layout.leaders
+        spans = [(r, index.to(self.device)) for r, index in layout.spans]
         dtype = self.model.dtype
-        mask = torch.zeros(allowed.shape, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
+        mask = torch.zeros(layout.allowed.shape, dtype=dtype).masked_fill_(~layout.allowed, torch.finfo(dtype).min)
         cache = self._new_cache()
         head = self.model.get_output_embeddings()
         scored = [i for i, row in enumerate(rows) if row.job.params.prompt_logprobs]
