@@ -153,7 +153,6 @@ class RowStep:
             hidden = self._layer_out(attended.view(1, -1).float(), hidden, o, norm_out, gate, up, down)
         return self._logits(hidden, self.norm_weight, self.head.weight.detach())
 
-
     @torch.no_grad()
     def warm_up(self) -> None:
         """Compile every variant the steps will call, on the first layer's weights: base rows, and adapter rows with
