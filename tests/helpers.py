@@ -152,6 +152,18 @@ def greedy_ids(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
     return new[: new.index(eos)] if eos in new else new
 
 
+def engine_with(settings, **overrides) -> Iterator:
+    """For a fixture (`yield from engine_with(tiny_settings, auto_merge=False)`): an engine of its own on these
+    settings with `overrides`, closed once the fixture ends."""
+    from server.engine import Engine
+
+    engine = Engine.from_settings(settings.model_copy(update=overrides))
+    try:
+        yield engine
+    finally:
+        engine.close()
+
+
 def location(store: Path, name: str) -> AdapterLocation:
     """Version 1 of an adapter in a test store, as the registry would locate it."""
     return AdapterLocation(name, 1, store / name)
@@ -249,6 +261,19 @@ def generate_together(engine, jobs) -> list[list]:
 
     engine.runner.call(lambda: engine.runner._prefill(whole_rows(jobs)))
     return [job.future.result(timeout=60) for job in jobs]
+
+
+def assert_together_equals_alone(engine, slot_indices: list[int], params) -> None:
+    """Four prompts of different lengths, one per slot index, generated in one batch: each gives the tokens it gives
+    alone."""
+    from server.jobs import GenerateJob
+
+    prompts = ["first prompt", "a somewhat longer second prompt here", "third", "fourth for the base"]
+    rows = engine.encode_for_generation(prompts, params)
+    together = generate_together(engine, [GenerateJob([row], index, params) for row, index in zip(rows, slot_indices)])
+    for row, index, [result] in zip(rows, slot_indices, together):
+        [[alone]] = generate_together(engine, [GenerateJob([row], index, params)])
+        assert result.token_ids == alone.token_ids
 
 
 @contextmanager

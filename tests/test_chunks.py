@@ -17,7 +17,8 @@ from server.request_context import RequestContext
 from server.types import AdapterLocation, GenerationParams
 from tests.conftest import LABELS
 from tests.helpers import (
-    peft_reference_embeddings, peft_reference_greedy, peft_reference_logprobs, peft_reference_probs, slowed,
+    engine_with, peft_reference_embeddings, peft_reference_greedy, peft_reference_logprobs, peft_reference_probs,
+    slowed,
 )
 
 BUDGET = 16  # tokens per forward: every text below is several chunks
@@ -28,9 +29,7 @@ LONG_TEXTS = ["the river runs past the old stone mill at night, and the miller's
 
 @pytest.fixture(scope="module")
 def chunked(tiny_settings):
-    engine = Engine.from_settings(tiny_settings.model_copy(update={"max_batch_tokens": BUDGET, "auto_merge": False}))
-    yield engine
-    engine.close()
+    yield from engine_with(tiny_settings, max_batch_tokens=BUDGET, auto_merge=False)
 
 
 @pytest.fixture

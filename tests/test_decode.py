@@ -11,16 +11,14 @@ from server.decode import GROW_COLUMNS, LeanDecoder, grow_kv
 from server.engine import Engine
 from server.jobs import GenerateJob
 from server.types import AdapterLocation, GenerationParams
-from tests.helpers import generate_together
+from tests.helpers import engine_with, generate_together
 
 PROMPTS = ["Tell me a long story about a dragon and a knight", "hi", "What is two plus two?"]
 
 
 @pytest.fixture(scope="module")
 def lean_engine(tiny_settings):
-    engine = Engine.from_settings(tiny_settings.model_copy(update={"auto_merge": False}))
-    yield engine
-    engine.close()
+    yield from engine_with(tiny_settings, auto_merge=False)
 
 
 def run_mixed(engine: Engine, slots: list) -> list[list]:

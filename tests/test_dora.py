@@ -19,8 +19,8 @@ from server.runner import ClassifyJob, GenerateJob
 from server.types import GenerationParams
 from tests.conftest import LABELS
 from tests.helpers import (
-    classify_together, folder_files, generate_together, location, make_adapter, make_family_adapter, make_family_base,
-    peft_reference_greedy, peft_reference_probs, upload,
+    assert_together_equals_alone, classify_together, engine_with, folder_files, location, make_adapter,
+    make_family_adapter, make_family_base, peft_reference_greedy, peft_reference_probs, upload,
 )
 
 TEXTS = ["a stirring , funny and finally transporting film", "one long string of cliches .", "ok"]
@@ -41,9 +41,7 @@ def dora_store(tmp_path_factory, tiny_base):
 
 @pytest.fixture(scope="module")
 def dora_engine(tiny_settings, dora_store):
-    engine = Engine.from_settings(tiny_settings.model_copy(update={"adapters_dir": dora_store, "auto_merge": False}))
-    yield engine
-    engine.close()
+    yield from engine_with(tiny_settings, adapters_dir=dora_store, auto_merge=False)
 
 
 
@@ -96,13 +94,7 @@ def test_dora_rows_in_a_mixed_batch_equal_their_lone_runs(dora_engine, dora_stor
     slots = [dora_engine.acquire(location(dora_store, n)) for n in names]
     cls = [dora_engine.acquire(location(dora_store, n)) for n in ("dora-cls", "plain-cls")]
     try:
-        prompts = ["first prompt", "a somewhat longer second prompt here", "third", "fourth for the base"]
-        rows = dora_engine.encode_for_generation(prompts, GREEDY)
-        indices = [s.index for s in slots] + [0]
-        mixed = generate_together(dora_engine, [GenerateJob([r], i, GREEDY) for r, i in zip(rows, indices)])
-        for row, index, [result] in zip(rows, indices, mixed):
-            [[alone]] = generate_together(dora_engine, [GenerateJob([row], index, GREEDY)])
-            assert result.token_ids == alone.token_ids
+        assert_together_equals_alone(dora_engine, [s.index for s in slots] + [0], GREEDY)
         texts = dora_engine.encode_for_classification(["good", "a much longer text about nothing at all", "bad"])
         assignment = [cls[0], cls[1], cls[0]]
         together = classify_together(dora_engine, [ClassifyJob([row], s) for row, s in zip(texts, assignment)])

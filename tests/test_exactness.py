@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from server.jobs import ClassifyJob, GenerateJob
+from server.jobs import ClassifyJob
 from server.types import AdapterLocation, GenerationParams
 from tests.conftest import LABELS
-from tests.helpers import classify_together, generate_together, location, peft_reference_greedy, peft_reference_probs
+from tests.helpers import (
+    assert_together_equals_alone, classify_together, location, peft_reference_greedy, peft_reference_probs,
+)
 
 TEXTS = ["a stirring , funny and finally transporting film", "one long string of cliches .", "ok"]
 
@@ -82,14 +84,7 @@ def test_mixed_batch_rows_equal_separate_runs(engine, adapter_store):
     names = ["gen-a", "gen-b", "gen-mlp"]
     slots = [engine.acquire(location(adapter_store, n)) for n in names]
     try:
-        params = GenerationParams(max_new_tokens=8)
-        prompts = ["first prompt", "a somewhat longer second prompt here", "third", "fourth for the base"]
-        rows = engine.encode_for_generation(prompts, params)
-        indices = [s.index for s in slots] + [0]
-        mixed = generate_together(engine, [GenerateJob([row], index, params) for row, index in zip(rows, indices)])
-        for row, index, [result] in zip(rows, indices, mixed):
-            [[alone]] = generate_together(engine, [GenerateJob([row], index, params)])
-            assert result.token_ids == alone.token_ids
+        assert_together_equals_alone(engine, [s.index for s in slots] + [0], GenerationParams(max_new_tokens=8))
 
         cls = [engine.acquire(location(adapter_store, n)) for n in ("sentiment", "topic")]
         try:

@@ -18,7 +18,7 @@ from server.runner import GenerateJob
 from server.types import GenerationParams, MixtureKey, MixturePart
 from tests.conftest import LABELS
 from tests.helpers import (
-    generate_together, greedy_ids, location, make_adapter, peft_mixture, peft_reference_greedy,
+    assert_together_equals_alone, engine_with, greedy_ids, location, make_adapter, peft_mixture, peft_reference_greedy,
 )
 
 PROMPTS = ["What is the capital of France?", "Write a haiku"]
@@ -55,9 +55,7 @@ def mix_store(tmp_path_factory, tiny_base):
 
 @pytest.fixture(scope="module")
 def mix_engine(tiny_settings, mix_store):
-    engine = Engine.from_settings(tiny_settings.model_copy(update={"adapters_dir": mix_store, "auto_merge": False}))
-    yield engine
-    engine.close()
+    yield from engine_with(tiny_settings, adapters_dir=mix_store, auto_merge=False)
 
 
 def mixture(store, names, weights, combination, density=None, seed=None) -> MixtureKey:
@@ -140,13 +138,7 @@ def test_mixture_rows_share_batches_with_plain_dora_and_base_rows(mix_engine, mi
     key = mixture(mix_store, ["m1", "m2", "m3"], [0.5, 0.3, 0.4], "ties", DENSITY)
     held = [mix_engine.acquire(k) for k in (key, location(mix_store, "m1"), location(mix_store, "dora"))]
     try:
-        prompts = ["first prompt", "a somewhat longer second prompt here", "third", "fourth for the base"]
-        rows = mix_engine.encode_for_generation(prompts, GREEDY)
-        indices = [s.index for s in held] + [0]
-        together = generate_together(mix_engine, [GenerateJob([r], i, GREEDY) for r, i in zip(rows, indices)])
-        for row, index, [result] in zip(rows, indices, together):
-            [[alone]] = generate_together(mix_engine, [GenerateJob([row], index, GREEDY)])
-            assert result.token_ids == alone.token_ids
+        assert_together_equals_alone(mix_engine, [s.index for s in held] + [0], GREEDY)
     finally:
         for slot in held:
             mix_engine.release(slot)

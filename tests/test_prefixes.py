@@ -6,11 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.engine import Engine
 from server.jobs import GenerateJob
 from server.scheduler import Piece, pack, packed_width
 from server.types import AdapterLocation, GenerationParams
-from tests.helpers import peft_reference_greedy, peft_reference_logprobs
+from tests.helpers import engine_with, peft_reference_greedy, peft_reference_logprobs
 
 TOLERANCE = 1e-5
 CONTEXT = "Question: does the river run past the old stone mill at night?\nResults: the miller counts stars.\n\nAnswer:"
@@ -20,9 +19,7 @@ SCORED = GenerationParams(max_new_tokens=1, chat=False, logprobs=1, prompt_logpr
 
 @pytest.fixture(scope="module")
 def shared_engine(tiny_settings):
-    engine = Engine.from_settings(tiny_settings.model_copy(update={"auto_merge": False}))
-    yield engine
-    engine.close()
+    yield from engine_with(tiny_settings, auto_merge=False)
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ from server.slots import SlotsBusy
 from server.types import AdapterLocation, GenerationParams
 from server.errors import AdapterChanged, AdapterExists, AdapterInvalid, AdapterReadOnly
 from server.registry import STAGING_DIR, VERSIONS_DIR, Registry
-from tests.helpers import tree, write_tiny_adapter
+from tests.helpers import engine_with, tree, write_tiny_adapter
 
 LIMITS = ArchiveLimits(max_members=8, max_uncompressed_bytes=1024**2)
 
@@ -208,9 +208,7 @@ def test_an_upload_shadows_a_shipped_adapter_and_its_delete_brings_it_back(tmp_p
 
 @pytest.fixture(scope="module")
 def engine8(tiny_settings):
-    engine = Engine.from_settings(tiny_settings.model_copy(update={"max_loaded_adapters": 8}))
-    yield engine
-    engine.close()
+    yield from engine_with(tiny_settings, max_loaded_adapters=8)
 
 
 @pytest.fixture(scope="module")

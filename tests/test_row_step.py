@@ -14,7 +14,7 @@ from server.engine import Engine
 from server.lora import LoraContext, wrap_linear_layers
 from server.row_step import RowStep, compiled_graphs, compiled_or_none
 from server.types import AdapterLocation, GenerationParams, GenerationResult
-from tests.helpers import peft_reference_greedy
+from tests.helpers import engine_with, peft_reference_greedy
 
 PROMPT = "Tell me a long story about a dragon and a knight"
 NEW_TOKENS = 40
@@ -22,9 +22,7 @@ NEW_TOKENS = 40
 
 @pytest.fixture(scope="module")
 def row_engine(tiny_settings):
-    engine = Engine.from_settings(tiny_settings.model_copy(update={"auto_merge": False}))
-    yield engine
-    engine.close()
+    yield from engine_with(tiny_settings, auto_merge=False)
 
 
 def one_row(engine: Engine, slot) -> GenerationResult:

@@ -15,7 +15,7 @@ from server.merging import MergePolicy
 from server.slots import BASE_SLOT
 from server.types import GenerationParams
 from tests.conftest import LABELS
-from tests.helpers import location, peft_reference_greedy, peft_reference_probs, poisoned
+from tests.helpers import engine_with, location, peft_reference_greedy, peft_reference_probs, poisoned
 
 
 
@@ -44,9 +44,7 @@ def test_merge_policy_decisions():
 
 @pytest.fixture(scope="module")
 def batching_engine(tiny_settings):
-    engine = Engine.from_settings(tiny_settings.model_copy(update={"max_wait_ms": 100.0, "auto_merge": False}))
-    yield engine
-    engine.close()
+    yield from engine_with(tiny_settings, max_wait_ms=100.0, auto_merge=False)
 
 
 def test_concurrent_requests_of_many_adapters_share_forwards(batching_engine, tiny_base, adapter_store, tokenizer):
