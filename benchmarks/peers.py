@@ -11,9 +11,10 @@ Installs nothing. It prepares, once, under --work (default /work/peers/data; not
   random factors), as PEFT folders for loraswap and converted with llama.cpp's `convert_lora_to_gguf.py` for it.
 Then it starts each server with one thread (loraswap: `--num-threads 1`, float32; llama.cpp: `-t 1 -tb 1`, 8
 parallel slots, continuous batching; with --bf16 both also with bfloat16 weights, llama.cpp on a BF16 GGUF made from
-the F32 one) and runs, in rounds
-whose server order rotates, the workloads on `/v1/completions` (the prompt rendered by the base's chat template, 64
-new tokens, greedy):
+the F32 one) and runs, in rounds whose server order rotates, the workloads on `/v1/completions` (the prompt rendered
+by the base's chat template, greedy, exactly 64 new tokens: `ignore_eos`, which all three servers take, so every
+server generates the same count of tokens whatever its answers; `--stop-at-eos` lets answers end at EOS instead, which
+makes the workloads about half prefill):
 - single: 4 requests one after another, adapter pubmedqa;
 - 4 adapters: 8 concurrent requests, 2 per adapter;
 - 1 adapter: 8 concurrent requests, pubmedqa;
@@ -218,8 +219,8 @@ def prompts(count: int) -> list[str]:
     return texts
 
 
-def complete(server: Server, prompt: str, adapter: str | None, tokens: int) -> tuple[str, int]:
-    body = {**server.body(adapter), "prompt": prompt, "max_tokens": tokens, "temperature": 0}
+def complete(server: Server, prompt: str, adapter: str | None, tokens: int, ignore_eos: bool) -> tuple[str, int]:
+    body = {**server.body(adapter), "prompt": prompt, "max_tokens": tokens, "temperature": 0, "ignore_eos": ignore_eos}
     request = urllib.request.Request(f"http://127.0.0.1:{server.port}/v1/completions", json.dumps(body).encode(),
                                      {"content-type": "application/json"})
     with urllib.request.urlopen(request, timeout=1800) as answer:
@@ -235,11 +236,12 @@ WORKLOADS = {  # name -> (requests' adapters, concurrent)
 }
 
 
-def run_workload(server: Server, texts: list[str], adapters: list[str | None], concurrent: int, tokens: int
-                 ) -> tuple[float, list[str]]:
+def run_workload(server: Server, texts: list[str], adapters: list[str | None], concurrent: int, tokens: int,
+                 ignore_eos: bool = True) -> tuple[float, list[str]]:
     started = time.perf_counter()
     with ThreadPoolExecutor(concurrent) as pool:
-        answers = list(pool.map(lambda i: complete(server, texts[i], adapters[i], tokens), range(len(adapters))))
+        answers = list(pool.map(lambda i: complete(server, texts[i], adapters[i], tokens, ignore_eos),
+                                range(len(adapters))))
     seconds = time.perf_counter() - started
     return sum(n for _, n in answers) / seconds, [text for text, _ in answers]
 
@@ -254,6 +256,8 @@ def main() -> None:
                                                             "native bf16: 4x the float32 prefill time on AVX2)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--stop-at-eos", action="store_true", help="answers end at EOS (default: exactly --new-tokens "
+                                                                  "each, ignore_eos)")
     parser.add_argument("--work", type=Path, default=Path("/work/peers/data"))
     parser.add_argument("--port", type=int, default=8700)
     args = parser.parse_args()
@@ -273,7 +277,8 @@ def main() -> None:
             order = servers[round_ % len(servers):] + servers[: round_ % len(servers)]
             for name, (adapters, concurrent) in WORKLOADS.items():
                 for server in order:
-                    rate, texts_out = run_workload(server, texts, adapters, concurrent, args.new_tokens)
+                    rate, texts_out = run_workload(server, texts, adapters, concurrent, args.new_tokens,
+                                                   not args.stop_at_eos)
                     rates[server.label][name].append(rate)
                     answers[server.label][name] = texts_out
                     loads.append(os.getloadavg()[0])
@@ -299,13 +304,15 @@ def report(args: argparse.Namespace, servers: list[Server], rates: dict, answers
         ratios = [f"{medians[a][name] / medians[b][name]:.2f}x" for a, b in pairs]
         lines.append(f"| {name} | " + " | ".join(cells + ratios) + " |")
     same = {label: {w: answers[label][w] == answers[labels[0]][w] for w in WORKLOADS} for label in labels}
+    length = "answers end at EOS" if args.stop_at_eos else "ignore_eos"
     print(f"\ntokens/s, medians of {args.rounds} interleaved rounds, one thread per server, {args.new_tokens} new "
-          f"tokens, greedy; load average {min(loads):.1f}-{max(loads):.1f} on {os.cpu_count()} cores")
+          f"tokens ({length}), greedy; load average {min(loads):.1f}-{max(loads):.1f} on {os.cpu_count()} cores")
     print("\n".join(lines))
     print("greedy answers equal to", labels[0], json.dumps(same))
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"peers-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(json.dumps({"rounds": args.rounds, "new_tokens": args.new_tokens, "cores": os.cpu_count(),
+    out.write_text(json.dumps({"rounds": args.rounds, "new_tokens": args.new_tokens,
+                               "ignore_eos": not args.stop_at_eos, "cores": os.cpu_count(),
                                "load_average": [min(loads), max(loads)], "tokens_per_s": rates,
                                "medians": medians, "same_answers_as_first": same, "table": lines}, indent=1))
     print("wrote", out)

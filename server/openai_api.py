@@ -66,6 +66,7 @@ class Sampling(MixtureFields):
     stream_options: StreamOptions | None = None
     user: str | None = None
     timeout: float | None = Field(None, gt=0)  # ours (extra_body): seconds; lowers the server's request_timeout_s
+    ignore_eos: bool = False  # vLLM's and llama.cpp's (extra_body): generate max_tokens whatever comes
 
     @field_validator("stop")
     @classmethod
@@ -352,7 +353,7 @@ def params_of(
         settings, max_tokens, "max_tokens",
         temperature=DEFAULT_TEMPERATURE if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
-        seed=body.seed, stop=body.stop, chat=chat,
+        seed=body.seed, stop=body.stop, chat=chat, ignore_eos=body.ignore_eos,
         logprobs=logprobs, prompt_logprobs=echo and logprobs is not None,
     )
 

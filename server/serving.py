@@ -115,13 +115,14 @@ def generation_params(
     seed: int | None,
     stop: Sequence[str],
     chat: bool,
+    ignore_eos: bool = False,
     logprobs: int | None = None,
     prompt_logprobs: bool = False,
 ) -> GenerationParams:
     max_new = settings.default_max_new_tokens if max_new_tokens is None else max_new_tokens
     if max_new > settings.max_new_tokens_limit:
         raise InvalidInput(max_new_tokens_field, f"{max_new} is over the limit of {settings.max_new_tokens_limit}")
-    return GenerationParams(max_new, temperature, top_p, seed, tuple(stop), chat,
+    return GenerationParams(max_new, temperature, top_p, seed, tuple(stop), chat, ignore_eos,
                             logprobs=logprobs, prompt_logprobs=prompt_logprobs)
 
 

@@ -80,6 +80,28 @@ def test_completions_with_several_prompts(client):
     assert body["usage"]["completion_tokens"] == 0 and body["usage"]["prompt_tokens"] > 0
 
 
+
+def test_ignore_eos_generates_max_tokens_past_the_eos(client, engine, tiny_base):
+    """EOS is made the first token greedy decoding picks that it had not picked before: the answer stops there,
+    unless `ignore_eos` (vLLM's and llama.cpp's field), which generates every asked token, that one among them."""
+    from server.types import GenerationParams
+
+    prompt = "Tell me a story"  # the tiny random base often repeats one token: not on this one
+    [free] = engine.generate([prompt], None, GenerationParams(max_new_tokens=6, chat=False))
+    end = next(i for i, t in enumerate(free.token_ids) if i > 0 and t not in free.token_ids[:i])
+    body = {"model": tiny_base.name, "prompt": prompt, "max_tokens": 6, "temperature": 0}
+    eos = engine.runner.eos
+    engine.runner.call(lambda: setattr(engine.runner, "eos", free.token_ids[end]))
+    try:
+        stopped = client.post("/v1/completions", json=body).json()
+        ignored = client.post("/v1/completions", json={**body, "ignore_eos": True}).json()
+    finally:
+        engine.runner.call(lambda: setattr(engine.runner, "eos", eos))
+    assert (stopped["choices"][0]["finish_reason"], stopped["usage"]["completion_tokens"]) == ("stop", end)
+    assert (ignored["choices"][0]["finish_reason"], ignored["usage"]["completion_tokens"]) == ("length", 6)
+    assert stopped["choices"][0]["text"] == engine.tokenizer.decode(free.token_ids[:end])
+
+
 # ---- a real server process and the official client ------------------------------------------------------------
 
 
