@@ -32,6 +32,7 @@ class LoraContext:
         self.uniform_slot = BASE_SLOT  # every row's slot when row_slots is None
         self.batch = 0  # bumped when the mixed assignment changes: layers gather their rows' pairs once for it
         self.active: frozenset[int] = frozenset()  # the slots of the running forward's rows
+        self.layout = 0  # bumped when a layer reallocates its pair stacks or a slot becomes or stops being DoRA
         self._last_mixed: tuple[int, ...] = ()
 
     @contextmanager
@@ -134,6 +135,7 @@ class MultiLoraLinear(nn.Module):
                 self._dora_rows[slot] = 1.0
                 self._dora_shift[slot] = 0.0
                 self._rows_batch = -1
+                self.context.layout += 1
             return
         weight = (self._pristine if self._pristine is not None else self.base.weight).float()
         if self.fan_in_fan_out:
@@ -148,6 +150,7 @@ class MultiLoraLinear(nn.Module):
         if self.base.bias is not None:
             self._dora_shift[slot] = (1 - factor) * self.base.bias.float()
         self._dora[slot] = self._dora_rows[slot]  # a view of its row
+        self.context.layout += 1
         self._rows_batch = -1
 
     def _restack(self, r_max: int) -> None:
@@ -158,6 +161,7 @@ class MultiLoraLinear(nn.Module):
         A[:, : self._A.shape[1]] = self._A
         Bt[:, : self._Bt.shape[1]] = self._Bt
         self._A, self._Bt = A, Bt
+        self.context.layout += 1
 
     def pair(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         """A slot's pair as views: A [r, in] and (B * scale)^T [r, out]."""

@@ -5,16 +5,19 @@ Why: one row's step multiplies a vector by every weight of the model, so its spe
 from memory. torch's `F.linear` (MKL's sgemv/sgemm, oneDNN) streams them at less than half the machine's bandwidth
 for a single row; `(weight * x).sum(-1)` compiled by inductor is one vectorized loop over the weight, close to it: on
 the embedded base (float32, one thread, AVX-512 EPYC) a step took 31.5 against 63.9 ms of CPU eager
-(benchmarks/profile_decode.py; benchmarks/linear_floor.py has the kernels alone). Only the summation order differs from the eager step (logits
-within ~5e-5 on the embedded base, greedy tokens equal: tests/test_row_step.py).
+(benchmarks/profile_decode.py; benchmarks/linear_floor.py has the kernels alone). Only the summation order differs
+from the eager step (logits within ~5e-5 on the embedded base, greedy tokens equal: tests/test_row_step.py).
 
-The graphs take the weights as inputs, so the same compiled graphs serve every layer: one for the attention's input
-side (norm, q/k/v, rotary), one for the rest of the layer (o, norm, MLP), a third for the LM head. An adapter's row passes a LoRA pair for
-every projection: the layer's zero-padded stacks (padding and zero pairs add exactly 0), so one graph with a dynamic
-rank serves every adapter; base rows and merged adapters pass none. `warm_up` compiles both variants at start, so no
+One graph is a whole decoder layer, and it takes the layer's weights as inputs, so the same compiled graph serves
+every layer: norm, q/k/v, rotary, the new key and value written into the cache (the last column of the cache's view
+it is given: the column index is not a number the graph could specialize on), attention over the view (whose width
+is dynamic), o, norm, MLP; a second graph is the LM head. A call of a compiled graph costs tens of microseconds, so
+one per layer instead of two and an eager attention took the step from 30 to 27 ms (the Python left is a loop over
+30 layers, with each layer's arguments made once per adapter). An adapter's row passes a LoRA pair for every
+projection: the layer's zero-padded stacks (padding and zero pairs add exactly 0), so one graph with a dynamic rank
+serves every adapter; base rows and merged adapters pass none. `warm_up` compiles every variant at start, so no
 request waits for a compile (one that does, e.g. for a rank-1 stack, is not counted as a step's cost: see
-`compiled_graphs`). The attention over the KV cache stays eager (its width grows every step). DoRA slots and padded
-rows take the eager step.
+`compiled_graphs`). DoRA slots and padded rows take the eager step.
 
 Arithmetic is float32 whatever the model's dtype: with bfloat16 weights (`dtype=bfloat16`) the step reads half the
 bytes and accumulates in float32 (the attention over the cache runs in the cache's dtype).
@@ -86,8 +89,10 @@ class RowStep:
         ]
         self.norms = [(l.input_layernorm.weight.detach(), l.post_attention_layernorm.weight.detach())
                       for l in self.layers]
-        self._attention_in = torch.compile(self._attention_in_eager, fullgraph=True)
-        self._layer_out = torch.compile(self._layer_out_eager, fullgraph=True)
+        # a merge writes into the base weights in place, so these views stay the weights the layers use
+        self._base = [tuple((m.base.weight.detach(), m.base.bias, None) for m in layer) for layer in self.projections]
+        self._adapter: tuple[tuple[int, int], list[tuple[Projection, ...]] | None] = ((-1, -1), None)
+        self._layer = torch.compile(self._layer_eager, fullgraph=True)
         self._logits = torch.compile(self._logits_eager, fullgraph=True)
 
     @staticmethod
@@ -104,20 +109,19 @@ class RowStep:
 
     # ---- the compiled pieces (weights are inputs: one graph for every layer) -----------------------------------
 
-    def _attention_in_eager(self, hidden: torch.Tensor, norm: torch.Tensor, q: Projection, k: Projection,
-                            v: Projection, cos: torch.Tensor, sin: torch.Tensor
-                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """hidden [1, hidden] -> rotated query [1, heads, 1, d], rotated key and value [1, kv_heads, d]."""
-        x = _rms_norm(hidden, norm, self.eps)
-        query = _project(x, q).view(1, self.heads, 1, self.head_dim)
-        key = _project(x, k).view(1, self.kv_heads, self.head_dim)
-        value = _project(x, v).view(1, self.kv_heads, self.head_dim)
-        return _rotate(query, cos, sin), _rotate(key, cos[0], sin[0]), value
-
-    def _layer_out_eager(self, attended: torch.Tensor, hidden: torch.Tensor, o: Projection, norm: torch.Tensor,
-                         gate: Projection, up: Projection, down: Projection) -> torch.Tensor:
-        hidden = hidden + _project(attended, o)
-        x = _rms_norm(hidden, norm, self.eps)
+    def _layer_eager(self, hidden: torch.Tensor, norm_in: torch.Tensor, norm_out: torch.Tensor, q: Projection,
+                     k: Projection, v: Projection, o: Projection, gate: Projection, up: Projection, down: Projection,
+                     cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """hidden [1, hidden] -> the layer's output [1, hidden]; keys and values [1, kv_heads, width + 1, d] are the
+        cache's valid columns and this step's, whose key and value are written here."""
+        x = _rms_norm(hidden, norm_in, self.eps)
+        query = _rotate(_project(x, q).view(1, self.heads, 1, self.head_dim), cos, sin)
+        keys[:, :, -1] = _rotate(_project(x, k).view(1, self.kv_heads, self.head_dim), cos[0], sin[0])
+        values[:, :, -1] = _project(x, v).view(1, self.kv_heads, self.head_dim)
+        attended = nn.functional.scaled_dot_product_attention(  # in the cache's dtype
+            query.to(keys.dtype), keys, values, scale=self.scaling, enable_gqa=self.heads != self.kv_heads)
+        hidden = hidden + _project(attended.view(1, -1).float(), o)
+        x = _rms_norm(hidden, norm_out, self.eps)
         return hidden + _project(nn.functional.silu(_project(x, gate)) * _project(x, up), down)
 
     def _logits_eager(self, hidden: torch.Tensor, norm: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
@@ -125,49 +129,55 @@ class RowStep:
 
     # ---- the step ---------------------------------------------------------------------------------------------
 
+    def _adapter_arguments(self, slot: int) -> list[tuple[Projection, ...]] | None:
+        """Every layer's projections with the slot's padded pairs, made once per slot and stack layout (views of
+        the stacks: an adapter installed into them in place shows through); None where a layer holds it as DoRA."""
+        key = (slot, self.context.layout)
+        if self._adapter[0] != key:
+            dora = any(m.is_dora(slot) for layer in self.projections for m in layer)
+            self._adapter = (key, None if dora else [
+                tuple((m.base.weight.detach(), m.base.bias, m.padded_pair(slot)) for m in layer)
+                for layer in self.projections])
+        return self._adapter[1]
+
     def applies(self) -> bool:
         """Whether the running row's slot can take this path: no layer holds it as DoRA."""
         slot = self.context.uniform_slot
-        return self.context.row_slots is None and not any(m.is_dora(slot) for p in self.projections for m in p)
+        return self.context.row_slots is None and (slot == BASE_SLOT or self._adapter_arguments(slot) is not None)
 
     @torch.no_grad()
     def step(self, last: torch.Tensor, positions: torch.Tensor, kv: list[tuple[torch.Tensor, torch.Tensor]],
              width: int) -> torch.Tensor:
         """last [1], positions [1], kv buffers with room for width + 1 columns (this step's column is written at
         `width`; no padding) -> logits [1, vocab]."""
-        slot = self.context.uniform_slot
-        lora = slot != BASE_SLOT  # a merged adapter's rows are base rows here
+        slot = self.context.uniform_slot  # a merged adapter's rows are base rows here
+        arguments = self._base if slot == BASE_SLOT else self._adapter_arguments(slot)
         hidden = self.embed(last).float()  # [1, hidden]
         cos, sin = self.rotary(hidden[:, None], positions[:, None])  # [1, 1, d]
         cos, sin = cos[:, None], sin[:, None]  # [1, 1, 1, d]
         end = width + 1
-        for (keys, values), (norm_in, norm_out), layers in zip(kv, self.norms, self.projections):
-            q, k, v, o, gate, up, down = ((m.base.weight.detach(), m.base.bias, m.padded_pair(slot) if lora else None)
-                                          for m in layers)
-            query, key, value = self._attention_in(hidden, norm_in, q, k, v, cos, sin)
-            keys[:, :, width] = key
-            values[:, :, width] = value
-            attended = nn.functional.scaled_dot_product_attention(  # in the cache's dtype
-                query.to(keys.dtype), keys[:, :, :end], values[:, :, :end], scale=self.scaling,
-                enable_gqa=self.heads != self.kv_heads)
-            hidden = self._layer_out(attended.view(1, -1).float(), hidden, o, norm_out, gate, up, down)
+        for (keys, values), (norm_in, norm_out), projections in zip(kv, self.norms, arguments):
+            hidden = self._layer(hidden, norm_in, norm_out, *projections, cos, sin, keys[:, :, :end],
+                                 values[:, :, :end])
         return self._logits(hidden, self.norm_weight, self.head.weight.detach())
 
     @torch.no_grad()
     def warm_up(self) -> None:
         """Compile every variant the steps will call, on the first layer's weights: base rows, and adapter rows with
-        pairs of two ranks (the second makes the rank dynamic). The LM head compiles with the first step."""
+        pairs of two ranks (the second makes the rank dynamic), each at two cache widths and capacities (which makes
+        those dynamic). The LM head compiles with the first step."""
         hidden = self.embed.weight[:1].detach().float()
         cos, sin = hidden.new_ones(1, 1, 1, self.head_dim), hidden.new_zeros(1, 1, 1, self.head_dim)
         norm_in, norm_out = self.norms[0]
-        attended = hidden.new_zeros(1, self.heads * self.head_dim)
+        dtype = self.layers[0].self_attn.o_proj.weight.dtype
         for rank in (None, ZERO_RANK, ZERO_RANK + 1):
-            q, k, v, o, gate, up, down = (
+            projections = [
                 (m.base.weight.detach(), m.base.bias, None if rank is None else
                  (hidden.new_zeros(rank, m.in_features), hidden.new_zeros(rank, m.out_features)))
-                for m in self.projections[0])
-            self._attention_in(hidden, norm_in, q, k, v, cos, sin)
-            self._layer_out(attended, hidden, o, norm_out, gate, up, down)
+                for m in self.projections[0]]
+            for end, capacity in ((2, 4), (3, 8)):
+                keys, values = (torch.zeros(1, self.kv_heads, capacity, self.head_dim, dtype=dtype) for _ in "kv")
+                self._layer(hidden, norm_in, norm_out, *projections, cos, sin, keys[:, :, :end], values[:, :, :end])
 
 
 def compiled_graphs() -> int:

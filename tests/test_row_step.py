@@ -12,6 +12,7 @@ from transformers import LlamaForCausalLM
 
 from server.engine import Engine
 from server.lora import LoraContext, wrap_linear_layers
+from server.decode import LeanDecoder
 from server.row_step import RowStep, compiled_graphs, compiled_or_none
 from server.types import AdapterLocation, GenerationParams, GenerationResult
 from tests.helpers import engine_with, peft_reference_greedy
@@ -127,3 +128,40 @@ def test_bfloat16_weights_stream_into_float32_arithmetic(tiny_base):
     assert ours.dtype == torch.float32
     ours_error, bf16_error = (ours - want).abs().max(), (bf16 - want).abs().max()
     assert ours_error < bf16_error / 2, (ours_error, bf16_error)  # measured 1.1e-3 against 3.3e-3
+
+
+def test_a_slot_reinstalled_after_its_stacks_grew_steps_with_its_new_pairs(tiny_base):
+    """The step keeps each slot's arguments (views of the pair stacks) from step to step: a larger rank reallocates
+    the stacks, and the adapter installed into the slot after that must be the one the next step uses."""
+    model = LlamaForCausalLM.from_pretrained(tiny_base).eval()
+    context = LoraContext()
+    layers = wrap_linear_layers(model, context, 3)
+    row_step, lean = RowStep.for_model(model, context), LeanDecoder.for_model(model)
+    config = model.config
+    head_dim = config.hidden_size // config.num_attention_heads
+
+    def install(slot: int, rank: int, seed: int) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        for layer in layers.values():
+            layer.set_slot(slot, torch.randn(rank, layer.in_features, generator=generator),
+                           torch.randn(layer.out_features, rank, generator=generator), 0.5)
+
+    def compiled_and_eager(slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        token, position = torch.tensor([42]), torch.tensor([0])
+        outputs = []
+        for step in (lambda kv: row_step.step(token, position, kv, 0),
+                     lambda kv: lean.step(token, position, torch.ones(1, 1, dtype=torch.long), kv, 0)):
+            kv = [(torch.zeros(1, config.num_key_value_heads, 1, head_dim),
+                   torch.zeros(1, config.num_key_value_heads, 1, head_dim)) for _ in range(config.num_hidden_layers)]
+            with context.rows([slot], "cpu"):
+                outputs.append(step(kv))
+        return outputs[0], outputs[1]
+
+    install(1, 2, seed=0)
+    first, eager_first = compiled_and_eager(1)
+    install(2, 8, seed=1)  # a larger rank: every layer's stacks are reallocated
+    install(1, 2, seed=2)  # slot 1 holds another adapter, in the new stacks
+    ours, eager = compiled_and_eager(1)
+    assert torch.allclose(first, eager_first, atol=1e-5)
+    assert torch.allclose(ours, eager, atol=1e-5)
+    assert not torch.allclose(ours, first, atol=1e-3)  # the new adapter's answer, not the old one's
