@@ -15,6 +15,7 @@ rows and merges behave exactly as in the full forward (tests/test_decode.py, tes
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -24,7 +25,9 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
 from .jobs import GenerateJob
-from .row_step import RowStep
+from .row_step import COMPILE_ERRORS, RowStep
+
+log = logging.getLogger(__name__)
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [rows, kv_heads, capacity, head_dim]
 GROW_COLUMNS = 64  # a full buffer grows by this many columns: one copy per 64 steps instead of one per step
@@ -152,7 +155,7 @@ class LeanDecoder:
         self.kv_heads = config.num_key_value_heads
         self.head_dim = self.layers[0].self_attn.head_dim
         self.scaling = self.layers[0].self_attn.scaling
-        self.row_step: RowStep | None = None  # a single row's step, compiled (server/row_step.py), once warmed up
+        self.row_step: RowStep | None = None  # one or two rows' step, compiled (server/row_step.py), once warmed up
 
     @staticmethod
     def for_model(model: PreTrainedModel) -> LeanDecoder | None:
@@ -172,8 +175,12 @@ class LeanDecoder:
         real token, the new column included), kv buffers with room for width + 1 columns (this step's keys and
         values are written at column `width`) -> logits [rows, vocab]."""
         rows = last.shape[0]
-        if rows == 1 and self.row_step is not None and bool(mask.all()) and self.row_step.applies():
-            return self.row_step.step(last, positions, kv, width)
+        if self.row_step is not None and self.row_step.applies(rows) and (rows > 1 or bool(mask.all())):
+            try:
+                return self.row_step.step(last, positions, mask, kv, width)
+            except COMPILE_ERRORS as exc:  # a variant that cannot compile here: decode eagerly from now on
+                log.warning("the compiled decode step failed, decoding eagerly: %r", exc)
+                self.row_step = None  # the step rewrites the column it may have written: nothing else changed
         hidden = self.embed(last[:, None])  # [rows, 1, hidden]
         cos, sin = self.rotary(hidden, positions[:, None])  # [rows, 1, head_dim]
         cos, sin = cos[:, None], sin[:, None]  # [rows, 1, 1, head_dim]: broadcast over heads

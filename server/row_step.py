@@ -1,23 +1,27 @@
-"""The decode step of a single row of a Llama-like decoder, compiled by inductor, with its matrix-vector products
-written as reductions.
+"""The decode step of one row, or of two rows of one adapter, of a Llama-like decoder, compiled by inductor, with
+its matrix-vector products written as reductions.
 
 Why: one row's step multiplies a vector by every weight of the model, so its speed is how fast the weights stream
 from memory. torch's `F.linear` (MKL's sgemv/sgemm, oneDNN) streams them at less than half the machine's bandwidth
-for a single row; `(weight * x).sum(-1)` compiled by inductor is one vectorized loop over the weight, close to it: on
-the embedded base (float32, one thread, AVX-512 EPYC) a step took 31.5 against 63.9 ms of CPU eager
-(benchmarks/profile_decode.py; benchmarks/linear_floor.py has the kernels alone). Only the summation order differs
-from the eager step (logits within ~5e-5 on the embedded base, greedy tokens equal: tests/test_row_step.py).
+for a single row; `(weight * x).sum(-1)` compiled by inductor is one vectorized loop over the weight, close to it.
+Two rows are two such reductions, which inductor fuses into one loop reading each weight once: about the time of one
+row, where oneDNN's matmul for two rows is slower than for four (from three rows on the packed matmuls win:
+`MAX_ROWS`). On the embedded base (float32, one thread, AVX-512 EPYC): a step took 26.5 against 58.8 ms of CPU
+eager for one row, ~33 against ~63 ms for two (benchmarks/profile_decode.py; benchmarks/linear_floor.py has the
+kernels alone). Only the summation order differs from the eager step (logits within ~5e-5 on the embedded base,
+greedy tokens equal: tests/test_row_step.py).
 
 One graph is a whole decoder layer, and it takes the layer's weights as inputs, so the same compiled graph serves
-every layer: norm, q/k/v, rotary, the new key and value written into the cache (the last column of the cache's view
-it is given: the column index is not a number the graph could specialize on), attention over the view (whose width
-is dynamic), o, norm, MLP; a second graph is the LM head. A call of a compiled graph costs tens of microseconds, so
-one per layer instead of two and an eager attention took the step from 30 to 27 ms (the Python left is a loop over
-30 layers, with each layer's arguments made once per adapter). An adapter's row passes a LoRA pair for every
-projection: the layer's zero-padded stacks (padding and zero pairs add exactly 0), so one graph with a dynamic rank
-serves every adapter; base rows and merged adapters pass none. `warm_up` compiles every variant at start, so no
-request waits for a compile (one that does, e.g. for a rank-1 stack, is not counted as a step's cost: see
-`compiled_graphs`). DoRA slots and padded rows take the eager step.
+every layer: norm, q/k/v, rotary, the new keys and values written into the cache (the last column of the cache's
+view it is given: the column index is not a number the graph could specialize on), attention over the view (whose
+width is dynamic; two rows attend under their padding mask), o, norm, MLP; a second graph is the LM head. A call of
+a compiled graph costs tens of microseconds, so one per layer instead of two and an eager attention took the step
+from 30 to 27 ms (the Python left is a loop over 30 layers, with each layer's arguments made once per adapter). An
+adapter's rows pass a LoRA pair for every projection: the layer's zero-padded stacks (padding and zero pairs add
+exactly 0), so one graph with a dynamic rank serves every adapter; base rows and merged adapters pass none.
+`warm_up` compiles every variant at start, so no request waits for a compile (one that does, e.g. for a rank-1
+stack, is not counted as a step's cost: see `compiled_graphs`; one that fails, e.g. past dynamo's recompile limit,
+leaves the eager step to serve). DoRA slots, mixed adapters and a single row with padding take the eager step.
 
 Arithmetic is float32 whatever the model's dtype: with bfloat16 weights (`dtype=bfloat16`) the step reads half the
 bytes and accumulates in float32 (the attention over the cache runs in the cache's dtype).
@@ -36,14 +40,19 @@ from .slots import BASE_SLOT
 
 log = logging.getLogger(__name__)
 
+MAX_ROWS = 2  # two rows read each weight once in ~the time of one; from three, oneDNN's packed matmuls win
+VARIANTS = 64  # graphs a compiled function may have: 1 or 2 rows x base or adapter x static or dynamic, per engine
+
 Pair = tuple[torch.Tensor, torch.Tensor] | None  # A [r, in], (B * scale)^T [r, out]; None: a base row
 Projection = tuple[torch.Tensor, torch.Tensor | None, Pair]  # weight [out, in], bias, LoRA pair
 
 
 def _matvec(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """x [1, in] -> x @ weight.T [1, out], as a reduction over the weight's rows (in float32, whatever the weight's
-    dtype: a bfloat16 weight is widened as it streams)."""
-    return (weight.float() * x).sum(-1)[None]
+    """x [rows, in] -> x @ weight.T [rows, out], as one reduction over the weight's rows per row, which inductor
+    fuses into one loop reading the weight once for all of them (in float32, whatever the weight's dtype: a
+    bfloat16 weight is widened as it streams)."""
+    weight = weight.float()
+    return torch.stack([(weight * row).sum(-1) for row in x])
 
 
 def _project(x: torch.Tensor, projection: Projection) -> torch.Tensor:
@@ -53,7 +62,7 @@ def _project(x: torch.Tensor, projection: Projection) -> torch.Tensor:
         out = out + bias.float()
     if pair is not None:
         A, Bt = pair
-        out = out + (_matvec(A, x)[0, :, None] * Bt).sum(0)[None]
+        out = out + (_matvec(A, x)[:, :, None] * Bt).sum(1)
     return out
 
 
@@ -67,7 +76,8 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 class RowStep:
-    """One row's decode step (see the module docstring), for the rows `applies` accepts."""
+    """The decode step of one row, or of two rows of one slot (see the module docstring), for the batches `applies`
+    accepts."""
 
     def __init__(self, model: nn.Module, context: LoraContext):
         config = model.config
@@ -92,6 +102,7 @@ class RowStep:
         # a merge writes into the base weights in place, so these views stay the weights the layers use
         self._base = [tuple((m.base.weight.detach(), m.base.bias, None) for m in layer) for layer in self.projections]
         self._adapter: tuple[tuple[int, int], list[tuple[Projection, ...]] | None] = ((-1, -1), None)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, VARIANTS)
         self._layer = torch.compile(self._layer_eager, fullgraph=True)
         self._logits = torch.compile(self._logits_eager, fullgraph=True)
 
@@ -111,16 +122,25 @@ class RowStep:
 
     def _layer_eager(self, hidden: torch.Tensor, norm_in: torch.Tensor, norm_out: torch.Tensor, q: Projection,
                      k: Projection, v: Projection, o: Projection, gate: Projection, up: Projection, down: Projection,
-                     cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """hidden [1, hidden] -> the layer's output [1, hidden]; keys and values [1, kv_heads, width + 1, d] are the
-        cache's valid columns and this step's, whose key and value are written here."""
+                     cos: torch.Tensor, sin: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                     attend: torch.Tensor | None) -> torch.Tensor:
+        """hidden [rows, hidden] -> the layer's output [rows, hidden]; keys and values [rows, kv_heads, width + 1,
+        d] are the cache's valid columns and this step's, whose keys and values are written here; attend [rows, 1, 1,
+        width + 1] (bool) where rows have padding, else None."""
+        rows = hidden.shape[0]
         x = _rms_norm(hidden, norm_in, self.eps)
-        query = _rotate(_project(x, q).view(1, self.heads, 1, self.head_dim), cos, sin)
-        keys[:, :, -1] = _rotate(_project(x, k).view(1, self.kv_heads, self.head_dim), cos[0], sin[0])
-        values[:, :, -1] = _project(x, v).view(1, self.kv_heads, self.head_dim)
-        attended = nn.functional.scaled_dot_product_attention(  # in the cache's dtype
-            query.to(keys.dtype), keys, values, scale=self.scaling, enable_gqa=self.heads != self.kv_heads)
-        hidden = hidden + _project(attended.view(1, -1).float(), o)
+        query = _rotate(_project(x, q).view(rows, self.heads, 1, self.head_dim), cos, sin)
+        keys[:, :, -1] = _rotate(_project(x, k).view(rows, self.kv_heads, 1, self.head_dim), cos, sin)[:, :, 0]
+        values[:, :, -1] = _project(x, v).view(rows, self.kv_heads, self.head_dim)
+        query = query.to(keys.dtype)  # the attention runs in the cache's dtype
+        if attend is None:
+            attended = nn.functional.scaled_dot_product_attention(
+                query, keys, values, scale=self.scaling, enable_gqa=self.heads != self.kv_heads)
+        else:  # the query heads of a KV head attend as a group, as the eager step does (transformers' pack_gqa)
+            grouped = query.reshape(rows, self.kv_heads, self.heads // self.kv_heads, self.head_dim)
+            attended = nn.functional.scaled_dot_product_attention(grouped, keys, values, attn_mask=attend,
+                                                                  scale=self.scaling)
+        hidden = hidden + _project(attended.reshape(rows, -1).float(), o)
         x = _rms_norm(hidden, norm_out, self.eps)
         return hidden + _project(nn.functional.silu(_project(x, gate)) * _project(x, up), down)
 
@@ -140,44 +160,56 @@ class RowStep:
                 for layer in self.projections])
         return self._adapter[1]
 
-    def applies(self) -> bool:
-        """Whether the running row's slot can take this path: no layer holds it as DoRA."""
+    def applies(self, rows: int) -> bool:
+        """Whether the running batch can take this path: one row, or two of one slot, which no layer holds as DoRA.
+        (Three rows or more: the eager step over the packed weights is faster.)"""
         slot = self.context.uniform_slot
-        return self.context.row_slots is None and (slot == BASE_SLOT or self._adapter_arguments(slot) is not None)
+        return rows <= MAX_ROWS and self.context.row_slots is None and (
+            slot == BASE_SLOT or self._adapter_arguments(slot) is not None)
 
     @torch.no_grad()
-    def step(self, last: torch.Tensor, positions: torch.Tensor, kv: list[tuple[torch.Tensor, torch.Tensor]],
-             width: int) -> torch.Tensor:
-        """last [1], positions [1], kv buffers with room for width + 1 columns (this step's column is written at
-        `width`; no padding) -> logits [1, vocab]."""
+    def step(self, last: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
+             kv: list[tuple[torch.Tensor, torch.Tensor]], width: int) -> torch.Tensor:
+        """last [rows], positions [rows], mask [rows, width + 1] (1 = a real token, the new column included), kv
+        buffers with room for width + 1 columns (this step's column is written at `width`) -> logits [rows, vocab].
+        One row has no padding; two rows always pass their mask (one graph for both cases)."""
         slot = self.context.uniform_slot  # a merged adapter's rows are base rows here
         arguments = self._base if slot == BASE_SLOT else self._adapter_arguments(slot)
-        hidden = self.embed(last).float()  # [1, hidden]
-        cos, sin = self.rotary(hidden[:, None], positions[:, None])  # [1, 1, d]
-        cos, sin = cos[:, None], sin[:, None]  # [1, 1, 1, d]
+        hidden = self.embed(last).float()  # [rows, hidden]
+        cos, sin = self.rotary(hidden[:, None], positions[:, None])  # [rows, 1, d]
+        cos, sin = cos[:, None], sin[:, None]  # [rows, 1, 1, d]
+        attend = None if last.shape[0] == 1 else mask.bool()[:, None, None, :]
         end = width + 1
         for (keys, values), (norm_in, norm_out), projections in zip(kv, self.norms, arguments):
             hidden = self._layer(hidden, norm_in, norm_out, *projections, cos, sin, keys[:, :, :end],
-                                 values[:, :, :end])
+                                 values[:, :, :end], attend)
         return self._logits(hidden, self.norm_weight, self.head.weight.detach())
 
     @torch.no_grad()
     def warm_up(self) -> None:
         """Compile every variant the steps will call, on the first layer's weights: base rows, and adapter rows with
         pairs of two ranks (the second makes the rank dynamic), each at two cache widths and capacities (which makes
-        those dynamic). The LM head compiles with the first step."""
-        hidden = self.embed.weight[:1].detach().float()
-        cos, sin = hidden.new_ones(1, 1, 1, self.head_dim), hidden.new_zeros(1, 1, 1, self.head_dim)
+        those dynamic), for one row and for two; and the LM head for one row and for two."""
         norm_in, norm_out = self.norms[0]
         dtype = self.layers[0].self_attn.o_proj.weight.dtype
-        for rank in (None, ZERO_RANK, ZERO_RANK + 1):
-            projections = [
-                (m.base.weight.detach(), m.base.bias, None if rank is None else
-                 (hidden.new_zeros(rank, m.in_features), hidden.new_zeros(rank, m.out_features)))
-                for m in self.projections[0]]
-            for end, capacity in ((2, 4), (3, 8)):
-                keys, values = (torch.zeros(1, self.kv_heads, capacity, self.head_dim, dtype=dtype) for _ in "kv")
-                self._layer(hidden, norm_in, norm_out, *projections, cos, sin, keys[:, :, :end], values[:, :, :end])
+        for rows in range(1, MAX_ROWS + 1):
+            hidden = self.embed.weight[:rows].detach().float()
+            cos, sin = hidden.new_ones(rows, 1, 1, self.head_dim), hidden.new_zeros(rows, 1, 1, self.head_dim)
+            for rank in (None, ZERO_RANK, ZERO_RANK + 1):
+                projections = [
+                    (m.base.weight.detach(), m.base.bias, None if rank is None else
+                     (hidden.new_zeros(rank, m.in_features), hidden.new_zeros(rank, m.out_features)))
+                    for m in self.projections[0]]
+                for end, capacity in ((2, 4), (3, 8)):
+                    keys, values = (torch.zeros(rows, self.kv_heads, capacity, self.head_dim, dtype=dtype)
+                                    for _ in "kv")
+                    attend = None if rows == 1 else torch.ones(rows, 1, 1, end, dtype=torch.bool)
+                    self._layer(hidden, norm_in, norm_out, *projections, cos, sin, keys[:, :, :end],
+                                values[:, :, :end], attend)
+            self._logits(hidden, self.norm_weight, self.head.weight.detach())
+
+
+COMPILE_ERRORS = (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.FailOnRecompileLimitHit)  # inductor's too
 
 
 def compiled_graphs() -> int:

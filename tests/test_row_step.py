@@ -26,14 +26,18 @@ def row_engine(tiny_settings):
     yield from engine_with(tiny_settings, auto_merge=False)
 
 
-def one_row(engine: Engine, slot) -> GenerationResult:
+SHORTER = "A dragon"  # decoding beside PROMPT, it is a row with padding
+
+
+def one_row(engine: Engine, slot, prompts: tuple[str, ...] = (PROMPT,)) -> list[GenerationResult]:
     params = GenerationParams(max_new_tokens=NEW_TOKENS, temperature=0, ignore_eos=True, logprobs=2)
-    [result] = engine.generate([engine.tokenizer(PROMPT)["input_ids"]], slot, params)
-    return result
+    return engine.generate([engine.tokenizer(p)["input_ids"] for p in prompts], slot, params)
 
 
-def compiled_and_eager(engine: Engine, slot) -> tuple[GenerationResult, GenerationResult, int]:
-    """One row decoded by the compiled step, then by the eager one; and how many steps the compiled one took."""
+def compiled_and_eager(engine: Engine, slot, prompts: tuple[str, ...] = (PROMPT,)
+                       ) -> tuple[list[GenerationResult], list[GenerationResult], int]:
+    """Rows decoded together by the compiled step, then by the eager one; and how many steps the compiled one
+    took."""
     lean = engine.runner.lean
     compiled = lean.row_step
     assert compiled is not None  # the tiny Llama gets the compiled step (so every test's single rows run through it)
@@ -47,12 +51,12 @@ def compiled_and_eager(engine: Engine, slot) -> tuple[GenerationResult, Generati
 
     compiled.step = counted  # type: ignore[method-assign]
     try:
-        ours = one_row(engine, slot)
+        ours = one_row(engine, slot, prompts)
     finally:
         compiled.step = original  # type: ignore[method-assign]
     lean.row_step = None
     try:
-        eager = one_row(engine, slot)
+        eager = one_row(engine, slot, prompts)
     finally:
         lean.row_step = compiled
     return ours, eager, steps
@@ -64,7 +68,7 @@ def test_the_compiled_step_equals_the_eager_step_and_peft(row_engine, tiny_setti
     graphs = compiled_graphs()
     slot = engine.acquire(AdapterLocation(adapter, 1, adapter_store / adapter)) if adapter else None
     try:
-        ours, eager, steps = compiled_and_eager(engine, slot)
+        [ours], [eager], steps = compiled_and_eager(engine, slot)
     finally:
         if slot is not None:
             engine.release(slot)
@@ -86,7 +90,7 @@ def test_a_merged_adapter_takes_the_compiled_step_with_the_merged_weights(row_en
     try:
         engine.merge(slot)
         try:
-            ours, eager, steps = compiled_and_eager(engine, slot)
+            [ours], [eager], steps = compiled_and_eager(engine, slot)
         finally:
             engine.unmerge()
     finally:
@@ -96,6 +100,48 @@ def test_a_merged_adapter_takes_the_compiled_step_with_the_merged_weights(row_en
     prompt_ids = engine.tokenizer(PROMPT)["input_ids"]
     assert ours.token_ids == peft_reference_greedy(tiny_settings.base_model, adapter_store / "gen-b", prompt_ids,
                                                    NEW_TOKENS)
+
+
+@pytest.mark.parametrize("adapter", [None, "gen-b"])
+def test_two_rows_of_one_slot_take_the_compiled_step_padding_and_all(row_engine, tiny_settings, adapter_store,
+                                                                      adapter):
+    engine = row_engine
+    graphs = compiled_graphs()
+    slot = engine.acquire(AdapterLocation(adapter, 1, adapter_store / adapter)) if adapter else None
+    try:
+        ours, eager, steps = compiled_and_eager(engine, slot, (PROMPT, SHORTER))
+    finally:
+        if slot is not None:
+            engine.release(slot)
+    assert steps == NEW_TOKENS - 1 and compiled_graphs() == graphs
+    for prompt, row, eager_row in zip((PROMPT, SHORTER), ours, eager):
+        assert row.token_ids == eager_row.token_ids
+        for a, b in zip(row.logprobs, eager_row.logprobs):
+            assert a.logprob == pytest.approx(b.logprob, abs=1e-5)
+        assert row.token_ids == peft_reference_greedy(
+            tiny_settings.base_model, adapter_store / adapter if adapter else None,
+            engine.tokenizer(prompt)["input_ids"], NEW_TOKENS)
+
+
+def test_a_step_that_cannot_compile_falls_back_to_the_eager_step(row_engine, caplog):
+    """E.g. a variant past dynamo's recompile limit: the request is answered, by the eager step from then on."""
+    engine = row_engine
+    lean = engine.runner.lean
+    compiled = lean.row_step
+
+    def refused(*args):  # type: ignore[no-untyped-def]
+        raise torch._dynamo.exc.FailOnRecompileLimitHit("Hard failure due to fullgraph=True")
+
+    compiled.step = refused  # type: ignore[method-assign]
+    try:
+        with caplog.at_level(logging.WARNING, logger="server.decode"):
+            [result] = one_row(engine, None)
+        assert lean.row_step is None and "decoding eagerly" in caplog.text
+    finally:
+        del compiled.step  # the class's method again
+        lean.row_step = compiled
+    [expected] = one_row(engine, None)
+    assert result.token_ids == expected.token_ids
 
 
 def test_where_compiling_fails_the_eager_step_serves(caplog):
@@ -122,7 +168,7 @@ def test_bfloat16_weights_stream_into_float32_arithmetic(tiny_base):
           for _ in range(config.num_hidden_layers)]
     token, position = torch.tensor([42]), torch.tensor([0])
     with torch.no_grad():
-        ours = row_step.step(token, position, kv, 0)
+        ours = row_step.step(token, position, torch.ones(1, 1, dtype=torch.long), kv, 0)
         want = reference(input_ids=token[None]).logits[0]
         bf16 = model(input_ids=token[None]).logits[0].float()
     assert ours.dtype == torch.float32
@@ -149,8 +195,9 @@ def test_a_slot_reinstalled_after_its_stacks_grew_steps_with_its_new_pairs(tiny_
     def compiled_and_eager(slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         token, position = torch.tensor([42]), torch.tensor([0])
         outputs = []
-        for step in (lambda kv: row_step.step(token, position, kv, 0),
-                     lambda kv: lean.step(token, position, torch.ones(1, 1, dtype=torch.long), kv, 0)):
+        mask = torch.ones(1, 1, dtype=torch.long)
+        for step in (lambda kv: row_step.step(token, position, mask, kv, 0),
+                     lambda kv: lean.step(token, position, mask, kv, 0)):
             kv = [(torch.zeros(1, config.num_key_value_heads, 1, head_dim),
                    torch.zeros(1, config.num_key_value_heads, 1, head_dim)) for _ in range(config.num_hidden_layers)]
             with context.rows([slot], "cpu"):
