@@ -304,17 +304,25 @@ def report(args: argparse.Namespace, servers: list[Server], rates: dict, answers
         ratios = [f"{medians[a][name] / medians[b][name]:.2f}x" for a, b in pairs]
         lines.append(f"| {name} | " + " | ".join(cells + ratios) + " |")
     same = {label: {w: answers[label][w] == answers[labels[0]][w] for w in WORKLOADS} for label in labels}
+    # with ignore_eos, llama.cpp bans EOS (it continues with the next most likely token) where loraswap and vLLM
+    # generate through it: past the answer's natural end texts may differ by design; how far they agree before:
+    agree = {label: {w: min(len(os.path.commonprefix([a, b])) / max(len(b), 1)
+                            for a, b in zip(answers[label][w], answers[labels[0]][w])) for w in WORKLOADS}
+             for label in labels}
     length = "answers end at EOS" if args.stop_at_eos else "ignore_eos"
     print(f"\ntokens/s, medians of {args.rounds} interleaved rounds, one thread per server, {args.new_tokens} new "
           f"tokens ({length}), greedy; load average {min(loads):.1f}-{max(loads):.1f} on {os.cpu_count()} cores")
     print("\n".join(lines))
     print("greedy answers equal to", labels[0], json.dumps(same))
+    print(f"how much of {labels[0]}'s answer each begins with (the least over the requests):", json.dumps(
+        {label: {w: round(v, 2) for w, v in by_workload.items()} for label, by_workload in agree.items()}))
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"peers-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.write_text(json.dumps({"rounds": args.rounds, "new_tokens": args.new_tokens,
                                "ignore_eos": not args.stop_at_eos, "cores": os.cpu_count(),
                                "load_average": [min(loads), max(loads)], "tokens_per_s": rates,
-                               "medians": medians, "same_answers_as_first": same, "table": lines}, indent=1))
+                               "medians": medians, "same_answers_as_first": same,
+                               "shared_text_with_first": agree, "table": lines}, indent=1))
     print("wrote", out)
 
 

@@ -1,9 +1,9 @@
 """Where a single-stream decode step's time goes: the embedded base, float32, one torch thread, one request at a
 time with the pubmedqa adapter (auto-merge off, so the LoRA path runs), greedy, 64 new tokens.
 
-Prints tokens/s of whole requests with the compiled single-row step (server/row_step.py; one row only), the eager
-lean decode step (server/decode.py) and transformers' full forward, in alternating rounds, then a cProfile of 32
-decode steps of each on the worker thread, by own time: torch's operators show as built-ins (linear,
+Prints tokens/s of whole requests with the compiled step (server/row_step.py; one row, or two of one adapter), the
+eager lean decode step (server/decode.py) and transformers' full forward, in alternating rounds, then a cProfile of
+32 decode steps of each on the worker thread, by own time: torch's operators show as built-ins (linear,
 scaled_dot_product_attention, cat), the rest is Python overhead.
 
     .venv/bin/python benchmarks/profile_decode.py [--merge] [--rows 1] [--out benchmarks/results/profile.txt]
@@ -50,7 +50,7 @@ def main() -> None:
 
     runner = engine.runner
     lean = runner.lean
-    compiled = lean.row_step  # the compiled single-row step (server/row_step.py), None where it does not apply
+    compiled = lean.row_step  # the compiled step of one or two rows (server/row_step.py), None where it does not apply
     paths = {"compiled": (lean, compiled), "lean": (lean, None), "full": (None, None)}
     rates: dict[str, list[float]] = {name: [] for name in paths}
     step_cpu: dict[str, list[float]] = {name: [] for name in paths}  # the worker thread's CPU time per step

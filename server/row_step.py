@@ -7,7 +7,7 @@ for a single row; `(weight * x).sum(-1)` compiled by inductor is one vectorized 
 Two rows are two such reductions, which inductor fuses into one loop reading each weight once: about the time of one
 row, where oneDNN's matmul for two rows is slower than for four (from three rows on the packed matmuls win:
 `MAX_ROWS`). On the embedded base (float32, one thread, AVX-512 EPYC): a step took 26.5 against 58.8 ms of CPU
-eager for one row, ~33 against ~63 ms for two (benchmarks/profile_decode.py; benchmarks/linear_floor.py has the
+eager for one row, 33.3 against 69.7 ms for two (benchmarks/profile_decode.py; benchmarks/linear_floor.py has the
 kernels alone). Only the summation order differs from the eager step (logits within ~5e-5 on the embedded base,
 greedy tokens equal: tests/test_row_step.py).
 
