@@ -89,6 +89,9 @@ class RowStep:
         self.norm_weight = body.norm.weight.detach()
         self.head = model.get_output_embeddings()
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
+        # a Python bool, not a comparison in the graph: after engines of other shapes in one process dynamo traces
+        # these numbers as symbols, and SDPA takes no symbolic bool
+        self.grouped_queries = self.heads != self.kv_heads
         self.head_dim = self.layers[0].self_attn.head_dim
         self.scaling = self.layers[0].self_attn.scaling
         self.eps = float(self.layers[0].input_layernorm.variance_epsilon)
@@ -135,7 +138,7 @@ class RowStep:
         query = query.to(keys.dtype)  # the attention runs in the cache's dtype
         if attend is None:
             attended = nn.functional.scaled_dot_product_attention(
-                query, keys, values, scale=self.scaling, enable_gqa=self.heads != self.kv_heads)
+                query, keys, values, scale=self.scaling, enable_gqa=self.grouped_queries)
         else:  # the query heads of a KV head attend as a group, as the eager step does (transformers' pack_gqa)
             grouped = query.reshape(rows, self.kv_heads, self.heads // self.kv_heads, self.head_dim)
             attended = nn.functional.scaled_dot_product_attention(grouped, keys, values, attn_mask=attend,

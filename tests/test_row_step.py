@@ -54,6 +54,7 @@ def compiled_and_eager(engine: Engine, slot, prompts: tuple[str, ...] = (PROMPT,
         ours = one_row(engine, slot, prompts)
     finally:
         compiled.step = original  # type: ignore[method-assign]
+    assert lean.row_step is compiled  # no step failed over to the eager one
     lean.row_step = None
     try:
         eager = one_row(engine, slot, prompts)
@@ -174,6 +175,27 @@ def test_bfloat16_weights_stream_into_float32_arithmetic(tiny_base):
     assert ours.dtype == torch.float32
     ours_error, bf16_error = (ours - want).abs().max(), (bf16 - want).abs().max()
     assert ours_error < bf16_error / 2, (ours_error, bf16_error)  # measured 1.1e-3 against 3.3e-3
+
+
+def test_bases_of_different_shapes_in_one_process_each_get_their_step():
+    """The compiled functions are shared by every engine of the process: after shapes change dynamo traces the
+    layer's sizes as symbols (found in CI: the grouped-query flag then was a symbolic bool SDPA refuses)."""
+    from transformers import LlamaConfig
+
+    for heads, kv_heads, hidden in ((4, 2, 64), (4, 4, 64), (8, 2, 64), (4, 2, 64)):
+        config = LlamaConfig(vocab_size=100, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                             num_attention_heads=heads, num_key_value_heads=kv_heads, attn_implementation="sdpa")
+        model = LlamaForCausalLM(config).eval()
+        context = LoraContext()
+        wrap_linear_layers(model, context, 2)
+        row_step, lean = RowStep.for_model(model, context), LeanDecoder.for_model(model)
+        row_step.warm_up()
+        outputs = []
+        for step in (row_step.step, lean.step):
+            kv = [(torch.zeros(1, kv_heads, 1, hidden // heads), torch.zeros(1, kv_heads, 1, hidden // heads))
+                  for _ in range(2)]
+            outputs.append(step(torch.tensor([3]), torch.tensor([0]), torch.ones(1, 1, dtype=torch.long), kv, 0))
+        assert torch.allclose(outputs[0], outputs[1], atol=1e-5), (heads, kv_heads, hidden)
 
 
 def test_a_slot_reinstalled_after_its_stacks_grew_steps_with_its_new_pairs(tiny_base):
