@@ -212,7 +212,8 @@ class RowStep:
             self._logits(hidden, self.norm_weight, self.head.weight.detach())
 
 
-COMPILE_ERRORS = (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.FailOnRecompileLimitHit)  # inductor's too
+# what a compiled step raises where it cannot compile (inductor's InductorError is a TorchDynamoException)
+COMPILE_ERRORS = (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.FailOnRecompileLimitHit)
 
 
 def compiled_graphs() -> int:

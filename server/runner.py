@@ -114,7 +114,7 @@ class ModelRunner:
         self.merging = Merging(layers, merge_policy)  # the adapter folded into the base weights (worker thread only)
         self.continuous = continuous
         self.lean = LeanDecoder.for_model(model)  # the decode step without transformers' machinery; None: full forward
-        self.compile_decode = compile_decode  # a single row's step compiled (server/row_step.py), at calibrate()
+        self.compile_decode = compile_decode  # one or two rows' step compiled (server/row_step.py), at calibrate()
         self.observers: list[BatchObserver] = []
         self.batch_sizes: Counter[int] = Counter()  # rows per forward, for metrics and benchmarks
         self.scheduler = Scheduler(max_batch_rows, max_batch_tokens, continuous, chunkable, context_weight,
@@ -502,7 +502,7 @@ class ModelRunner:
     def calibrate(self) -> None:
         """Time a classification forward of `max_batch_tokens` tokens and (on a decoder) decode steps of one row
         and of a full batch, on the base: the admission gate's estimates until real forwards have been measured.
-        On a decoder the single-row step is compiled first (server/row_step.py)."""
+        On a decoder the step of one or two rows is compiled first (server/row_step.py)."""
         rows = self.max_batch_rows
         width = max(1, self.scheduler.max_tokens // rows)
         ids = torch.full((rows, width), self.pad if self.pad is not None else 0, dtype=torch.long, device=self.device)
