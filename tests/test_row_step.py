@@ -177,6 +177,18 @@ def test_bfloat16_weights_stream_into_float32_arithmetic(tiny_base):
     assert ours_error < bf16_error / 2, (ours_error, bf16_error)  # measured 1.1e-3 against 3.3e-3
 
 
+def first_steps(row_step: RowStep, lean: LeanDecoder, config) -> tuple[torch.Tensor, torch.Tensor]:
+    """One token's logits at position 0 by the compiled step and by the eager one, each on a cache of its own."""
+    head_dim = config.hidden_size // config.num_attention_heads
+    mask = torch.ones(1, 1, dtype=torch.long)
+    outputs = []
+    for step in (row_step.step, lean.step):
+        kv = [(torch.zeros(1, config.num_key_value_heads, 1, head_dim),
+               torch.zeros(1, config.num_key_value_heads, 1, head_dim)) for _ in range(config.num_hidden_layers)]
+        outputs.append(step(torch.tensor([42]), torch.tensor([0]), mask, kv, 0))
+    return outputs[0], outputs[1]
+
+
 def test_bases_of_different_shapes_in_one_process_each_get_their_step():
     """The compiled functions are shared by every engine of the process: after shapes change dynamo traces the
     layer's sizes as symbols (found in CI: the grouped-query flag then was a symbolic bool SDPA refuses)."""
@@ -188,14 +200,10 @@ def test_bases_of_different_shapes_in_one_process_each_get_their_step():
         model = LlamaForCausalLM(config).eval()
         context = LoraContext()
         wrap_linear_layers(model, context, 2)
-        row_step, lean = RowStep.for_model(model, context), LeanDecoder.for_model(model)
+        row_step = RowStep.for_model(model, context)
         row_step.warm_up()
-        outputs = []
-        for step in (row_step.step, lean.step):
-            kv = [(torch.zeros(1, kv_heads, 1, hidden // heads), torch.zeros(1, kv_heads, 1, hidden // heads))
-                  for _ in range(2)]
-            outputs.append(step(torch.tensor([3]), torch.tensor([0]), torch.ones(1, 1, dtype=torch.long), kv, 0))
-        assert torch.allclose(outputs[0], outputs[1], atol=1e-5), (heads, kv_heads, hidden)
+        ours, eager = first_steps(row_step, LeanDecoder.for_model(model), config)
+        assert torch.allclose(ours, eager, atol=1e-5), (heads, kv_heads, hidden)
 
 
 def test_a_slot_reinstalled_after_its_stacks_grew_steps_with_its_new_pairs(tiny_base):
@@ -205,8 +213,6 @@ def test_a_slot_reinstalled_after_its_stacks_grew_steps_with_its_new_pairs(tiny_
     context = LoraContext()
     layers = wrap_linear_layers(model, context, 3)
     row_step, lean = RowStep.for_model(model, context), LeanDecoder.for_model(model)
-    config = model.config
-    head_dim = config.hidden_size // config.num_attention_heads
 
     def install(slot: int, rank: int, seed: int) -> None:
         generator = torch.Generator().manual_seed(seed)
@@ -215,16 +221,8 @@ def test_a_slot_reinstalled_after_its_stacks_grew_steps_with_its_new_pairs(tiny_
                            torch.randn(layer.out_features, rank, generator=generator), 0.5)
 
     def compiled_and_eager(slot: int) -> tuple[torch.Tensor, torch.Tensor]:
-        token, position = torch.tensor([42]), torch.tensor([0])
-        outputs = []
-        mask = torch.ones(1, 1, dtype=torch.long)
-        for step in (lambda kv: row_step.step(token, position, mask, kv, 0),
-                     lambda kv: lean.step(token, position, mask, kv, 0)):
-            kv = [(torch.zeros(1, config.num_key_value_heads, 1, head_dim),
-                   torch.zeros(1, config.num_key_value_heads, 1, head_dim)) for _ in range(config.num_hidden_layers)]
-            with context.rows([slot], "cpu"):
-                outputs.append(step(kv))
-        return outputs[0], outputs[1]
+        with context.rows([slot], "cpu"):
+            return first_steps(row_step, lean, model.config)
 
     install(1, 2, seed=0)
     first, eager_first = compiled_and_eager(1)
