@@ -103,7 +103,7 @@ class RowStep:
         self.norms = [(l.input_layernorm.weight.detach(), l.post_attention_layernorm.weight.detach())
                       for l in self.layers]
         # a merge writes into the base weights in place, so these views stay the weights the layers use
-        self._base = [tuple((m.base.weight.detach(), m.base.bias, None) for m in layer) for layer in self.projections]
+        self._base = self._layer_arguments(lambda m: None)
         self._adapter: tuple[tuple[int, int], list[tuple[Projection, ...]] | None] = ((-1, -1), None)
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, VARIANTS)
         self._layer = torch.compile(self._layer_eager, fullgraph=True)
@@ -158,10 +158,12 @@ class RowStep:
         key = (slot, self.context.layout)
         if self._adapter[0] != key:
             dora = any(m.is_dora(slot) for layer in self.projections for m in layer)
-            self._adapter = (key, None if dora else [
-                tuple((m.base.weight.detach(), m.base.bias, m.padded_pair(slot)) for m in layer)
-                for layer in self.projections])
+            self._adapter = (key, None if dora else self._layer_arguments(lambda m: m.padded_pair(slot)))
         return self._adapter[1]
+
+    def _layer_arguments(self, pair: Callable[[MultiLoraLinear], Pair]) -> list[tuple[Projection, ...]]:
+        """Every layer's projections as the layer graph takes them: weight, bias and `pair(layer)`."""
+        return [tuple((m.base.weight.detach(), m.base.bias, pair(m)) for m in layer) for layer in self.projections]
 
     def applies(self, rows: int) -> bool:
         """Whether the running batch can take this path: one row, or two of one slot, which no layer holds as DoRA.
