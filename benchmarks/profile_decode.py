@@ -1,12 +1,12 @@
 """Where a single-stream decode step's time goes: the embedded base, float32, one torch thread, one request at a
 time with the pubmedqa adapter (auto-merge off, so the LoRA path runs), greedy, 64 new tokens.
 
-Prints tokens/s of whole requests with the compiled step (server/row_step.py; one row, or two of one adapter), the
+Prints tokens/s of whole requests with the compiled step (server/row_step.py; one row or two), the
 eager lean decode step (server/decode.py) and transformers' full forward, in alternating rounds, then a cProfile of
 32 decode steps of each on the worker thread, by own time: torch's operators show as built-ins (linear,
 scaled_dot_product_attention, cat), the rest is Python overhead.
 
-    .venv/bin/python benchmarks/profile_decode.py [--merge] [--rows 1] [--out benchmarks/results/profile.txt]
+    .venv/bin/python benchmarks/profile_decode.py [--merge] [--rows 1] [--mixed] [--out benchmarks/results/profile.txt]
 """
 
 from __future__ import annotations
@@ -18,13 +18,14 @@ import os
 import pstats
 import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
 from server.engine import Engine
 from server.settings import Settings
-from server.types import AdapterLocation, GenerationParams
+from server.types import AdapterLocation, GenerationParams, GenerationResult
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "Does aspirin reduce fever in adults? Answer with the evidence."
@@ -35,6 +36,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1, help="rows decoding together (the same prompt)")
     parser.add_argument("--merge", action="store_true", help="merge the adapter into the base (auto-merge on)")
     parser.add_argument("--base", action="store_true", help="no adapter: the base generates")
+    parser.add_argument("--mixed", action="store_true", help="every other row on the base, each row a request of its "
+                                                             "own: a batch of mixed slots")
     parser.add_argument("--out", type=Path, default=None, help="also write the report here")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -47,6 +50,14 @@ def main() -> None:
     def say(line: str = "") -> None:
         print(line)
         report.write(line + "\n")
+
+    def generate(params: GenerationParams) -> list[GenerationResult]:
+        if not args.mixed:
+            return engine.generate(prompts, slot, params)
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            requests = [pool.submit(engine.generate, [prompt], None if i % 2 else slot, params)
+                        for i, prompt in enumerate(prompts)]
+            return [result for request in requests for result in request.result()]
 
     runner = engine.runner
     lean = runner.lean
@@ -69,16 +80,17 @@ def main() -> None:
 
     for name in paths:  # warm-up: allocations, thread pool, a merge if asked
         use(name)
-        engine.generate(prompts, slot, params)
+        generate(params)
     for round_ in range(6):  # AB BA AB ...: the machine's drift falls on both alike
         for name in list(paths)[:: 1 if round_ % 2 == 0 else -1]:
             use(name)
             runner._step = lambda batch, into=step_cpu[name]: timed(batch, into)  # type: ignore[method-assign]
             started = time.perf_counter()
-            results = engine.generate(prompts, slot, params)
+            results = generate(params)
             rates[name].append(sum(r.tokens for r in results) / (time.perf_counter() - started))
             runner._step = original  # type: ignore[method-assign]
-    say(f"{args.rows} row(s), {'base' if args.base else 'pubmedqa'}, merged={engine.merged_adapter}, float32, "
+    rows = f"{args.rows} row(s), {'base' if args.base else 'pubmedqa'}{', every other on the base' if args.mixed else ''}"
+    say(f"{rows}, merged={engine.merged_adapter}, float32, "
         f"{torch.get_num_threads()} thread, load average {os.getloadavg()[0]:.2f}")
     say("tokens/s of whole requests (64 new tokens, prefill included), 6 alternating rounds; the CPU time of a decode "
         "step (the worker thread's, which other processes' load inflates less than wall time):")
@@ -95,7 +107,7 @@ def main() -> None:
         profiler = cProfile.Profile()
         steps: list[float] = []
         runner._step = lambda batch: _profiled(profiler, original, batch, steps)  # type: ignore[method-assign]
-        engine.generate(prompts, slot, GenerationParams(max_new_tokens=33, temperature=0, ignore_eos=True))
+        generate(GenerationParams(max_new_tokens=33, temperature=0, ignore_eos=True))
         runner._step = original  # type: ignore[method-assign]
         steps.sort()
         stream = io.StringIO()

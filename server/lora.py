@@ -237,21 +237,37 @@ class MultiLoraLinear(nn.Module):
             return out
         return out + torch.bmm(low, self._rows_Bt).view(out.shape).to(out.dtype)
 
+    def rows_pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mixed rows' pairs, each zero-padded to the layer's largest rank (zeros for base rows and where no
+        adapter reached this layer): A [rows, r, in] and (B * scale)^T [rows, r, out], for compiled graphs. They are
+        the buffers the eager forward gathers into, valid until the next change of assignment (context.batch)."""
+        rows = self.context.row_slots.shape[0]
+        if self._A.shape[1] == 0:
+            zero_A, zero_Bt = self._zero_pair
+            return zero_A.expand(rows, -1, -1).contiguous(), zero_Bt.expand(rows, -1, -1).contiguous()
+        self._gather()
+        return self._rows_A, self._rows_Bt
+
     def _gather_rows(self, x: torch.Tensor) -> int:
-        """Gather the mixed rows' pairs into the reused buffers (once per change of assignment); the row count."""
-        ctx = self.context
-        slots = ctx.row_slots
-        rows = slots.shape[0]
+        """Gather the mixed rows' pairs for the input x (once per change of assignment); the row count."""
+        rows = self.context.row_slots.shape[0]
         if x.shape[0] != rows:  # as PEFT's _check_forward_args: a row assignment must match the batch it is for
             raise ValueError(f"the LoRA row assignment has {rows} rows but the input batch has {x.shape[0]}")
+        self._gather()
+        return rows
+
+    def _gather(self) -> None:
+        """Gather the mixed rows' pairs into the reused buffers, once per change of assignment."""
+        ctx = self.context
+        slots = ctx.row_slots
         if self._rows_batch != ctx.batch:
+            rows = slots.shape[0]
             torch.index_select(self._A, 0, slots, out=self._rows_A.resize_(rows, *self._A.shape[1:]))
             torch.index_select(self._Bt, 0, slots, out=self._rows_Bt.resize_(rows, *self._Bt.shape[1:]))
             if self._dora:  # DoRA's g and (1 - g) b per row
                 self._rows_G = self._dora_rows.index_select(0, slots)
                 self._rows_shift = self._dora_shift.index_select(0, slots)
             self._rows_batch = ctx.batch
-        return rows
 
     def _forward_dora(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """A forward with DoRA rows: PEFT adds (g - 1) (W x) + g (B A x) scale to the base output W x + b; here the

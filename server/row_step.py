@@ -1,5 +1,5 @@
-"""The decode step of one row, or of two rows of one adapter, of a Llama-like decoder, compiled by inductor, with
-its matrix-vector products written as reductions.
+"""The decode step of one row or of two rows (of one adapter or of two) of a Llama-like decoder, compiled by
+inductor, with its matrix-vector products written as reductions.
 
 Why: one row's step multiplies a vector by every weight of the model, so its speed is how fast the weights stream
 from memory. torch's `F.linear` (MKL's sgemv/sgemm, oneDNN) streams them at less than half the machine's bandwidth
@@ -18,10 +18,12 @@ width is dynamic; two rows attend under their padding mask), o, norm, MLP; a sec
 a compiled graph costs tens of microseconds, so one per layer instead of two and an eager attention took the step
 from 30 to 27 ms (the Python left is a loop over 30 layers, with each layer's arguments made once per adapter). An
 adapter's rows pass a LoRA pair for every projection: the layer's zero-padded stacks (padding and zero pairs add
-exactly 0), so one graph with a dynamic rank serves every adapter; base rows and merged adapters pass none.
+exactly 0), so one graph with a dynamic rank serves every adapter; base rows and merged adapters pass none. Two rows
+of different slots (two adapters, or an adapter and the base) pass a pair per row, the ones the eager step gathers
+for mixed batches (the base's is zeros): 36.7 against 68.7 ms per step eager on the embedded base.
 `warm_up` compiles every variant at start, so no request waits for a compile (one that does, e.g. for a rank-1
 stack, is not counted as a step's cost: see `compiled_graphs`; one that fails, e.g. past dynamo's recompile limit,
-leaves the eager step to serve). DoRA slots, mixed adapters and a single row with padding take the eager step.
+leaves the eager step to serve). DoRA slots and a single row with padding take the eager step.
 
 Arithmetic is float32 whatever the model's dtype: with bfloat16 weights (`dtype=bfloat16`) the step reads half the
 bytes and accumulates in float32 (the attention over the cache runs in the cache's dtype).
@@ -41,9 +43,10 @@ from .slots import BASE_SLOT
 log = logging.getLogger(__name__)
 
 MAX_ROWS = 2  # two rows read each weight once in ~the time of one; from three, oneDNN's packed matmuls win
-VARIANTS = 64  # graphs a compiled function may have: 1 or 2 rows x base or adapter x static or dynamic, per engine
+VARIANTS = 64  # graphs a compiled function may have: 1 or 2 rows x base, adapter or mixed x static or dynamic, per engine
 
-Pair = tuple[torch.Tensor, torch.Tensor] | None  # A [r, in], (B * scale)^T [r, out]; None: a base row
+# A [r, in], (B * scale)^T [r, out] for rows of one adapter; [rows, r, in], [rows, r, out] for mixed rows; None: base
+Pair = tuple[torch.Tensor, torch.Tensor] | None
 Projection = tuple[torch.Tensor, torch.Tensor | None, Pair]  # weight [out, in], bias, LoRA pair
 
 
@@ -62,7 +65,10 @@ def _project(x: torch.Tensor, projection: Projection) -> torch.Tensor:
         out = out + bias.float()
     if pair is not None:
         A, Bt = pair
-        out = out + (_matvec(A, x)[:, :, None] * Bt).sum(1)
+        if A.dim() == 3:  # each row its own pair (mixed adapters): A [rows, r, in], Bt [rows, r, out]
+            out = out + ((A * x[:, None, :]).sum(-1)[:, :, None] * Bt).sum(1)
+        else:
+            out = out + (_matvec(A, x)[:, :, None] * Bt).sum(1)
     return out
 
 
@@ -76,8 +82,7 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 class RowStep:
-    """The decode step of one row, or of two rows of one slot (see the module docstring), for the batches `applies`
-    accepts."""
+    """The decode step of one row or of two (see the module docstring), for the batches `applies` accepts."""
 
     def __init__(self, model: nn.Module, context: LoraContext):
         config = model.config
@@ -105,6 +110,7 @@ class RowStep:
         # a merge writes into the base weights in place, so these views stay the weights the layers use
         self._base = self._layer_arguments(lambda m: None)
         self._adapter: tuple[tuple[int, int], list[tuple[Projection, ...]] | None] = ((-1, -1), None)
+        self._mixed: tuple[tuple[int, int], list[tuple[Projection, ...]] | None] = ((-1, -1), None)
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, VARIANTS)
         self._layer = torch.compile(self._layer_eager, fullgraph=True)
         self._logits = torch.compile(self._logits_eager, fullgraph=True)
@@ -161,16 +167,32 @@ class RowStep:
             self._adapter = (key, None if dora else self._layer_arguments(lambda m: m.padded_pair(slot)))
         return self._adapter[1]
 
+    def _mixed_arguments(self) -> list[tuple[Projection, ...]] | None:
+        """Every layer's projections with the mixed rows' own pairs (gathered once per assignment of slots to rows
+        and stack layout); None where a layer holds one of the rows' adapters as DoRA."""
+        context = self.context
+        key = (context.batch, context.layout)
+        if self._mixed[0] != key:
+            dora = any(m.is_dora(slot) for layer in self.projections for m in layer for slot in context.active)
+            self._mixed = (key, None if dora else self._layer_arguments(lambda m: m.rows_pairs()))
+        return self._mixed[1]
+
     def _layer_arguments(self, pair: Callable[[MultiLoraLinear], Pair]) -> list[tuple[Projection, ...]]:
         """Every layer's projections as the layer graph takes them: weight, bias and `pair(layer)`."""
         return [tuple((m.base.weight.detach(), m.base.bias, pair(m)) for m in layer) for layer in self.projections]
 
     def applies(self, rows: int) -> bool:
-        """Whether the running batch can take this path: one row, or two of one slot, which no layer holds as DoRA.
-        (Three rows or more: the eager step over the packed weights is faster.)"""
-        slot = self.context.uniform_slot
-        return rows <= MAX_ROWS and self.context.row_slots is None and (
-            slot == BASE_SLOT or self._adapter_arguments(slot) is not None)
+        """Whether the running batch can take this path: one row or two, of slots no layer holds as DoRA. (Three
+        rows or more: the eager step over the packed weights is faster.)"""
+        return rows <= MAX_ROWS and self._arguments() is not None
+
+    def _arguments(self) -> list[tuple[Projection, ...]] | None:
+        """The layer graphs' arguments for the running batch's rows (see `applies`)."""
+        context = self.context
+        if context.row_slots is not None:
+            return self._mixed_arguments()
+        slot = context.uniform_slot  # a merged adapter's rows are base rows here
+        return self._base if slot == BASE_SLOT else self._adapter_arguments(slot)
 
     @torch.no_grad()
     def step(self, last: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor,
@@ -178,8 +200,7 @@ class RowStep:
         """last [rows], positions [rows], mask [rows, width + 1] (1 = a real token, the new column included), kv
         buffers with room for width + 1 columns (this step's column is written at `width`) -> logits [rows, vocab].
         One row has no padding; two rows always pass their mask (one graph for both cases)."""
-        slot = self.context.uniform_slot  # a merged adapter's rows are base rows here
-        arguments = self._base if slot == BASE_SLOT else self._adapter_arguments(slot)
+        arguments = self._arguments()
         hidden = self.embed(last).float()  # [rows, hidden]
         cos, sin = self.rotary(hidden[:, None], positions[:, None])  # [rows, 1, d]
         cos, sin = cos[:, None], sin[:, None]  # [rows, 1, 1, d]
@@ -194,16 +215,20 @@ class RowStep:
     def warm_up(self) -> None:
         """Compile every variant the steps will call, on the first layer's weights: base rows, and adapter rows with
         pairs of two ranks (the second makes the rank dynamic), each at two cache widths and capacities (which makes
-        those dynamic), for one row and for two; and the LM head for one row and for two."""
+        those dynamic), for one row and for two, and two rows of mixed adapters; and the LM head for one row and for
+        two."""
         norm_in, norm_out = self.norms[0]
         dtype = self.layers[0].self_attn.o_proj.weight.dtype
         for rows in range(1, MAX_ROWS + 1):
             hidden = self.embed.weight[:rows].detach().float()
             cos, sin = hidden.new_ones(rows, 1, 1, self.head_dim), hidden.new_zeros(rows, 1, 1, self.head_dim)
-            for rank in (None, ZERO_RANK, ZERO_RANK + 1):
+            # base rows (no pair); rows of one adapter (a pair [r, ...]); two rows of mixed slots (a pair per row)
+            leading = [(), (rows,)] if rows > 1 else [()]
+            variants = [(None, None)] + [(lead, rank) for lead in leading for rank in (ZERO_RANK, ZERO_RANK + 1)]
+            for lead, rank in variants:
                 projections = [
                     (m.base.weight.detach(), m.base.bias, None if rank is None else
-                     (hidden.new_zeros(rank, m.in_features), hidden.new_zeros(rank, m.out_features)))
+                     (hidden.new_zeros(*lead, rank, m.in_features), hidden.new_zeros(*lead, rank, m.out_features)))
                     for m in self.projections[0]]
                 for end, capacity in ((2, 4), (3, 8)):
                     keys, values = (torch.zeros(rows, self.kv_heads, capacity, self.head_dim, dtype=dtype)

@@ -100,7 +100,7 @@ class Settings(BaseSettings):
         True, description="Keep the frozen weights a second time in oneDNN's layout for faster CPU matmuls (float32 "
         "only; costs their memory once more).")
     compile_decode: bool = Field(
-        True, description="Compile the decode step of one row (or two of one adapter) with torch.compile at start "
+        True, description="Compile the decode step of one row or two with torch.compile at start "
         "(Llama-like bases; a few seconds, cached on disk); where that fails the eager step serves.")
     auto_merge: bool = Field(True, description="Merge an adapter into the base while it dominates traffic.")
     merge_window: int = Field(32, ge=1, description="Recent requests the merge policy looks at.")

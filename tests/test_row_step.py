@@ -1,21 +1,24 @@
-"""The compiled single-row decode step (server/row_step.py) computes what the eager lean step does, and what PEFT does:
-base rows, LoRA adapters of different ranks and targets, a merged adapter. DoRA rows keep the eager step; where
-compiling fails the engine decodes eagerly."""
+"""The compiled decode step of one or two rows (server/row_step.py) computes what the eager lean step does, and what
+PEFT does: base rows, LoRA adapters of different ranks and targets, a merged adapter, two rows of one slot or of two.
+DoRA rows keep the eager step; where compiling fails the engine decodes eagerly."""
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import pytest
 import torch
 from transformers import LlamaForCausalLM
 
 from server.engine import Engine
+from server.jobs import GenerateJob
 from server.lora import LoraContext, wrap_linear_layers
 from server.decode import LeanDecoder
 from server.row_step import RowStep, compiled_graphs, compiled_or_none
+from server.slots import BASE_SLOT
 from server.types import AdapterLocation, GenerationParams, GenerationResult
-from tests.helpers import engine_with, peft_reference_greedy
+from tests.helpers import engine_with, generate_together, peft_reference_greedy
 
 PROMPT = "Tell me a long story about a dragon and a knight"
 NEW_TOKENS = 40
@@ -34,10 +37,18 @@ def one_row(engine: Engine, slot, prompts: tuple[str, ...] = (PROMPT,)) -> list[
     return engine.generate([engine.tokenizer(p)["input_ids"] for p in prompts], slot, params)
 
 
-def compiled_and_eager(engine: Engine, slot, prompts: tuple[str, ...] = (PROMPT,)
+def together(engine: Engine, slots: list, prompts: tuple[str, ...]) -> list[GenerationResult]:
+    """One row per (slot, prompt), prefilled in one forward so that they decode as one batch of mixed slots."""
+    params = GenerationParams(max_new_tokens=NEW_TOKENS, temperature=0, ignore_eos=True, logprobs=2)
+    jobs = [GenerateJob([engine.tokenizer(prompt)["input_ids"]], slot.index if slot else BASE_SLOT, params)
+            for prompt, slot in zip(prompts, slots)]
+    return [results[0] for results in generate_together(engine, jobs)]
+
+
+def compiled_and_eager(engine: Engine, run: Callable[[], list[GenerationResult]]
                        ) -> tuple[list[GenerationResult], list[GenerationResult], int]:
-    """Rows decoded together by the compiled step, then by the eager one; and how many steps the compiled one
-    took."""
+    """`run` (rows decoded together) with the compiled step, then with the eager one; and how many steps the compiled
+    one took."""
     lean = engine.runner.lean
     compiled = lean.row_step
     assert compiled is not None  # the tiny Llama gets the compiled step (so every test's single rows run through it)
@@ -51,13 +62,13 @@ def compiled_and_eager(engine: Engine, slot, prompts: tuple[str, ...] = (PROMPT,
 
     compiled.step = counted  # type: ignore[method-assign]
     try:
-        ours = one_row(engine, slot, prompts)
+        ours = run()
     finally:
         compiled.step = original  # type: ignore[method-assign]
     assert lean.row_step is compiled  # no step failed over to the eager one
     lean.row_step = None
     try:
-        eager = one_row(engine, slot, prompts)
+        eager = run()
     finally:
         lean.row_step = compiled
     return ours, eager, steps
@@ -69,7 +80,7 @@ def test_the_compiled_step_equals_the_eager_step_and_peft(row_engine, tiny_setti
     graphs = compiled_graphs()
     slot = engine.acquire(AdapterLocation(adapter, 1, adapter_store / adapter)) if adapter else None
     try:
-        [ours], [eager], steps = compiled_and_eager(engine, slot)
+        [ours], [eager], steps = compiled_and_eager(engine, lambda: one_row(engine, slot))
     finally:
         if slot is not None:
             engine.release(slot)
@@ -91,7 +102,7 @@ def test_a_merged_adapter_takes_the_compiled_step_with_the_merged_weights(row_en
     try:
         engine.merge(slot)
         try:
-            [ours], [eager], steps = compiled_and_eager(engine, slot)
+            [ours], [eager], steps = compiled_and_eager(engine, lambda: one_row(engine, slot))
         finally:
             engine.unmerge()
     finally:
@@ -110,7 +121,7 @@ def test_two_rows_of_one_slot_take_the_compiled_step_padding_and_all(row_engine,
     graphs = compiled_graphs()
     slot = engine.acquire(AdapterLocation(adapter, 1, adapter_store / adapter)) if adapter else None
     try:
-        ours, eager, steps = compiled_and_eager(engine, slot, (PROMPT, SHORTER))
+        ours, eager, steps = compiled_and_eager(engine, lambda: one_row(engine, slot, (PROMPT, SHORTER)))
     finally:
         if slot is not None:
             engine.release(slot)
@@ -122,6 +133,29 @@ def test_two_rows_of_one_slot_take_the_compiled_step_padding_and_all(row_engine,
         assert row.token_ids == peft_reference_greedy(
             tiny_settings.base_model, adapter_store / adapter if adapter else None,
             engine.tokenizer(prompt)["input_ids"], NEW_TOKENS)
+
+
+@pytest.mark.parametrize("adapters", [("gen-a", "gen-b"), ("gen-b", None), (None, "gen-mlp"), ("gen-mlp", "gen-a")])
+def test_two_rows_of_different_slots_take_the_compiled_step(row_engine, tiny_settings, adapter_store, adapters):
+    """Each row its own pair: two adapters of different ranks, an adapter beside the base, one whose pairs reach only
+    the MLP (zero pairs elsewhere)."""
+    engine = row_engine
+    graphs = compiled_graphs()
+    slots = [engine.acquire(AdapterLocation(name, 1, adapter_store / name)) if name else None for name in adapters]
+    try:
+        ours, eager, steps = compiled_and_eager(engine, lambda: together(engine, slots, (PROMPT, SHORTER)))
+    finally:
+        for slot in slots:
+            if slot is not None:
+                engine.release(slot)
+    assert steps == NEW_TOKENS - 1 and compiled_graphs() == graphs
+    for name, prompt, row, eager_row in zip(adapters, (PROMPT, SHORTER), ours, eager):
+        assert row.token_ids == eager_row.token_ids
+        for a, b in zip(row.logprobs, eager_row.logprobs):
+            assert a.logprob == pytest.approx(b.logprob, abs=1e-5)
+        assert row.token_ids == peft_reference_greedy(
+            tiny_settings.base_model, adapter_store / name if name else None, engine.tokenizer(prompt)["input_ids"],
+            NEW_TOKENS)
 
 
 def test_a_step_that_cannot_compile_falls_back_to_the_eager_step(row_engine, caplog):
