@@ -42,7 +42,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     engine = Engine.from_settings(Settings(dtype="float32", num_threads=1, auto_merge=args.merge, merge_window=1))
-    slot = None if args.base else engine.acquire(AdapterLocation("pubmedqa", 1, ROOT / "server" / "shipped_adapters" / "pubmedqa"))
+    pubmedqa = AdapterLocation("pubmedqa", 1, ROOT / "server" / "shipped_adapters" / "pubmedqa")
+    slot = None if args.base else engine.acquire(pubmedqa)
     params = GenerationParams(max_new_tokens=64, temperature=0, ignore_eos=True)
     prompts = [PROMPT] * args.rows
     report = io.StringIO()
@@ -89,7 +90,8 @@ def main() -> None:
             results = generate(params)
             rates[name].append(sum(r.tokens for r in results) / (time.perf_counter() - started))
             runner._step = original  # type: ignore[method-assign]
-    rows = f"{args.rows} row(s), {'base' if args.base else 'pubmedqa'}{', every other on the base' if args.mixed else ''}"
+    mixed = ", every other on the base" if args.mixed else ""
+    rows = f"{args.rows} row(s), {'base' if args.base else 'pubmedqa'}{mixed}"
     say(f"{rows}, merged={engine.merged_adapter}, float32, "
         f"{torch.get_num_threads()} thread, load average {os.getloadavg()[0]:.2f}")
     say("tokens/s of whole requests (64 new tokens, prefill included), 6 alternating rounds; the CPU time of a decode "

@@ -43,7 +43,7 @@ from .slots import BASE_SLOT
 log = logging.getLogger(__name__)
 
 MAX_ROWS = 2  # two rows read each weight once in ~the time of one; from three, oneDNN's packed matmuls win
-VARIANTS = 64  # graphs a compiled function may have: 1 or 2 rows x base, adapter or mixed x static or dynamic, per engine
+VARIANTS = 64  # graphs a compiled function may have: 1 or 2 rows x base, adapter or mixed rows x static or dynamic
 
 # A [r, in], (B * scale)^T [r, out] for rows of one adapter; [rows, r, in], [rows, r, out] for mixed rows; None: base
 Pair = tuple[torch.Tensor, torch.Tensor] | None
