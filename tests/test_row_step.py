@@ -37,11 +37,13 @@ def one_row(engine: Engine, slot, prompts: tuple[str, ...] = (PROMPT,)) -> list[
     return engine.generate([engine.tokenizer(p)["input_ids"] for p in prompts], slot, params)
 
 
-def together(engine: Engine, slots: list, prompts: tuple[str, ...]) -> list[GenerationResult]:
-    """One row per (slot, prompt), prefilled in one forward so that they decode as one batch of mixed slots."""
-    params = GenerationParams(max_new_tokens=NEW_TOKENS, temperature=0, ignore_eos=True, logprobs=2)
-    jobs = [GenerateJob([engine.tokenizer(prompt)["input_ids"]], slot.index if slot else BASE_SLOT, params)
-            for prompt, slot in zip(prompts, slots)]
+def together(engine: Engine, slots: list, prompts: tuple[str, ...], budgets: tuple[int, ...] | None = None
+             ) -> list[GenerationResult]:
+    """One row per (slot, prompt), prefilled in one forward so that they decode as one batch of mixed slots; each
+    row generates its budget of tokens (NEW_TOKENS by default)."""
+    jobs = [GenerateJob([engine.tokenizer(prompt)["input_ids"]], slot.index if slot else BASE_SLOT,
+                        GenerationParams(max_new_tokens=budget, temperature=0, ignore_eos=True, logprobs=2))
+            for prompt, slot, budget in zip(prompts, slots, budgets or (NEW_TOKENS,) * len(prompts))]
     return [results[0] for results in generate_together(engine, jobs)]
 
 
@@ -156,6 +158,24 @@ def test_two_rows_of_different_slots_take_the_compiled_step(row_engine, tiny_set
         assert row.token_ids == peft_reference_greedy(
             tiny_settings.base_model, adapter_store / name if name else None, engine.tokenizer(prompt)["input_ids"],
             NEW_TOKENS)
+
+
+def test_two_mixed_rows_left_by_a_larger_batch_take_the_compiled_step_with_their_own_pairs(row_engine, adapter_store):
+    """Three rows of three slots decode eagerly (which gathers three rows' pairs into the layers' buffers); once the
+    base row is done the two left take the compiled step, whose pairs must be gathered again for those two."""
+    engine = row_engine
+    slots = [engine.acquire(AdapterLocation(name, 1, adapter_store / name)) for name in ("gen-b", "gen-a")] + [None]
+    try:
+        ours, eager, steps = compiled_and_eager(
+            engine, lambda: together(engine, slots, (PROMPT, SHORTER, "A knight"), (NEW_TOKENS, NEW_TOKENS, 8)))
+    finally:
+        for slot in slots[:2]:
+            engine.release(slot)
+    assert steps == NEW_TOKENS - 8  # the steps after the base row's 8th token
+    for row, eager_row in zip(ours, eager):
+        assert row.token_ids == eager_row.token_ids
+        for a, b in zip(row.logprobs, eager_row.logprobs):
+            assert a.logprob == pytest.approx(b.logprob, abs=1e-5)
 
 
 def test_a_step_that_cannot_compile_falls_back_to_the_eager_step(row_engine, caplog):
