@@ -76,6 +76,13 @@ def compiled_and_eager(engine: Engine, run: Callable[[], list[GenerationResult]]
     return ours, eager, steps
 
 
+def assert_as_eager(ours: GenerationResult, eager: GenerationResult) -> None:
+    """A row of the compiled step has the eager step's tokens, and their logprobs within summation-order noise."""
+    assert ours.token_ids == eager.token_ids
+    for a, b in zip(ours.logprobs, eager.logprobs):
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-5)
+
+
 @pytest.mark.parametrize("adapter", [None, "gen-a", "gen-b", "gen-mlp"])
 def test_the_compiled_step_equals_the_eager_step_and_peft(row_engine, tiny_settings, adapter_store, adapter):
     engine = row_engine
@@ -88,9 +95,8 @@ def test_the_compiled_step_equals_the_eager_step_and_peft(row_engine, tiny_setti
             engine.release(slot)
     assert steps == NEW_TOKENS - 1  # the first token comes from the prefill, every other from a compiled step
     assert compiled_graphs() == graphs  # the engine compiled every variant at start: no request waits for one
-    assert ours.token_ids == eager.token_ids
+    assert_as_eager(ours, eager)
     for a, b in zip(ours.logprobs, eager.logprobs):
-        assert a.logprob == pytest.approx(b.logprob, abs=1e-5)
         assert [t for t, _ in a.top] == [t for t, _ in b.top]
     prompt_ids = engine.tokenizer(PROMPT)["input_ids"]
     reference = peft_reference_greedy(tiny_settings.base_model, adapter_store / adapter if adapter else None,
@@ -129,9 +135,7 @@ def test_two_rows_of_one_slot_take_the_compiled_step_padding_and_all(row_engine,
             engine.release(slot)
     assert steps == NEW_TOKENS - 1 and compiled_graphs() == graphs
     for prompt, row, eager_row in zip((PROMPT, SHORTER), ours, eager):
-        assert row.token_ids == eager_row.token_ids
-        for a, b in zip(row.logprobs, eager_row.logprobs):
-            assert a.logprob == pytest.approx(b.logprob, abs=1e-5)
+        assert_as_eager(row, eager_row)
         assert row.token_ids == peft_reference_greedy(
             tiny_settings.base_model, adapter_store / adapter if adapter else None,
             engine.tokenizer(prompt)["input_ids"], NEW_TOKENS)
@@ -152,9 +156,7 @@ def test_two_rows_of_different_slots_take_the_compiled_step(row_engine, tiny_set
                 engine.release(slot)
     assert steps == NEW_TOKENS - 1 and compiled_graphs() == graphs
     for name, prompt, row, eager_row in zip(adapters, (PROMPT, SHORTER), ours, eager):
-        assert row.token_ids == eager_row.token_ids
-        for a, b in zip(row.logprobs, eager_row.logprobs):
-            assert a.logprob == pytest.approx(b.logprob, abs=1e-5)
+        assert_as_eager(row, eager_row)
         assert row.token_ids == peft_reference_greedy(
             tiny_settings.base_model, adapter_store / name if name else None, engine.tokenizer(prompt)["input_ids"],
             NEW_TOKENS)
@@ -173,9 +175,7 @@ def test_two_mixed_rows_left_by_a_larger_batch_take_the_compiled_step_with_their
             engine.release(slot)
     assert steps == NEW_TOKENS - 8  # the steps after the base row's 8th token
     for row, eager_row in zip(ours, eager):
-        assert row.token_ids == eager_row.token_ids
-        for a, b in zip(row.logprobs, eager_row.logprobs):
-            assert a.logprob == pytest.approx(b.logprob, abs=1e-5)
+        assert_as_eager(row, eager_row)
 
 
 def test_a_step_that_cannot_compile_falls_back_to_the_eager_step(row_engine, caplog):
