@@ -67,7 +67,7 @@ def _project(x: torch.Tensor, projection: Projection) -> torch.Tensor:
         A, Bt = pair
         if A.dim() == 3:  # each row its own pair (mixed adapters): A [rows, r, in], Bt [rows, r, out]
             out = out + ((A * x[:, None, :]).sum(-1)[:, :, None] * Bt).sum(1)
-        else:
+        else:  # one pair for every row: _matvec's reductions (the broadcast form above ran slower on one row)
             out = out + (_matvec(A, x)[:, :, None] * Bt).sum(1)
     return out
 
@@ -163,7 +163,7 @@ class RowStep:
         the stacks: an adapter installed into them in place shows through); None where a layer holds it as DoRA."""
         key = (slot, self.context.layout)
         if self._adapter[0] != key:
-            dora = any(m.is_dora(slot) for layer in self.projections for m in layer)
+            dora = self._any_dora({slot})
             self._adapter = (key, None if dora else self._layer_arguments(lambda m: m.padded_pair(slot)))
         return self._adapter[1]
 
@@ -173,9 +173,13 @@ class RowStep:
         context = self.context
         key = (context.batch, context.layout)
         if self._mixed[0] != key:
-            dora = any(m.is_dora(slot) for layer in self.projections for m in layer for slot in context.active)
+            dora = self._any_dora(context.active)
             self._mixed = (key, None if dora else self._layer_arguments(lambda m: m.rows_pairs()))
         return self._mixed[1]
+
+    def _any_dora(self, slots: set[int] | frozenset[int]) -> bool:
+        """Whether a layer holds one of these slots as DoRA (those rows take the eager step)."""
+        return any(m.is_dora(slot) for layer in self.projections for m in layer for slot in slots)
 
     def _layer_arguments(self, pair: Callable[[MultiLoraLinear], Pair]) -> list[tuple[Projection, ...]]:
         """Every layer's projections as the layer graph takes them: weight, bias and `pair(layer)`."""
