@@ -2,7 +2,8 @@
 49152 x 576 LM head) for 1 to 64 rows, by every kernel loraswap could use, one thread, alternating rounds, the
 worker's CPU time per step (other processes' load inflates it less than wall time):
 - float32 `F.linear` (MKL, the weights as stored), the eager path before `packed_weights`;
-- float32 oneDNN on weights packed once in its layout (server/packed.py);
+- float32 oneDNN on weights reordered once into its blocked layout (the path before the panel kernel);
+- float32 panels of 32 outputs, our kernel (server/panels.py), what inference forwards use;
 - float32 reductions `(weight * x).sum(-1)` compiled by inductor (server/row_step.py; single rows), also over
   bfloat16 weights widened to float32 as they stream (the row step with `dtype=bfloat16`);
 - bfloat16 `F.linear`, and int8 weight-only with bf16 activations (`_weight_int8pack_mm`) for one row;
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from server import packed
+from server import panels
 
 SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)] * 30 + [(49152, 576)]
 
@@ -46,7 +47,8 @@ def main() -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     weights = [torch.randn(out, inp) * 0.02 for out, inp in SHAPES]
-    packs = [packed.pack(w) for w in weights]
+    onednn = [torch.ops.mkldnn._reorder_linear_weight(w, 8) for w in weights]
+    packs = [panels.pack(w) for w in weights]
     bf16 = [w.bfloat16() for w in weights]
     int8 = []
     for w in weights:
@@ -59,9 +61,11 @@ def main() -> None:
         x = {n: torch.randn(rows, n) for n in (576, 1536)}
         xb = {n: t.bfloat16() for n, t in x.items()}
         runs[f"{rows:2} rows float32 F.linear"] = lambda x=x: [linear(x[w.shape[1]], w) for w in weights]
+        runs[f"{rows:2} rows float32 oneDNN packed"] = lambda x=x: [
+            torch.ops.mkldnn._linear_pointwise(x[w.shape[1]], p, None, "none", [], "") for w, p in zip(weights, onednn)]
         if packs[0] is not None:
-            runs[f"{rows:2} rows float32 oneDNN packed"] = lambda x=x: [
-                packed.linear(x[w.shape[1]], p, None) for w, p in zip(weights, packs)]
+            runs[f"{rows:2} rows float32 panels"] = lambda x=x: [
+                panels.linear(x[w.shape[1]], p, w.shape[0], None) for w, p in zip(weights, packs)]
         if rows == 1:
             runs[f"{rows:2} rows float32 compiled reductions"] = lambda x=x: reduce_all({n: t[0] for n, t in x.items()})
             runs[f"{rows:2} rows bf16 weights, compiled reductions"] = lambda x=x: reduce_bf16(

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from . import packed
+from . import panels
 from .adapter_format import AdapterWeights, read_adapter
 from .admission import AdmissionGate
 from .base_model import BaseInfo, load_base
@@ -66,13 +66,13 @@ def attention_weight(config, layers: dict[str, MultiLoraLinear]) -> float:
 
 
 def pack_weights(model: PreTrainedModel, layers: dict[str, MultiLoraLinear]) -> None:
-    """Inference matmuls on weights packed in oneDNN's layout (server/packed.py): every wrapped layer and the LM head.
-    Where that path is unavailable (not float32, not a CPU with oneDNN) the layers stay as they are."""
+    """Inference matmuls on weights packed in panels (server/panels.py): every wrapped layer and the LM head. Where
+    that path is unavailable (not float32 on the CPU, no C compiler) the layers stay as they are."""
     for layer in layers.values():
         layer.pack()
     head = model.get_output_embeddings()
-    if isinstance(head, nn.Linear) and (weight := packed.pack(head.weight)) is not None:
-        model.set_output_embeddings(packed.PackedLinear(head, weight))
+    if isinstance(head, nn.Linear) and (weight := panels.pack(head.weight)) is not None:
+        model.set_output_embeddings(panels.PanelLinear(head, weight))
 
 
 class Engine:

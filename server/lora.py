@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from . import packed
+from . import panels
 from .adapter_format import AdapterWeights
 from .slots import BASE_SLOT
 
@@ -82,7 +82,7 @@ class MultiLoraLinear(nn.Module):
         self._rows_A, self._rows_Bt = torch.empty(0, device=device), torch.empty(0, device=device)  # mixed rows' pairs
         self._rows_batch = -1  # the context batch those rows were gathered for
         self._pristine: torch.Tensor | None = None  # the base weight while an adapter is merged into it
-        self._packed: torch.Tensor | None = None  # the (merged) base weight in oneDNN's layout, see pack()
+        self._panels: torch.Tensor | None = None  # the (merged) base weight in panels, see pack()
         self._zero_pair = (torch.zeros(ZERO_RANK, in_features, device=device),  # see padded_pair()
                            torch.zeros(ZERO_RANK, out_features, device=device))
         # DoRA slots: their g = m / ||W + scale * B A|| per output feature [out] (float32), and those factors
@@ -179,14 +179,14 @@ class MultiLoraLinear(nn.Module):
         return slot in self._dora
 
     def pack(self) -> None:
-        """Keep the base weight also in oneDNN's layout (server/packed.py): inference forwards (no autograd) then
-        multiply with it; a merge packs it again. Where that path is unavailable nothing changes."""
+        """Keep the base weight also in panels (server/panels.py): inference forwards (no autograd) then multiply
+        with them; a merge packs it again. Where that path is unavailable nothing changes."""
         weight = self.base.weight.detach()
-        self._packed = packed.pack(weight.t() if self.fan_in_fan_out else weight)
+        self._panels = panels.pack(weight.t() if self.fan_in_fan_out else weight)
 
     def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._packed is not None and not torch.is_grad_enabled():
-            return packed.linear(x, self._packed, self.base.bias)
+        if self._panels is not None and not torch.is_grad_enabled():
+            return panels.linear(x, self._panels, self.out_features, self.base.bias)
         return self.base(x)
 
     def merge(self, slot: int) -> None:
@@ -202,7 +202,7 @@ class MultiLoraLinear(nn.Module):
             factor = self._dora[slot]
             merged *= factor[None, :] if self.fan_in_fan_out else factor[:, None]
         weight.data.copy_(merged.to(weight.dtype))
-        if self._packed is not None:
+        if self._panels is not None:
             self.pack()
 
     def unmerge(self) -> None:
@@ -210,7 +210,7 @@ class MultiLoraLinear(nn.Module):
         if self._pristine is not None:
             self.base.weight.data.copy_(self._pristine)
             self._pristine = None
-            if self._packed is not None:
+            if self._panels is not None:
                 self.pack()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

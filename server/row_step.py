@@ -5,8 +5,8 @@ Why: one row's step multiplies a vector by every weight of the model, so its spe
 from memory. torch's `F.linear` (MKL's sgemv/sgemm, oneDNN) streams them at less than half the machine's bandwidth
 for a single row; `(weight * x).sum(-1)` compiled by inductor is one vectorized loop over the weight, close to it.
 Two rows are two such reductions, which inductor fuses into one loop reading each weight once: about the time of one
-row, where oneDNN's matmul for two rows is slower than for four (from three rows on the packed matmuls win:
-`MAX_ROWS`). On the embedded base (float32, one thread, AVX-512 EPYC): a step took 26.5 against 58.8 ms of CPU
+row (from three rows on, the eager step's panel kernel, server/panels.py, wins: `MAX_ROWS`; for two rows the
+compiled step still took 37.8 against 43.3 ms of CPU, 41.8 against 49.1 for two rows of different slots). On the embedded base (float32, one thread, AVX-512 EPYC): a step took 26.5 against 58.8 ms of CPU
 eager for one row, 33.3 against 69.7 ms for two (benchmarks/profile_decode.py; benchmarks/linear_floor.py has the
 kernels alone). Only the summation order differs from the eager step (logits within ~5e-5 on the embedded base,
 greedy tokens equal: tests/test_row_step.py).
@@ -42,7 +42,7 @@ from .slots import BASE_SLOT
 
 log = logging.getLogger(__name__)
 
-MAX_ROWS = 2  # two rows read each weight once in ~the time of one; from three, oneDNN's packed matmuls win
+MAX_ROWS = 2  # two rows read each weight once in ~the time of one; from three, the eager panel kernel wins
 VARIANTS = 64  # graphs a compiled function may have: 1 or 2 rows x base, adapter or mixed rows x static or dynamic
 
 # A [r, in], (B * scale)^T [r, out] for rows of one adapter; [rows, r, in], [rows, r, out] for mixed rows; None: base
@@ -187,7 +187,7 @@ class RowStep:
 
     def applies(self, rows: int) -> bool:
         """Whether the running batch can take this path: one row or two, of slots no layer holds as DoRA. (Three
-        rows or more: the eager step over the packed weights is faster.)"""
+        rows or more: the eager step over the weights' panels is faster.)"""
         return rows <= MAX_ROWS and self._arguments() is not None
 
     def _arguments(self) -> list[tuple[Projection, ...]] | None:

@@ -97,8 +97,8 @@ class Settings(BaseSettings):
         30.0, ge=0, description="On SIGTERM, how long requests in flight may take to finish before the server exits."
     )
     packed_weights: bool = Field(
-        True, description="Keep the frozen weights a second time in oneDNN's layout for faster CPU matmuls (float32 "
-        "only; costs their memory once more).")
+        True, description="Keep the frozen weights a second time in panels for our CPU matmul kernel (server/panels.py; "
+        "float32 only, needs a C compiler; costs their memory once more).")
     compile_decode: bool = Field(
         True, description="Compile the decode step of one row or two with torch.compile at start "
         "(Llama-like bases; a few seconds, cached on disk); where that fails the eager step serves.")

@@ -42,7 +42,7 @@ def test_converted_cache_gives_the_gguf_logits(real_engine):
     for name, tensor in gguf_model.named_parameters():  # the wrapped layers keep the Linear as `.base`
         converted = ours.get(name, ours.get(name.replace(".weight", ".base.weight")))
         assert converted is not None and torch.equal(tensor, converted), name
-    with torch.no_grad():  # the forward multiplies with oneDNN's packed weights: summation order differs
+    with torch.no_grad():  # the forward multiplies with the panel kernel: summation order differs
         reference = gguf_model(ids).logits
         logits = real_engine.model(ids).logits
     assert torch.allclose(reference, logits, atol=1e-3), (reference - logits).abs().max()
