@@ -14,7 +14,10 @@ parallel slots, continuous batching; with --bf16 both also with bfloat16 weights
 the F32 one) and runs, in rounds whose server order rotates, the workloads on `/v1/completions` (the prompt rendered
 by the base's chat template, greedy, exactly 64 new tokens: `ignore_eos`, which all three servers take, so every
 server generates the same count of tokens whatever its answers; `--stop-at-eos` lets answers end at EOS instead, which
-makes the workloads about half prefill):
+makes the workloads about half prefill). Every workload of every round asks 8 PubMedQA questions of its own (dev,
+then train), the same for every server, so that no server answers a repeated prompt from its prompt cache
+(llama.cpp's slots keep their last prompt: when every round asked the same 8, it took 1 or 2 of the 8 whole from
+there):
 - single: 4 requests one after another, adapter pubmedqa;
 - 4 adapters: 8 concurrent requests, 2 per adapter;
 - 1 adapter: 8 concurrent requests, pubmedqa;
@@ -199,17 +202,20 @@ def start_servers(args: argparse.Namespace, files: dict[str, Path], log: Path) -
 
 
 def prompts(count: int) -> list[str]:
-    """PubMedQA dev questions in the pubmedqa adapter's prompt template, rendered by the base's chat template."""
+    """PubMedQA questions (dev, then train) in the pubmedqa adapter's prompt template, rendered by the base's chat
+    template."""
     from transformers import AutoTokenizer
 
     from server.base_model import embedded_gguf_path
 
     gguf = embedded_gguf_path()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    lines = (ROOT.parent / "shared/data/pubmedqa/dev.jsonl").read_text().split("\n")  # not splitlines: U+2028 in rows
-    rows = [json.loads(line) for line in lines if line]
-    if not rows:
-        raise SystemExit("no PubMedQA dev rows")
+    rows = []
+    for split in ("dev", "train"):
+        lines = (ROOT.parent / f"shared/data/pubmedqa/{split}.jsonl").read_text().split("\n")  # not splitlines: U+2028
+        rows += [json.loads(line) for line in lines if line]
+    if len(rows) < count:
+        raise SystemExit(f"{count} prompts asked, PubMedQA has {len(rows)} questions")
     texts = []
     for row in rows[:count]:
         user = (f"Question: {row['question']}\nResults: {row['context'][-600:]}\n\n"
@@ -265,19 +271,22 @@ def main() -> None:
         parser.error("--llama-server and --llama-cpp go together (the server, and the converter of its adapters)")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # the servers are stopped on the way out
     files = prepare(args.work, args.llama_cpp, args.bf16)
-    texts = prompts(8)
+    # 8 prompts of its own for the warm-up and for each workload of each round (see the module docstring)
+    texts = iter(prompts(8 * (1 + args.rounds * len(WORKLOADS))))
+    warm_up = [next(texts) for _ in range(8)]
+    asked = [{name: [next(texts) for _ in range(8)] for name in WORKLOADS} for _ in range(args.rounds)]
     servers = start_servers(args, files, args.work / "servers.log")
     rates: dict[str, dict[str, list[float]]] = {s.label: {w: [] for w in WORKLOADS} for s in servers}
     loads: list[float] = []
     answers: dict[str, dict[str, list[str]]] = {s.label: {} for s in servers}
     try:
         for server in servers:  # warm-up, untimed: first-call costs, adapter loads
-            run_workload(server, texts, [ADAPTERS[i % 4] for i in range(4)], 4, 8)
+            run_workload(server, warm_up, [ADAPTERS[i % 4] for i in range(4)], 4, 8)
         for round_ in range(args.rounds):
             order = servers[round_ % len(servers):] + servers[: round_ % len(servers)]
             for name, (adapters, concurrent) in WORKLOADS.items():
                 for server in order:
-                    rate, texts_out = run_workload(server, texts, adapters, concurrent, args.new_tokens,
+                    rate, texts_out = run_workload(server, asked[round_][name], adapters, concurrent, args.new_tokens,
                                                    not args.stop_at_eos)
                     rates[server.label][name].append(rate)
                     answers[server.label][name] = texts_out

@@ -1,18 +1,20 @@
-"""Frozen weights kept a second time in panels of 32 outputs, multiplied by our own CPU kernel (server/panels.c).
+"""Frozen weights kept a second time in panels of outputs, multiplied by our own CPU kernel (server/panels.c).
 
 For the few rows of a decode step, oneDNN's and MKL's matmuls read the weights far below memory bandwidth: over the
-embedded base's 211 projections (float32, one thread, AVX-512 EPYC) oneDNN on weights packed in its own layout took
-52 ms for 8 rows, 45 for 4, 60 for 2; the panel kernel, which streams every weight once and multiplies it with up
-to 12 rows held in registers, 29, 27 and 26 (reading the weights once takes ~24). For a prefill's 256 rows it runs
-at the core's float32 peak too (721 against 749 ms). benchmarks/linear_floor.py measures them side by side.
+embedded base's 211 projections (float32, one thread, a 2-core AVX-512 EPYC) oneDNN on weights packed in its own
+layout took 52 ms for 8 rows, 45 for 4, 60 for 2; the panel kernel, which streams every weight once and multiplies it
+with up to 12 rows held in registers, 29, 27 and 26 (reading the weights once takes ~24). For a prefill's 256 rows it
+is as fast as oneDNN (721 against 749 ms). benchmarks/linear_floor.py measures them side by side.
 
 Each output sums its products in input order, whatever the number of rows, so a row's result does not depend on its
 batch mates; it differs from MKL's and oneDNN's by summation order only (~1e-6 relative).
 
 The kernel is C built once per machine with the C compiler that torch.compile uses too (`cc`, or $CC;
-`-march=native`, OpenMP from the runtime torch has loaded), cached under the temporary directory. Where it cannot be
-built, or the weight is not float32 on the CPU, `pack` returns None and callers use `F.linear`. The panels cost the
-weight's size again in memory; training and merges keep using the plain weight (a merge packs it again).
+`-march=native`, OpenMP from the runtime torch has loaded), cached under the temporary directory. It serves x86 CPUs
+with AVX2 (16-output panels, 6 rows a pass; built so on the same EPYC, against oneDNN limited to AVX2: 65 against
+83 ms for 8 rows, 848 against 861 for 256) or AVX-512. Where it cannot be built or does not apply (another CPU, a
+weight not float32 on the CPU), `pack` returns None and callers use `F.linear`. The panels cost the weight's size
+again in memory; training and merges keep using the plain weight (a merge packs it again).
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ import platform
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -35,9 +36,8 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-WIDTH = 32  # outputs per panel (server/panels.c: PANEL)
 SOURCE = Path(__file__).with_name("panels.c")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
+FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
 
 
 def _machine() -> str:
@@ -50,53 +50,65 @@ def _machine() -> str:
 
 
 @functools.cache
-def _kernel() -> Callable[..., None] | None:
-    """panel_linear from the library built for this machine (built on first use), or None where it cannot be."""
+def _kernel() -> ctypes.CDLL | None:
+    """The library built for this machine (built on first use), or None where it cannot be."""
+    return build("native")
+
+
+def build(march: str) -> ctypes.CDLL | None:
+    """The library built for `-march=<march>` (cached), or None where it cannot be built or is not to be used."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         log.warning("no C compiler (cc, gcc or $CC): inference matmuls use F.linear (slower for decode steps)")
         return None
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, *FLAGS, _machine()]).encode()).hexdigest()[:16]
+    flags = [*FLAGS, f"-march={march}"]
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, *flags, _machine()]).encode()).hexdigest()[:16]
     folder = Path(tempfile.gettempdir()) / f"loraswap-kernels-{getpass.getuser()}"
     library = folder / f"panels-{key}.so"
     try:
         if not library.exists():
             folder.mkdir(parents=True, exist_ok=True)
             partial = folder / f".panels-{key}-{os.getpid()}.so"
-            subprocess.run([compiler, *FLAGS, "-o", str(partial), str(SOURCE)], check=True, capture_output=True,
+            subprocess.run([compiler, *flags, "-o", str(partial), str(SOURCE)], check=True, capture_output=True,
                            text=True, timeout=120)
             os.replace(partial, library)  # whole or absent: another process may be building the same
-        function = ctypes.CDLL(str(library)).panel_linear
+        kernel = ctypes.CDLL(str(library))
     except (OSError, subprocess.SubprocessError) as exc:
         detail = getattr(exc, "stderr", None) or exc
         log.warning("the panel kernel did not build (%s): inference matmuls use F.linear", detail)
         return None
-    function.restype = None
-    function.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_long, ctypes.c_long,
-                         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
-    return function
+    kernel.panel_width.restype = ctypes.c_long
+    if kernel.panel_width() == 0:
+        log.info("no AVX for -march=%s: inference matmuls use F.linear, not the panel kernel", march)
+        return None
+    kernel.panel_linear.restype = None
+    kernel.panel_linear.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_long, ctypes.c_long,
+                                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    return kernel
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor | None:
-    """`weight` [out, in] as panels [ceil(out / 32), in, 32] (the last zero-padded), or None where the kernel does
-    not apply."""
-    if weight.device.type != "cpu" or weight.dtype != torch.float32 or _kernel() is None:
+    """`weight` [out, in] as panels [ceil(out / width), in, width] (the last zero-padded; the width is the kernel's:
+    32 outputs with AVX-512), or None where the kernel does not apply."""
+    if weight.device.type != "cpu" or weight.dtype != torch.float32 or (kernel := _kernel()) is None:
         return None
+    width = kernel.panel_width()
     out, features = weight.shape
-    padded = weight.detach().new_zeros(-(-out // WIDTH) * WIDTH, features)
+    padded = weight.detach().new_zeros(-(-out // width) * width, features)
     padded[:out] = weight.detach()
-    return padded.t().reshape(features, -1, WIDTH).transpose(0, 1).contiguous()
+    return padded.t().reshape(features, -1, width).transpose(0, 1).contiguous()
 
 
 def linear(x: torch.Tensor, panels: torch.Tensor, out: int, bias: torch.Tensor | None) -> torch.Tensor:
     """x [..., in] @ weight.T + bias with the weight's panels (no autograd: inference only)."""
     rows = x.reshape(-1, x.shape[-1]).contiguous()
-    if rows.dtype != torch.float32 or panels.shape[1] != rows.shape[1]:
-        raise ValueError(f"panel matmul: {rows.dtype} rows of {rows.shape[1]} features, panels of {panels.shape[1]}")
+    if rows.dtype != torch.float32 or panels.shape[1] != rows.shape[1] or panels.shape[0] * panels.shape[2] < out:
+        raise ValueError(f"panel matmul: {rows.dtype} rows of {rows.shape[1]} features into {out} outputs, panels "
+                         f"{tuple(panels.shape)}")
     bias = None if bias is None else bias.contiguous()  # held until the call returns
     y = torch.empty(rows.shape[0], out, dtype=torch.float32)
-    _kernel()(rows.data_ptr(), rows.shape[0], panels.data_ptr(), out, rows.shape[1],
-              None if bias is None else bias.data_ptr(), y.data_ptr(), torch.get_num_threads())
+    _kernel().panel_linear(rows.data_ptr(), rows.shape[0], panels.data_ptr(), out, rows.shape[1],
+                           None if bias is None else bias.data_ptr(), y.data_ptr(), torch.get_num_threads())
     return y.view(*x.shape[:-1], out)
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import platform
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -19,8 +22,20 @@ def test_the_kernel_builds_here():
     assert panels.pack(torch.zeros(32, 8)) is not None
 
 
+@pytest.fixture(params=["native", "x86-64-v3"])
+def kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel built for this CPU, and for AVX2 only (16-output panels, 6 rows a pass) where this CPU runs it."""
+    if request.param != "native":
+        if platform.machine() not in ("x86_64", "AMD64") or "avx2" not in Path("/proc/cpuinfo").read_text():
+            pytest.skip("not an x86 CPU with AVX2")
+        built = panels.build(request.param)
+        assert built is not None and built.panel_width() == 16
+        monkeypatch.setattr(panels, "_kernel", lambda: built)
+
+
+@pytest.mark.usefixtures("kernel")
 @pytest.mark.parametrize("out,features", [(1, 1), (31, 7), (32, 64), (33, 64), (100, 576), (192, 1536)])
-@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 11, 12, 13, 25, 40])
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 6, 7, 8, 11, 12, 13, 25, 40])
 def test_matches_f_linear(out: int, features: int, rows: int):
     weight, bias = weight_and_bias(out, features)
     x = torch.randn(rows, features, generator=torch.Generator().manual_seed(1))
@@ -31,6 +46,7 @@ def test_matches_f_linear(out: int, features: int, rows: int):
         torch.testing.assert_close(got, torch.nn.functional.linear(x, weight, b), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.usefixtures("kernel")
 def test_shapes_strides_and_threads():
     weight, bias = weight_and_bias(70, 48)
     packed = panels.pack(weight)
@@ -48,6 +64,7 @@ def test_shapes_strides_and_threads():
     assert torch.equal(one, two)  # threads share out whole panels: the same sums
 
 
+@pytest.mark.usefixtures("kernel")
 def test_a_row_does_not_depend_on_its_batch_mates():
     """Each output sums in input order whatever the rows: a row alone and inside any batch gives the same bits."""
     weight, bias = weight_and_bias(96, 576)
@@ -64,6 +81,8 @@ def test_where_it_does_not_apply(monkeypatch: pytest.MonkeyPatch):
     assert panels.pack(torch.zeros(32, 8)) is None
     with pytest.raises(ValueError, match="features"):
         panels.linear(torch.zeros(2, 9), torch.zeros(1, 8, 32), 32, None)
+    with pytest.raises(ValueError, match="33 outputs"):  # more outputs than the panels hold: never read past them
+        panels.linear(torch.zeros(2, 8), torch.zeros(1, 8, 32), 33, None)
 
 
 def test_inference_layers_use_the_panels(engine):
