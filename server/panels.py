@@ -10,7 +10,7 @@ Each output sums its products in input order, whatever the number of rows, so a 
 batch mates; it differs from MKL's and oneDNN's by summation order only (~1e-6 relative).
 
 The kernel is C built once per machine with the C compiler that torch.compile uses too (`cc`, or $CC;
-`-march=native`, OpenMP from the runtime torch has loaded), cached under the temporary directory. It serves x86 CPUs
+`-march=native`, OpenMP from the runtime torch has loaded), cached in ~/.cache/loraswap/kernels. It serves x86 CPUs
 with AVX2 (16-output panels, 6 rows a pass; built so on the same EPYC, against oneDNN limited to AVX2: 65 against
 83 ms for 8 rows, 848 against 861 for 256) or AVX-512. Where it cannot be built or does not apply (another CPU, a
 weight not float32 on the CPU), `pack` returns None and callers use `F.linear`. The panels cost the weight's size
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import getpass
 import hashlib
 import logging
 import os
@@ -49,6 +48,17 @@ def _machine() -> str:
     return "\n".join(sorted({line for line in lines if line.startswith(("model name", "flags", "Features"))}))
 
 
+def _cache_folder() -> Path:
+    """Where built libraries are kept: the user's own cache folder (a shared temporary folder would let another user
+    put a library there first), else a fresh private temporary one."""
+    folder = Path.home() / ".cache" / "loraswap" / "kernels"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+    except OSError:
+        return Path(tempfile.mkdtemp(prefix="loraswap-kernels-"))
+
+
 @functools.cache
 def _kernel() -> ctypes.CDLL | None:
     """The library built for this machine (built on first use), or None where it cannot be."""
@@ -63,11 +73,10 @@ def build(march: str) -> ctypes.CDLL | None:
         return None
     flags = [*FLAGS, f"-march={march}"]
     key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, *flags, _machine()]).encode()).hexdigest()[:16]
-    folder = Path(tempfile.gettempdir()) / f"loraswap-kernels-{getpass.getuser()}"
-    library = folder / f"panels-{key}.so"
     try:
+        folder = _cache_folder()
+        library = folder / f"panels-{key}.so"
         if not library.exists():
-            folder.mkdir(parents=True, exist_ok=True)
             partial = folder / f".panels-{key}-{os.getpid()}.so"
             subprocess.run([compiler, *flags, "-o", str(partial), str(SOURCE)], check=True, capture_output=True,
                            text=True, timeout=120)
