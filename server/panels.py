@@ -111,10 +111,13 @@ def pack(weight: torch.Tensor) -> torch.Tensor | None:
 def linear(x: torch.Tensor, panels: torch.Tensor, out: int, bias: torch.Tensor | None) -> torch.Tensor:
     """x [..., in] @ weight.T + bias with the weight's panels (no autograd: inference only)."""
     rows = x.reshape(-1, x.shape[-1]).contiguous()
-    if rows.dtype != torch.float32 or panels.shape[1] != rows.shape[1] or panels.shape[0] * panels.shape[2] < out:
-        raise ValueError(f"panel matmul: {rows.dtype} rows of {rows.shape[1]} features into {out} outputs, panels "
-                         f"{tuple(panels.shape)}")
     bias = None if bias is None else bias.contiguous()  # held until the call returns
+    # the kernel reads and writes raw memory: every size it relies on is checked here
+    if (rows.dtype != torch.float32 or rows.device.type != "cpu" or panels.shape[1] != rows.shape[1]
+            or panels.shape[0] * panels.shape[2] < out or not panels.is_contiguous()
+            or (bias is not None and (bias.dtype != torch.float32 or bias.numel() != out))):
+        raise ValueError(f"panel matmul: {rows.dtype} {rows.device.type} rows of {rows.shape[1]} features into {out} "
+                         f"outputs, panels {tuple(panels.shape)}, bias {None if bias is None else tuple(bias.shape)}")
     y = torch.empty(rows.shape[0], out, dtype=torch.float32)
     _kernel().panel_linear(rows.data_ptr(), rows.shape[0], panels.data_ptr(), out, rows.shape[1],
                            None if bias is None else bias.data_ptr(), y.data_ptr(), torch.get_num_threads())

@@ -83,6 +83,8 @@ def test_where_it_does_not_apply(monkeypatch: pytest.MonkeyPatch):
         panels.linear(torch.zeros(2, 9), torch.zeros(1, 8, 32), 32, None)
     with pytest.raises(ValueError, match="33 outputs"):  # more outputs than the panels hold: never read past them
         panels.linear(torch.zeros(2, 8), torch.zeros(1, 8, 32), 33, None)
+    with pytest.raises(ValueError, match="bias"):
+        panels.linear(torch.zeros(2, 8), torch.zeros(1, 8, 32), 32, torch.zeros(31))
 
 
 def test_inference_layers_use_the_panels(engine):
