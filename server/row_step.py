@@ -5,10 +5,11 @@ Why: one row's step multiplies a vector by every weight of the model, so its spe
 from memory. torch's `F.linear` (MKL's sgemv/sgemm, oneDNN) streams them at less than half the machine's bandwidth
 for a single row; `(weight * x).sum(-1)` compiled by inductor is one vectorized loop over the weight, close to it.
 Two rows are two such reductions, which inductor fuses into one loop reading each weight once: about the time of one
-row (from three rows on, the eager step's panel kernel, server/panels.py, wins: `MAX_ROWS`; for two rows the
-compiled step still took 37.8 against 43.3 ms of CPU, 41.8 against 49.1 for two rows of different slots). On the embedded base (float32, one thread, AVX-512 EPYC): a step took 26.5 against 58.8 ms of CPU
-eager for one row, 33.3 against 69.7 ms for two (benchmarks/profile_decode.py; benchmarks/linear_floor.py has the
-kernels alone). Only the summation order differs from the eager step (logits within ~5e-5 on the embedded base,
+row. On the embedded base (float32, one thread, AVX-512 EPYC), against the eager step on the panel kernel
+(server/panels.py), which reads the weights once too but runs the layer's other operators one by one: 36.5 against
+50.6 ms of CPU for one row, 37.8 against 43.3 for two, 41.8 against 49.1 for two rows of different slots
+(benchmarks/profile_decode.py; benchmarks/linear_floor.py has the kernels alone). From three rows on the eager step
+wins (`MAX_ROWS`). Only the summation order differs from the eager step (logits within ~5e-5 on the embedded base,
 greedy tokens equal: tests/test_row_step.py).
 
 One graph is a whole decoder layer, and it takes the layer's weights as inputs, so the same compiled graph serves
