@@ -24,6 +24,7 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
+from .fused import FusedLayers
 from .jobs import GenerateJob
 from .row_step import COMPILE_ERRORS, RowStep
 
@@ -156,6 +157,7 @@ class LeanDecoder:
         self.head_dim = self.layers[0].self_attn.head_dim
         self.scaling = self.layers[0].self_attn.scaling
         self.row_step: RowStep | None = None  # one or two rows' step, compiled (server/row_step.py), once warmed up
+        self.fused: FusedLayers | None = None  # the layers' step in C (server/fused.py), where it applies
 
     @staticmethod
     def for_model(model: PreTrainedModel) -> LeanDecoder | None:
@@ -175,6 +177,11 @@ class LeanDecoder:
         real token, the new column included), kv buffers with room for width + 1 columns (this step's keys and
         values are written at column `width`) -> logits [rows, vocab]."""
         rows = last.shape[0]
+        if self.fused is not None and self.fused.applies():
+            hidden = self.embed(last)  # [rows, hidden]
+            cos, sin = self.rotary(hidden, positions[:, None])  # [rows, 1, head_dim]
+            self.fused.step(hidden, cos[:, 0].contiguous(), sin[:, 0].contiguous(), mask, kv, width)
+            return self.head(self.norm(hidden))  # [rows, vocab]
         if self.row_step is not None and self.row_step.applies(rows) and (rows > 1 or bool(mask.all())):
             try:
                 return self.row_step.step(last, positions, mask, kv, width)

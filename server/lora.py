@@ -91,6 +91,7 @@ class MultiLoraLinear(nn.Module):
         self._dora_rows: torch.Tensor | None = None
         self._dora_shift: torch.Tensor | None = None  # (1 - g) b by slot [slots, out], for layers with a bias
         self._rows_G = self._rows_shift = torch.empty(0, device=device)  # the mixed rows' g and (1 - g) b
+        self.version = 0  # bumped when its panels, LoRA stacks or pairs change (server/fused.py reads them raw)
 
     @property
     def in_features(self) -> int:
@@ -115,6 +116,7 @@ class MultiLoraLinear(nn.Module):
         self._Bt[slot].zero_()[:rank] = (B.to(device=self._Bt.device, dtype=torch.float32) * scale).t()
         self.ranks[slot] = rank
         self._rows_batch = -1
+        self.version += 1
         self._set_dora(slot, magnitude)
 
     def clear_slot(self, slot: int) -> None:
@@ -122,6 +124,7 @@ class MultiLoraLinear(nn.Module):
             self._A[slot].zero_()
             self._Bt[slot].zero_()
             self._rows_batch = -1
+            self.version += 1
         self._set_dora(slot, None)
 
     def _set_dora(self, slot: int, magnitude: torch.Tensor | None) -> None:
@@ -183,6 +186,7 @@ class MultiLoraLinear(nn.Module):
         with them; a merge packs it again. Where that path is unavailable nothing changes."""
         weight = self.base.weight.detach()
         self._panels = panels.pack(weight.t() if self.fan_in_fan_out else weight)
+        self.version += 1
 
     def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._panels is not None and not torch.is_grad_enabled():

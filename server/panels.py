@@ -35,7 +35,7 @@ from torch import nn
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("panels.c")
+SOURCES = (Path(__file__).with_name("panels.c"), Path(__file__).with_name("decoder.c"))  # one library
 FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
 
 
@@ -60,7 +60,7 @@ def _cache_folder() -> Path:
 
 
 @functools.cache
-def _kernel() -> ctypes.CDLL | None:
+def kernel() -> ctypes.CDLL | None:
     """The library built for this machine (built on first use), or None where it cannot be."""
     return build("native")
 
@@ -72,36 +72,37 @@ def build(march: str) -> ctypes.CDLL | None:
         log.warning("no C compiler (cc, gcc or $CC): inference matmuls use F.linear (slower for decode steps)")
         return None
     flags = [*FLAGS, f"-march={march}"]
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, *flags, _machine()]).encode()).hexdigest()[:16]
+    texts = [source.read_text() for source in SOURCES]
+    key = hashlib.sha256("\0".join([*texts, compiler, *flags, _machine()]).encode()).hexdigest()[:16]
     try:
         folder = _cache_folder()
-        library = folder / f"panels-{key}.so"
+        library = folder / f"kernels-{key}.so"
         if not library.exists():
-            partial = folder / f".panels-{key}-{os.getpid()}.so"
-            subprocess.run([compiler, *flags, "-o", str(partial), str(SOURCE)], check=True, capture_output=True,
-                           text=True, timeout=120)
+            partial = folder / f".kernels-{key}-{os.getpid()}.so"
+            subprocess.run([compiler, *flags, "-o", str(partial), *map(str, SOURCES), "-lm"], check=True,
+                           capture_output=True, text=True, timeout=120)
             os.replace(partial, library)  # whole or absent: another process may be building the same
-        kernel = ctypes.CDLL(str(library))
+        built = ctypes.CDLL(str(library))
     except (OSError, subprocess.SubprocessError) as exc:
         detail = getattr(exc, "stderr", None) or exc
         log.warning("the panel kernel did not build (%s): inference matmuls use F.linear", detail)
         return None
-    kernel.panel_width.restype = ctypes.c_long
-    if kernel.panel_width() == 0:
+    built.panel_width.restype = ctypes.c_long
+    if built.panel_width() == 0:
         log.info("no AVX for -march=%s: inference matmuls use F.linear, not the panel kernel", march)
         return None
-    kernel.panel_linear.restype = None
-    kernel.panel_linear.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_long, ctypes.c_long,
-                                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
-    return kernel
+    built.panel_linear.restype = None
+    built.panel_linear.argtypes = [ctypes.c_void_p, ctypes.c_long, ctypes.c_void_p, ctypes.c_long, ctypes.c_long,
+                                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    return built
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor | None:
     """`weight` [out, in] as panels [ceil(out / width), in, width] (the last zero-padded; the width is the kernel's:
     32 outputs with AVX-512), or None where the kernel does not apply."""
-    if weight.device.type != "cpu" or weight.dtype != torch.float32 or (kernel := _kernel()) is None:
+    if weight.device.type != "cpu" or weight.dtype != torch.float32 or (library := kernel()) is None:
         return None
-    width = kernel.panel_width()
+    width = library.panel_width()
     out, features = weight.shape
     padded = weight.detach().new_zeros(-(-out // width) * width, features)
     padded[:out] = weight.detach()
@@ -119,7 +120,7 @@ def linear(x: torch.Tensor, panels: torch.Tensor, out: int, bias: torch.Tensor |
         raise ValueError(f"panel matmul: {rows.dtype} {rows.device.type} rows of {rows.shape[1]} features into {out} "
                          f"outputs, panels {tuple(panels.shape)}, bias {None if bias is None else tuple(bias.shape)}")
     y = torch.empty(rows.shape[0], out, dtype=torch.float32)
-    _kernel().panel_linear(rows.data_ptr(), rows.shape[0], panels.data_ptr(), out, rows.shape[1],
+    kernel().panel_linear(rows.data_ptr(), rows.shape[0], panels.data_ptr(), out, rows.shape[1],
                            None if bias is None else bias.data_ptr(), y.data_ptr(), torch.get_num_threads())
     return y.view(*x.shape[:-1], out)
 

@@ -42,6 +42,7 @@ from .admission import WorkCosts
 from .decode import KV, DecodeBatch, InPlaceLayer, LeanDecoder, Row, grow_kv
 from .row_step import RowStep, compiled_graphs, compiled_or_none
 from .encoding import stop_cut
+from .fused import FusedLayers
 from .errors import LoraswapError
 from .heads import SequenceClassifier, output_rows
 from .jobs import (
@@ -114,6 +115,8 @@ class ModelRunner:
         self.merging = Merging(layers, merge_policy)  # the adapter folded into the base weights (worker thread only)
         self.continuous = continuous
         self.lean = LeanDecoder.for_model(model)  # the decode step without transformers' machinery; None: full forward
+        if self.lean is not None:
+            self.lean.fused = FusedLayers.for_model(model, context)
         self.compile_decode = compile_decode  # one or two rows' step compiled (server/row_step.py), at calibrate()
         self.observers: list[BatchObserver] = []
         self.batch_sizes: Counter[int] = Counter()  # rows per forward, for metrics and benchmarks
@@ -502,7 +505,8 @@ class ModelRunner:
     def calibrate(self) -> None:
         """Time a classification forward of `max_batch_tokens` tokens and (on a decoder) decode steps of one row
         and of a full batch, on the base: the admission gate's estimates until real forwards have been measured.
-        On a decoder the step of one or two rows is compiled first (server/row_step.py)."""
+        On a decoder without the C step (server/fused.py) the step of one or two rows is compiled first
+        (server/row_step.py)."""
         rows = self.max_batch_rows
         width = max(1, self.scheduler.max_tokens // rows)
         ids = torch.full((rows, width), self.pad if self.pad is not None else 0, dtype=torch.long, device=self.device)
@@ -516,7 +520,7 @@ class ModelRunner:
             return
         self.costs.observe("prefill", seconds, ids.numel())
         self.costs.observe("long", seconds, ids.numel())
-        if self.compile_decode and self.lean is not None and self.lean.row_step is None:
+        if self.compile_decode and self.lean is not None and self.lean.row_step is None and self.lean.fused is None:
             self.lean.row_step = compiled_or_none(lambda: RowStep.for_model(self.model, self.context),
                                                   lambda row_step: (row_step.warm_up(), self._time_step(ids[:1], width)))
         for size in sorted({1, rows}):

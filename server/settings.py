@@ -100,8 +100,9 @@ class Settings(BaseSettings):
         True, description="Keep the frozen weights a second time in panels for our CPU matmul kernel (server/panels.py; "
         "float32 only, needs a C compiler; costs their memory once more).")
     compile_decode: bool = Field(
-        True, description="Compile the decode step of one row or two with torch.compile at start "
-        "(Llama-like bases; a few seconds, cached on disk); where that fails the eager step serves.")
+        True, description="Compile the decode step of one row or two with torch.compile at start where the C "
+        "decode step (server/fused.py: float32 Llama-like bases with the panel kernel) does not serve (a few seconds, "
+        "cached on disk); where that fails the eager step serves.")
     auto_merge: bool = Field(True, description="Merge an adapter into the base while it dominates traffic.")
     merge_window: int = Field(32, ge=1, description="Recent requests the merge policy looks at.")
     merge_share: float = Field(0.9, gt=0, le=1, description="Share of the window that triggers a merge.")

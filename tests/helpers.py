@@ -279,7 +279,7 @@ def assert_together_equals_alone(engine, slot_indices: list[int], params) -> Non
 @contextmanager
 def before_every_forward(engine, check: Callable[[LoraContext], None]) -> Iterator[None]:
     """`check(context)` runs before every forward of the engine: a pre-hook on its first LoRA layer, and before the
-    compiled single-row step (which calls no layer's forward). Hooks change on the worker thread (directly once it has
+    compiled step of one or two rows and the C step (which call no layer's forward). Hooks change on the worker thread (directly once it has
     stopped)."""
     runner = engine.runner
     layer = next(iter(engine.layers.values()))
@@ -288,21 +288,20 @@ def before_every_forward(engine, check: Callable[[LoraContext], None]) -> Iterat
         return runner.call(fn) if runner._thread.is_alive() else fn()
 
     handle = on_worker(lambda: layer.register_forward_pre_hook(lambda module, args: check(module.context)))
-    row_step = runner.lean.row_step if runner.lean is not None else None
-    if row_step is not None:
-        step = row_step.step
-
-        def checked_step(*args):  # type: ignore[no-untyped-def]
+    lean = runner.lean
+    steps = [step for step in (lean.row_step, lean.fused) if step is not None] if lean is not None else []
+    for step in steps:
+        def checked_step(*args, original=step.step):  # type: ignore[no-untyped-def]
             check(layer.context)
-            return step(*args)
+            return original(*args)
 
-        row_step.step = checked_step
+        step.step = checked_step
     try:
         yield
     finally:
         on_worker(handle.remove)
-        if row_step is not None:
-            del row_step.step  # the class's method again
+        for step in steps:
+            del step.step  # the class's method again
 
 
 def poisoned(engine, slot_index: int):

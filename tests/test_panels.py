@@ -30,7 +30,7 @@ def kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> N
             pytest.skip("not an x86 CPU with AVX2")
         built = panels.build(request.param)
         assert built is not None and built.panel_width() == 16
-        monkeypatch.setattr(panels, "_kernel", lambda: built)
+        monkeypatch.setattr(panels, "kernel", lambda: built)
 
 
 @pytest.mark.usefixtures("kernel")
@@ -77,7 +77,7 @@ def test_a_row_does_not_depend_on_its_batch_mates():
 
 def test_where_it_does_not_apply(monkeypatch: pytest.MonkeyPatch):
     assert panels.pack(torch.zeros(32, 8, dtype=torch.bfloat16)) is None
-    monkeypatch.setattr(panels, "_kernel", lambda: None)  # no compiler: callers keep F.linear
+    monkeypatch.setattr(panels, "kernel", lambda: None)  # no compiler: callers keep F.linear
     assert panels.pack(torch.zeros(32, 8)) is None
     with pytest.raises(ValueError, match="features"):
         panels.linear(torch.zeros(2, 9), torch.zeros(1, 8, 32), 32, None)

@@ -77,17 +77,18 @@ def test_a_streamed_row_survives_a_failed_step_and_sends_each_token_once(tiny_se
         alone = engine.predict(None, [PROMPT], params)[1][0]
         other_alone = engine.predict(None, ["another prompt"], params)[1][0]
         assert alone.tokens > 5
-        layer = next(iter(engine.layers.values()))  # the eager step's forwards, and the compiled step's
+        layer = next(iter(engine.layers.values()))  # the eager step's forwards, and the C step's
         engine.runner.call(lambda: layer.register_forward_pre_hook(
             lambda module, args: fail_once(args[0].shape[0]) if args[0].shape[1] == 1 else None))
-        compiled = engine.runner.lean.row_step
-        step = compiled.step
+        lean = engine.runner.lean
+        serving = lean.fused if lean.fused is not None else lean.row_step  # the C step, else the compiled one
+        step = serving.step
 
-        def failing_step(last, *args):  # type: ignore[no-untyped-def]
-            fail_once(last.shape[0])
-            return step(last, *args)
+        def failing_step(first, *args):  # type: ignore[no-untyped-def]
+            fail_once(first.shape[0])  # its first argument has a row per row
+            return step(first, *args)
 
-        compiled.step = failing_step  # type: ignore[method-assign]
+        serving.step = failing_step  # type: ignore[method-assign]
         with ThreadPoolExecutor(max_workers=1) as pool:
             other = pool.submit(engine.predict, None, ["another prompt"], params)
             deltas, final = split_stream(list(engine.predict_stream(None, PROMPT, params)))
