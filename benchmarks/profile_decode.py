@@ -1,10 +1,10 @@
-"""Where a single-stream decode step's time goes: the embedded base, float32, one torch thread, one request at a
-time with the pubmedqa adapter (auto-merge off, so the LoRA path runs), greedy, 64 new tokens.
+"""Where a decode step's time goes: the embedded base, float32, one torch thread, one request (or `--rows` rows) with
+the pubmedqa adapter (auto-merge off, so the LoRA path runs), greedy, 64 new tokens.
 
-Prints tokens/s of whole requests with the compiled step (server/row_step.py; one row or two), the
-eager lean decode step (server/decode.py) and transformers' full forward, in alternating rounds, then a cProfile of
-32 decode steps of each on the worker thread, by own time: torch's operators show as built-ins (linear,
-scaled_dot_product_attention, cat), the rest is Python overhead.
+Prints tokens/s of whole requests with the step in C (server/fused.py), the compiled step (server/row_step.py; one
+row or two, else the eager step), the eager lean decode step (server/decode.py) and transformers' full forward, in
+alternating rounds, then a cProfile of 32 decode steps of each on the worker thread, by own time: torch's operators
+and the C calls show as built-ins (linear, scaled_dot_product_attention, cat), the rest is Python overhead.
 
     .venv/bin/python benchmarks/profile_decode.py [--merge] [--rows 1] [--mixed] [--out benchmarks/results/profile.txt]
 """
@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from server.engine import Engine
+from server.row_step import RowStep, compiled_or_none
 from server.settings import Settings
 from server.types import AdapterLocation, GenerationParams, GenerationResult
 
@@ -62,8 +63,12 @@ def main() -> None:
 
     runner = engine.runner
     lean = runner.lean
-    compiled = lean.row_step  # the compiled step of one or two rows (server/row_step.py), None where it does not apply
-    paths = {"compiled": (lean, compiled), "lean": (lean, None), "full": (None, None)}
+    fused = lean.fused  # the step in C (server/fused.py), None where it does not apply
+    # the compiled step of one or two rows (server/row_step.py), which serves where the C step does not
+    compiled = runner.call(lambda: compiled_or_none(lambda: RowStep.for_model(engine.model, runner.context),
+                                                    lambda row_step: row_step.warm_up()))
+    paths = {"fused": (lean, fused, None), "compiled": (lean, None, compiled), "lean": (lean, None, None),
+             "full": (None, None, None)}
     rates: dict[str, list[float]] = {name: [] for name in paths}
     step_cpu: dict[str, list[float]] = {name: [] for name in paths}  # the worker thread's CPU time per step
     original = runner._step
@@ -76,8 +81,7 @@ def main() -> None:
             into.append(time.thread_time() - started)
 
     def use(name: str) -> None:
-        runner.lean, row_step = paths[name]
-        lean.row_step = row_step
+        runner.lean, lean.fused, lean.row_step = paths[name]
 
     for name in paths:  # warm-up: allocations, thread pool, a merge if asked
         use(name)
@@ -100,7 +104,7 @@ def main() -> None:
         cpu = statistics.median(step_cpu[name])
         say(f"  {name:5} {', '.join(f'{r:.1f}' for r in values)}  (median {statistics.median(values):.1f} tokens/s); "
             f"step CPU median {1000 * cpu:.1f} ms over {len(step_cpu[name])} steps")
-    for name in ("compiled", "lean"):
+    for name in ("fused", "compiled", "lean"):
         say(f"  {name} / full step CPU time: "
             f"{statistics.median(step_cpu[name]) / statistics.median(step_cpu['full']):.2f}")
     original = runner._step

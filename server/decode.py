@@ -8,9 +8,10 @@ step does not cover.
 `LeanDecoder` is one decode step (one new token per row) of a Llama-like decoder (Llama, Mistral, Qwen2) run
 straight from the model's own modules: the same operations as transformers' forward with SDPA attention, without its
 per-step machinery (the 4-D mask builder, the cache object, output records, kwargs plumbing through 30 layers): 8 %
-less CPU per single-stream step (README "Decode speed"). One row or two take the compiled `RowStep`
-where it applies (server/row_step.py). The LoRA layers are called as they are, so adapters, mixed rows and merges
-behave exactly as in the full forward (tests/test_decode.py, tests/test_exactness.py).
+less CPU per single-stream step. Where it applies, the layers run as one call into C instead (server/fused.py);
+elsewhere one row or two take the compiled `RowStep` where it applies (server/row_step.py). The eager step calls the
+LoRA layers as they are, so adapters, mixed rows and merges behave exactly as in the full forward
+(tests/test_decode.py, tests/test_exactness.py).
 """
 
 from __future__ import annotations
