@@ -78,6 +78,7 @@ long panel_width(void) {
 /* x [rows][in], panels [ceil(out / PANEL)][in][PANEL] (the last one zero-padded), bias [out] or NULL, y [rows][out] */
 void panel_linear(const float *x, long rows, const float *panels, long out, long in, const float *bias, float *y,
                   int threads) {
+    if (rows <= 0) return;
     long count = (out + PANEL - 1) / PANEL;
     long passes = (rows + ROWS - 1) / ROWS, per = (rows + passes - 1) / passes; /* 16 rows: 8 + 8, not 12 + 4 */
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && count > 1)

@@ -65,6 +65,14 @@ def test_shapes_strides_and_threads():
 
 
 @pytest.mark.usefixtures("kernel")
+def test_no_rows_give_no_rows():
+    """An empty input (e.g. a forward over no tokens) is an empty output, not a division by zero in the kernel."""
+    weight, bias = weight_and_bias(70, 48)
+    y = panels.linear(torch.empty(0, 48), panels.pack(weight), 70, bias)
+    assert y.shape == (0, 70)
+
+
+@pytest.mark.usefixtures("kernel")
 def test_a_row_does_not_depend_on_its_batch_mates():
     """Each output sums in input order whatever the rows: a row alone and inside any batch gives the same bits."""
     weight, bias = weight_and_bias(96, 576)
