@@ -89,7 +89,7 @@ class FusedLayers:
             modules = dict(zip(PROJECTIONS, (attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj,
                                              mlp.gate_proj, mlp.up_proj, mlp.down_proj)))
             norms = (layer.input_layernorm, layer.post_attention_layernorm)
-            if (not all(isinstance(m, MultiLoraLinear) and m._panels is not None for m in modules.values())
+            if (not all(isinstance(m, MultiLoraLinear) and m.panel_weight is not None for m in modules.values())
                     or not all(getattr(n, "weight", None) is not None and n.weight.dtype == torch.float32
                                and hasattr(n, "variance_epsilon") for n in norms)):
                 return None
@@ -99,7 +99,7 @@ class FusedLayers:
     def applies(self) -> bool:
         """Not for rows of DoRA slots (their step is the eager one)."""
         active = self.context.active
-        return not any(layer._dora and not active.isdisjoint(layer._dora) for layer in self.all)
+        return not any(layer.has_dora(active) for layer in self.all)
 
     @torch.no_grad()
     def step(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor, kv: list,
@@ -143,17 +143,17 @@ class FusedLayers:
 
 def _describe(entry: _Projection, layer: MultiLoraLinear) -> None:
     """A projection's weights for the C step: its panels, bias and LoRA stacks (None where no adapter has a pair)."""
-    panels_ = layer._panels
+    weight = layer.panel_weight
     bias = layer.base.bias
-    if (panels_ is None or not panels_.is_contiguous() or panels_.shape[1] != layer.in_features
-            or panels_.shape[0] * panels_.shape[2] < layer.out_features
+    if (weight is None or not weight.is_contiguous() or weight.shape[1] != layer.in_features
+            or weight.shape[0] * weight.shape[2] < layer.out_features
             or (bias is not None and (bias.dtype != torch.float32 or not bias.is_contiguous()))):
         raise ValueError("fused decode step: a projection without float32 panels of its size")
-    entry.panels = panels_.data_ptr()
+    entry.panels = weight.data_ptr()
     entry.bias = None if bias is None else bias.data_ptr()
     entry.in_, entry.out = layer.in_features, layer.out_features
-    A, Bt = layer._A, layer._Bt
-    if layer.ranks and A.shape[1] > 0:
+    if (stacks := layer.stacks()) is not None:
+        A, Bt = stacks
         if not A.is_contiguous() or not Bt.is_contiguous():
             raise ValueError("fused decode step: LoRA stacks not contiguous")
         entry.lora_A, entry.lora_Bt, entry.rank = A.data_ptr(), Bt.data_ptr(), A.shape[1]

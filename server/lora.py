@@ -181,6 +181,20 @@ class MultiLoraLinear(nn.Module):
     def is_dora(self, slot: int) -> bool:
         return slot in self._dora
 
+    def has_dora(self, slots: frozenset[int]) -> bool:
+        """Whether any of these slots is a DoRA slot on this layer."""
+        return bool(self._dora) and not slots.isdisjoint(self._dora)
+
+    @property
+    def panel_weight(self) -> torch.Tensor | None:
+        """The (merged) base weight in panels (see pack()), None where the panel kernel does not serve."""
+        return self._panels
+
+    def stacks(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Every slot's pair, zero-padded to the largest rank: A [slots, r, in] and (B * scale)^T [slots, r, out]
+        (zeros for slots without one); None while no slot has a pair here. Replaced when a larger rank comes."""
+        return (self._A, self._Bt) if self.ranks and self._A.shape[1] > 0 else None
+
     def pack(self) -> None:
         """Keep the base weight also in panels (server/panels.py): inference forwards (no autograd) then multiply
         with them; a merge packs it again. Where that path is unavailable nothing changes."""
@@ -222,7 +236,7 @@ class MultiLoraLinear(nn.Module):
         if not self.ranks:
             return out
         ctx = self.context
-        if self._dora and not ctx.active.isdisjoint(self._dora):
+        if self.has_dora(ctx.active):
             return self._forward_dora(x, out)
         if ctx.row_slots is None:
             if ctx.uniform_slot not in self.ranks:
