@@ -20,9 +20,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import psutil  # installed with peft/accelerate; current RSS for the load/evict row
-import torch
-from safetensors.torch import save_file
+from server import openmp
+
+openmp.configure()  # as the `loraswap` command does, before torch loads libgomp
+
+import psutil  # noqa: E402 - installed with peft/accelerate; current RSS for the load/evict row
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
 
 from server.adapter_format import CONFIG_FILE, METADATA_FILE, WEIGHTS_FILE
 from server.base_model import choose_dtype

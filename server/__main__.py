@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-import uvicorn
-from pydantic_settings import CliApp
+from . import openmp
 
-from .api import create_app
-from .lifecycle import DrainingServer
-from .logging_setup import configure_logging
-from .settings import Settings
+openmp.configure()  # before anything imports torch
+
+import uvicorn  # noqa: E402
+from pydantic_settings import CliApp  # noqa: E402
+
+from .api import create_app  # noqa: E402
+from .lifecycle import DrainingServer  # noqa: E402
+from .logging_setup import configure_logging  # noqa: E402
+from .settings import Settings  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
