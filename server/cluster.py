@@ -35,6 +35,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.handle import DeploymentHandle
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from . import openmp
 from .adapter_format import AdapterWeights
 from .admission import AdmissionGate
 from .api import create_app
@@ -440,7 +441,8 @@ def build(settings: Settings, app_name: str = APP_NAME, health_check_period_s: f
         num_replicas=settings.replicas,
         max_ongoing_requests=replica_concurrency(settings),
         ray_actor_options={"num_cpus": threads, "runtime_env": {"env_vars": {
-            "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1")}}},
+            "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+            **{name: os.environ.get(name, value) for name, value in openmp.WAITING.items()}}}},
         health_check_period_s=health_check_period_s,
         health_check_timeout_s=30,
     )
