@@ -3,10 +3,11 @@
 The engine's worker thread runs its forwards with an OpenMP team of its own beside the main thread's, so the process
 holds more OpenMP threads than there are cores, and libgomp then lets idle helpers spin only ~1000 times before they
 sleep: every one of a decode step's ~240 parallel regions (a projection's matmul, a layer's attention) paid a
-wake-up, and a second thread made the step slower, not faster (embedded base, float32, 2-core AMD EPYC: one row
-26-30 ms of C step with 2 threads against 19-22 with one). With waiting active but bounded by GOMP_SPINCOUNT (about
-a tenth of a millisecond of spinning, then sleep, so an idle server does not keep its cores busy) the same step took
-14-17 ms with 2 threads, and a 16-row step 40-50 against 50-57 with one. A value the user set is kept.
+wake-up, and a second thread made the step slower, not faster (embedded base, float32, 2-core AMD EPYC: one row's C
+step 27.6 ms with 2 threads against 20.5 with one). With waiting active but bounded by GOMP_SPINCOUNT=300000 (the
+spinning libgomp itself gives where it has no more threads than cores; then they sleep, so an idle server does not
+keep its cores busy): 16.5 against 21.0, and 47.5 against 53.3 ms for 16 rows (benchmarks/threads.py,
+benchmarks/results/threads-20261207.txt). A value the user set is kept.
 """
 
 from __future__ import annotations
