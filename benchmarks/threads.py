@@ -17,8 +17,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from server import openmp
+
 ROOT = Path(__file__).resolve().parents[1]
-SETTINGS = {"libgomp's default": {}, "server/openmp.py": None}  # None: what server.openmp sets
+SETTINGS = {"libgomp's default": {}, "server/openmp.py": openmp.WAITING}
 
 
 def measure() -> dict:
@@ -84,19 +86,17 @@ def main() -> None:
     if args.child:
         print(json.dumps(measure()))
         return
-    from server import openmp
-
     lines = [f"load average {os.getloadavg()[0]:.2f}; medians over 5 alternations (ms: C step / whole step)"]
     for name, values in SETTINGS.items():
         env = {k: v for k, v in os.environ.items() if k not in openmp.WAITING}
-        env.update(openmp.WAITING if values is None else values)
-        done = subprocess.run([sys.executable, __file__, "--child"], env={**env, "PYTHONPATH": str(ROOT)},
+        done = subprocess.run([sys.executable, __file__, "--child"], env={**env, **values, "PYTHONPATH": str(ROOT)},
                               capture_output=True, text=True, check=True)
         results = json.loads(done.stdout.strip().splitlines()[-1])
-        lines.append(f"{name} ({', '.join(f'{k}={v}' for k, v in (values if values is not None else openmp.WAITING).items()) or 'unset'}):")
+        lines.append(f"{name} ({', '.join(f'{k}={v}' for k, v in values.items()) or 'unset'}):")
         for case, entry in results.items():
-            lines.append(f"  {case}: {statistics.median(entry['c_step_ms']):.1f} / {statistics.median(entry['step_ms']):.1f}"
-                         f"  (C step per alternation: {', '.join(f'{v:.1f}' for v in entry['c_step_ms'])})")
+            c_step, step = statistics.median(entry["c_step_ms"]), statistics.median(entry["step_ms"])
+            lines.append(f"  {case}: {c_step:.1f} / {step:.1f}  (C step per alternation: "
+                         f"{', '.join(f'{v:.1f}' for v in entry['c_step_ms'])})")
     report = "\n".join(lines)
     print(report)
     if args.out is not None:
