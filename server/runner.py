@@ -113,7 +113,6 @@ class ModelRunner:
         self.max_batch_rows = max_batch_rows
         self.max_wait_s = max_wait_s
         self.merging = Merging(layers, merge_policy)  # the adapter folded into the base weights (worker thread only)
-        self.continuous = continuous
         self.lean = LeanDecoder.for_model(model)  # the decode step without transformers' machinery; None: full forward
         if self.lean is not None:
             self.lean.fused = FusedLayers.for_model(model, context)
@@ -148,6 +147,18 @@ class ModelRunner:
         if job.stream is not None:
             job.future.add_done_callback(lambda _: job.stream.put(None))
         return self._enqueue(job)
+
+    @property
+    def continuous(self) -> bool:
+        """Continuous batching, or static (False): the scheduler's policy, which the runner's own rows follow."""
+        return self.scheduler.continuous
+
+    @continuous.setter
+    def continuous(self, value: bool) -> None:
+        """Switchable on a running engine (benchmarks/run.py measures both on one): rows that finished under static
+        batching leave at the next row's end."""
+        with self._cond:
+            self.scheduler.continuous = value
 
     @property
     def decoding(self) -> int:
@@ -646,7 +657,7 @@ class ModelRunner:
         batch = self._batch
         logits = logits.float()
         greedy = logits.argmax(-1).tolist()
-        finished = set()
+        any_finished = False
         for i, at in enumerate(positions):
             row = batch.rows[at]
             if row.finished:  # static batching: a finished row rides along until the batch ends
@@ -655,7 +666,7 @@ class ModelRunner:
                 params = row.job.params
                 if params.max_new_tokens == 0:  # scoring the prompt only: the prefill did it
                     self._finish(row, "length")
-                    finished.add(at)
+                    any_finished = True
                     continue
                 token = greedy[i] if params.temperature == 0 else sample(logits[i], params, row.generator)
                 batch.last[at] = token
@@ -663,12 +674,12 @@ class ModelRunner:
                     [entry] = token_logprobs(logits[i : i + 1], [token], params.logprobs)
                     row.job.logprobs[row.index].append(entry)  # before _advance streams the token
                 if self._advance(row, token):
-                    finished.add(at)
+                    any_finished = True
             except Exception as exc:  # noqa: BLE001 - a row that fails here fails alone
                 self._fail_row(row, exc)
-                finished.add(at)
-        if finished:
-            self._leave(finished)
+                any_finished = True
+        if any_finished:
+            self._leave()
 
     def _advance(self, row: Row, token: int) -> bool:
         """Add a token to a row; answer the row and return True if it is finished."""
@@ -703,11 +714,11 @@ class ModelRunner:
         log.warning("generation row failed: %r", exc, extra={"request_id": row.job.request.request_id})
         settle(row.job.future, error=exc)  # its other rows leave at the next turn (gone)
 
-    def _leave(self, rows: set[int]) -> None:
-        """These rows of the batch are finished: they leave now (static batching: once every row is finished)."""
+    def _leave(self) -> None:
+        """Finished rows leave the batch now (static batching: once every row is finished)."""
         batch = self._batch
         if self.continuous:
-            keep = [i for i in range(len(batch)) if i not in rows]
+            keep = [i for i, row in enumerate(batch.rows) if not row.finished]
             self._batch = batch.select(keep) if keep else None
         elif all(row.finished for row in batch.rows):
             self._batch = None
@@ -718,9 +729,8 @@ class ModelRunner:
         if self._batch is not None:
             for job in {id(row.job): row.job for row in self._batch.rows}.values():
                 end_if_abandoned(job)
-            gone = {i for i, row in enumerate(self._batch.rows) if row.gone}
-            if gone:
-                self._leave(gone)
+            if any(row.gone for row in self._batch.rows):
+                self._leave()
 
     # ---- adapter slots and merging (worker thread only; callers go through call()) -----------------------------
 

@@ -92,6 +92,36 @@ def test_static_scheduling_makes_requests_wait_for_the_batch(tiny_settings, adap
         engine.close()
 
 
+def test_scheduling_switched_on_a_running_engine(tiny_settings, adapter_store):
+    """benchmarks/run.py measures both policies on one engine: the switch reaches the scheduler (static: nothing
+    joins a decoding batch), and a row finished under static batching leaves once the switch is back."""
+    engine = Engine.from_settings(tiny_settings.model_copy(update={"auto_merge": False}))
+    try:
+        gen = engine.acquire(AdapterLocation("gen-a", 1, adapter_store / "gen-a"))
+        cls = engine.acquire(AdapterLocation("sentiment", 1, adapter_store / "sentiment"))
+        engine.runner.continuous = False
+        long = start_streamed(engine, gen, PROMPT_LONG, GenerationParams(max_new_tokens=60), tokens=2)
+        engine.classify(["a fine film"], cls)
+        assert long.future.done()  # the classification waited for the batch
+
+        short = GenerateJob([ids(engine, "a", 3)], gen.index, GenerationParams(3, ignore_eos=True), Queue())
+        longer = GenerateJob([ids(engine, "b", 40)], gen.index, GenerationParams(40, ignore_eos=True), Queue())
+        engine.runner.call(lambda: engine.runner._prefill(whole_rows([short, longer])))
+        [short_result] = short.future.result(timeout=30)
+        assert engine.runner.decoding == 2  # the finished row rides along
+        engine.runner.continuous = True
+        [during] = engine.classify(["a fine film"], cls)
+        assert not longer.future.done()  # it joined the decoding batch's turns again
+        [longer_result] = longer.future.result(timeout=60)
+        assert (short_result.tokens, longer_result.tokens) == (3, 40)
+        assert engine.runner.decoding == 0  # both rows left: the batch ended
+        assert engine.classify(["a fine film"], cls)[0].scores == during.scores
+        engine.release(gen)
+        engine.release(cls)
+    finally:
+        engine.close()
+
+
 def test_rows_with_different_sampling_settings_share_steps_and_keep_their_answers(engine, slots):
     budgets = 12
     greedy_text = engine.generate(["stop somewhere"], slots["gen-b"], GenerationParams(max_new_tokens=budgets))[0]
