@@ -12,15 +12,7 @@
 #include <omp.h>
 #endif
 
-#if defined(__AVX512F__)
-#define LANES 16
-#elif defined(__AVX__)
-#define LANES 8
-#else
-#define LANES 4
-#endif
-
-typedef float vec __attribute__((vector_size(LANES * sizeof(float))));
+#include "vectors.h"
 
 void panel_linear(const float *x, long rows, const float *panels, long out, long in, const float *bias, float *y,
                   int threads);
@@ -43,14 +35,6 @@ typedef struct {
     long hidden, heads, kv_heads, head_dim, intermediate, capacity;
     float eps, scaling;
 } Shape;
-
-static inline vec load(const float *p) {
-    vec v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-
-static inline void store(float *p, vec v) { memcpy(p, &v, sizeof v); }
 
 /* a . b over n floats: LANES partial sums, then those in lane order */
 static float dot(const float *a, const float *b, long n) {

@@ -11,29 +11,18 @@
  * AVX) panel_width() is 0: not used. Threads share the panels out (OpenMP, torch's count). */
 #include <string.h>
 
-#if defined(__AVX512F__)
-#define LANES 16
+#include "vectors.h"
+
+#if LANES == 16
 #define ROWS 12
-#elif defined(__AVX__)
-#define LANES 8
-#define ROWS 6
 #else
-#define LANES 4
 #define ROWS 6
+#endif
+#if LANES == 4
 #define UNSUPPORTED
 #endif
 #define PER 2 /* vectors in one panel row */
 #define PANEL (PER * LANES)
-
-typedef float vec __attribute__((vector_size(LANES * sizeof(float))));
-
-static inline vec load(const float *p) {
-    vec v;
-    memcpy(&v, p, sizeof v);
-    return v;
-}
-
-static inline void store(float *p, vec v) { memcpy(p, &v, sizeof v); }
 
 /* R rows of x (row stride `in`) times one panel [in][PANEL] -> acc[R][PER] */
 #define BLOCK(R)                                                                                                      \

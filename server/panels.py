@@ -36,6 +36,7 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 SOURCES = (Path(__file__).with_name("panels.c"), Path(__file__).with_name("decoder.c"))  # one library
+HEADERS = (Path(__file__).with_name("vectors.h"),)  # included by the sources: part of what a build is keyed on
 FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
 
 
@@ -72,7 +73,7 @@ def build(march: str) -> ctypes.CDLL | None:
         log.warning("no C compiler (cc, gcc or $CC): inference matmuls use F.linear (slower for decode steps)")
         return None
     flags = [*FLAGS, f"-march={march}"]
-    texts = [source.read_text() for source in SOURCES]
+    texts = [source.read_text() for source in (*SOURCES, *HEADERS)]
     key = hashlib.sha256("\0".join([*texts, compiler, *flags, _machine()]).encode()).hexdigest()[:16]
     try:
         folder = _cache_folder()
