@@ -6,8 +6,8 @@ sleep: every one of a decode step's ~240 parallel regions (a projection's matmul
 wake-up, and a second thread made the step slower, not faster (embedded base, float32, 2-core AMD EPYC: one row's C
 step 27.6 ms with 2 threads against 20.5 with one). With waiting active but bounded by GOMP_SPINCOUNT=300000 (the
 spinning libgomp itself gives where it has no more threads than cores; then they sleep, so an idle server does not
-keep its cores busy): 16.5 against 21.0, and 47.5 against 53.3 ms for 16 rows (benchmarks/threads.py,
-benchmarks/results/threads-20261207.txt). A value the user set is kept.
+keep its cores busy): 16.5 against 21.0 ms (benchmarks/threads.py, benchmarks/results/threads-20261207.txt; for 16 rows
+the two settings were within noise). A value the user set is kept.
 """
 
 from __future__ import annotations
