@@ -105,7 +105,7 @@ def test_scheduling_switched_on_a_running_engine(tiny_settings, adapter_store):
         assert long.future.done()  # the classification waited for the batch
 
         short = GenerateJob([ids(engine, "a", 3)], gen.index, GenerationParams(3, ignore_eos=True), Queue())
-        longer = GenerateJob([ids(engine, "b", 40)], gen.index, GenerationParams(40, ignore_eos=True), Queue())
+        longer = GenerateJob([ids(engine, "b", 120)], gen.index, GenerationParams(120, ignore_eos=True), Queue())
         engine.runner.call(lambda: engine.runner._prefill(whole_rows([short, longer])))
         [short_result] = short.future.result(timeout=30)
         assert engine.runner.decoding == 2  # the finished row rides along
@@ -113,8 +113,8 @@ def test_scheduling_switched_on_a_running_engine(tiny_settings, adapter_store):
         [during] = engine.classify(["a fine film"], cls)
         assert not longer.future.done()  # it joined the decoding batch's turns again
         [longer_result] = longer.future.result(timeout=60)
-        assert (short_result.tokens, longer_result.tokens) == (3, 40)
-        assert engine.runner.decoding == 0  # both rows left: the batch ended
+        assert (short_result.tokens, longer_result.tokens) == (3, 120)
+        assert engine.runner.call(lambda: engine.runner.decoding) == 0  # both rows left: the batch ended
         assert engine.classify(["a fine film"], cls)[0].scores == during.scores
         engine.release(gen)
         engine.release(cls)
