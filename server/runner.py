@@ -110,7 +110,6 @@ class ModelRunner:
         self.device = model.device
         self.eos = tokenizer.eos_token_id
         self.pad = tokenizer.pad_token_id
-        self.max_batch_rows = max_batch_rows
         self.max_wait_s = max_wait_s
         self.merging = Merging(layers, merge_policy)  # the adapter folded into the base weights (worker thread only)
         self.lean = LeanDecoder.for_model(model)  # the decode step without transformers' machinery; None: full forward
@@ -272,7 +271,7 @@ class ModelRunner:
             return
         deadline = oldest + self.max_wait_s
         while (remaining := deadline - time.perf_counter()) > 0 and not self._closed:
-            if self.scheduler.queued_rows() >= self.max_batch_rows or self.scheduler.controls:
+            if self.scheduler.queued_rows() >= self.scheduler.max_rows or self.scheduler.controls:
                 return
             self._cond.wait(timeout=remaining)
 
@@ -518,7 +517,7 @@ class ModelRunner:
         and of a full batch, on the base: the admission gate's estimates until real forwards have been measured.
         On a decoder without the C step (server/fused.py) the step of one or two rows is compiled first
         (server/row_step.py)."""
-        rows = self.max_batch_rows
+        rows = self.scheduler.max_rows
         width = max(1, self.scheduler.max_tokens // rows)
         ids = torch.full((rows, width), self.pad if self.pad is not None else 0, dtype=torch.long, device=self.device)
         mask = torch.ones_like(ids)
