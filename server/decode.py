@@ -9,8 +9,8 @@ step does not cover.
 straight from the model's own modules: the same operations as transformers' forward with SDPA attention, without its
 per-step machinery (the 4-D mask builder, the cache object, output records, kwargs plumbing through 30 layers): 8 %
 less CPU per single-stream step. Where it applies, the layers run as one call into C instead (server/fused.py);
-elsewhere one row or two take the compiled `RowStep` where it applies (server/row_step.py). The eager step calls the
-LoRA layers as they are, so adapters, mixed rows and merges behave exactly as in the full forward
+elsewhere one row or two take the compiled `RowStep` (server/row_step.py) where it serves them. The eager step calls
+the LoRA layers as they are, so adapters, mixed rows and merges behave exactly as in the full forward
 (tests/test_decode.py, tests/test_exactness.py).
 """
 
